@@ -1,0 +1,26 @@
+// BLAS/LAPACK from the scipy-openblas32 wheel: every symbol carries a
+// `scipy_` prefix and integers are 32-bit. The wheel's cblas.h is prefixed
+// correctly; its lapack.h mangles names without the prefix, so the few LAPACK
+// routines we call are declared here by hand (Fortran ABI, hidden string
+// lengths at the end). Everything in csrc/ reaches BLAS through this file.
+#pragma once
+#include <cblas.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace pmsolve {
+using blas_int = int32_t;
+
+std::string blas_config();
+void blas_set_num_threads(int n);
+int blas_get_num_threads();
+}  // namespace pmsolve
+
+extern "C" {
+void scipy_dpotrf_(const char* uplo, const int32_t* n, double* a, const int32_t* lda, int32_t* info, size_t);
+void scipy_dpotrf2_(const char* uplo, const int32_t* n, double* a, const int32_t* lda, int32_t* info, size_t);
+void scipy_dpocon_(const char* uplo, const int32_t* n, const double* a, const int32_t* lda, const double* anorm,
+                   double* rcond, double* work, int32_t* iwork, int32_t* info, size_t);
+}

@@ -1,0 +1,69 @@
+"""Loads the compiled core ``pmsolve._C`` once, and remembers why it failed if it did.
+
+``import pmsolve`` never fails because of the native module: the pure-torch
+backend always works, and the first time a caller asks for the native backend
+(explicitly or through ``backend="auto"``) a single NativeUnavailableWarning says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+
+from .errors import BackendUnavailableError, NativeUnavailableWarning
+
+_module: ModuleType | None = None
+_reason: str | None = None
+_loaded = False
+_warned = False
+
+
+def _load() -> None:
+    global _module, _reason, _loaded
+    _loaded = True
+    try:
+        # Loading the wheel's OpenBLAS first lets the dynamic linker resolve _C's
+        # dependency by soname even when the rpath does not point at it.
+        import scipy_openblas32  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        _reason = f"the BLAS wheel scipy-openblas32 cannot be imported ({exc!r})"
+        return
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except Exception as exc:
+        _reason = (
+            f"pmsolve._C cannot be loaded ({exc!r}); rebuild with `pip install -e .` "
+            "(needs a C++17 compiler and CMake)"
+        )
+        return
+    _module = _C
+
+
+def native() -> ModuleType | None:
+    """The native module, or None (and the reason in :func:`unavailable_reason`)."""
+    if not _loaded:
+        _load()
+    return _module
+
+
+def unavailable_reason() -> str | None:
+    native()
+    return _reason
+
+
+def require_native() -> ModuleType:
+    mod = native()
+    if mod is None:
+        raise BackendUnavailableError(f"native backend unavailable: {_reason}")
+    return mod
+
+
+def warn_unavailable_once() -> None:
+    global _warned
+    if native() is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"pmsolve: native backend unavailable, using the pure-torch backend: {_reason}",
+            NativeUnavailableWarning,
+            stacklevel=3,
+        )

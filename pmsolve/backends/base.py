@@ -1,0 +1,52 @@
+"""The contract every solver backend fulfils.
+
+Backends are numerical kernels only: they take fp64 (or, for C, any float)
+tensors that pmsolve.solver has already validated, and never decide policy.
+The jitter and ridge schedules are computed by the caller and tried in order,
+so every backend regularises exactly the same way and the pure-torch backend
+is a faithful oracle for the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class CholeskyResult:
+    L: torch.Tensor | None  # lower-triangular fp64 factor of C + shift*I (upper triangle zero), None on failure
+    shift_index: int  # index into the shifts tried; -1 when every shift failed
+    workspace_bytes: int  # bytes the backend allocated (the factor included)
+
+
+@dataclass
+class PMSolution:
+    B: torch.Tensor | None  # d × n, fp64: C⁻¹K (G + mu I)⁻¹, so that Δ = R Bᵀ
+    G: torch.Tensor  # n × n, fp64: Kᵀ C⁻¹ K (symmetric, both triangles filled)
+    M: torch.Tensor | None  # n × n lower Cholesky factor of G + mu I, None on failure
+    mu_index: int  # index into the mus tried; -1 when none gave a factor with cond <= max_cond
+    cond: float  # 1-norm condition estimate of G + mu I for the accepted mu (inf on failure)
+    workspace_bytes: int
+
+
+class SolverBackend(Protocol):
+    name: str
+
+    def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
+        """Cholesky of C + s I for the first s in ``shifts`` that succeeds.
+
+        Reads only the lower triangle of C (any float dtype, d × d); C is not modified.
+        """
+        ...
+
+    def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
+        """1-norm condition estimate of A = L Lᵀ from its factor and ‖A‖₁ (LAPACK pocon-style, O(d²))."""
+        ...
+
+    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
+        """Z = L⁻¹K, G = ZᵀZ; the first mu with chol(G + mu I) succeeding and cond <= max_cond;
+        B = L⁻ᵀ Z (G + mu I)⁻¹. K is d × n fp64."""
+        ...

@@ -1,0 +1,540 @@
+"""The unified preservation–memorization solve.
+
+Every member of the family (ROME, EMMET, MEMIT) is one formula
+
+    G = Kᵀ C⁻¹ K,        Δ = R (G + μI)⁻¹ (C⁻¹ K)ᵀ = R Bᵀ
+
+with μ = λ for MEMIT and μ = 0 (or the smallest ridge that works) for the
+equality methods. C is factored once (:func:`factorize`); each edit batch
+then costs O(d²n) (:func:`solve`). The update is kept as the pair (R, B)
+and only formed densely when asked.
+
+Policy (validation, jitter and ridge schedules, consistency checks,
+diagnostics) lives here; the numerical kernels live in the backends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import settings
+from .backends import get_backend
+from .errors import (
+    CacheError,
+    ConflictingConstraintsError,
+    InputError,
+    NotPositiveDefiniteError,
+    NumericalError,
+    NumericalWarning,
+)
+
+Method = Literal["emmet", "memit", "rome"]
+METHODS = ("emmet", "memit", "rome")
+DEFAULT_MEMIT_LAMBDA = 15000.0  # the reference GPT-J setting; sweep it (DESIGN.md §2)
+_FACTOR_FORMAT = "pmsolve.factor/1"
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _check_float_matrix(name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise InputError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise InputError(f"{name} contains NaN or Inf (first at index {tuple(bad)}, value {x[tuple(bad)].item()})")
+
+
+def _check_symmetric(C: torch.Tensor) -> None:
+    rtol = settings.get("symmetry_rtol")
+    scale = float(C.abs().max()) if C.numel() else 0.0
+    # Row blocks keep the temporary at O(d * block) rather than a full d × d difference.
+    block = max(1, (1 << 22) // max(C.shape[0], 1))
+    worst, where = 0.0, (0, 0)
+    for i in range(0, C.shape[0], block):
+        diff = (C[i : i + block] - C[:, i : i + block].mT).abs()
+        m = float(diff.max())
+        if m > worst:
+            flat = int(diff.argmax())
+            worst, where = m, (i + flat // C.shape[0], flat % C.shape[0])
+    if worst > rtol * scale:
+        raise InputError(
+            f"C is not symmetric: |C[{where[0]},{where[1]}] - C[{where[1]},{where[0]}]| = {worst:.3g} "
+            f"exceeds {rtol:g} * max|C| = {rtol * scale:.3g}; symmetrise it ((C + C.T) / 2) if that is rounding"
+        )
+
+
+def _validate_C(C: Any) -> torch.Tensor:
+    C = _check_float_matrix("C", C)
+    if C.shape[0] != C.shape[1]:
+        raise InputError(f"C must be square, got shape {tuple(C.shape)}")
+    if C.shape[0] == 0:
+        raise InputError("C is empty (d = 0)")
+    _check_finite("C", C)
+    _check_symmetric(C)
+    diag = torch.diagonal(C)
+    if bool((diag < 0).any()):
+        i = int(diag.argmin())
+        raise NotPositiveDefiniteError(
+            f"C has a negative diagonal entry C[{i},{i}] = {float(diag[i]):.3g}: it is not a second-moment matrix",
+            matrix="C",
+        )
+    return C
+
+
+# ---------------------------------------------------------------------------
+# factor
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Factor:
+    """Cholesky factor of C + δI (fp64), with what it took to get it.
+
+    Attributes:
+        L: lower-triangular d × d fp64 factor.
+        jitter: δ actually added to the diagonal (absolute).
+        jitter_relative: δ / mean(diag C).
+        cond: 1-norm condition estimate of C + δI (pocon-style; a lower bound, usually within 3×).
+        scale: mean(diag C), the unit of the jitter schedule.
+        dtype: dtype of the C this was computed from.
+        backend: backend that factored it.
+        seconds: wall time of the factorisation.
+    """
+
+    L: torch.Tensor
+    jitter: float
+    jitter_relative: float
+    cond: float
+    scale: float
+    dtype: torch.dtype
+    backend: str
+    seconds: float = 0.0
+    workspace_bytes: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d(self) -> int:
+        return self.L.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.L.device
+
+    def to(self, device: torch.device | str) -> Factor:
+        f = Factor(**{**self.__dict__})
+        f.L = self.L.to(device)
+        return f
+
+    def solve(self, K: torch.Tensor) -> torch.Tensor:
+        """(C + δI)⁻¹ K in fp64 (K is d × n)."""
+        K = _check_float_matrix("K", K).to(device=self.device, dtype=torch.float64)
+        return torch.cholesky_solve(K, self.L)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "d": self.d,
+            "jitter": self.jitter,
+            "jitter_relative": self.jitter_relative,
+            "cond": self.cond,
+            "scale": self.scale,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "backend": self.backend,
+            "seconds": self.seconds,
+            **self.meta,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": _FACTOR_FORMAT, "L": self.L.detach().cpu(), "summary": self.summary()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Factor:
+        try:
+            payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise CacheError(f"factor file {path} does not exist") from None
+        except Exception as exc:
+            raise CacheError(f"factor file {path} is unreadable or truncated: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != _FACTOR_FORMAT:
+            raise CacheError(f"{path} is not a pmsolve factor file (format {payload.get('format')!r})")
+        s = dict(payload["summary"])
+        L = payload["L"]
+        if L.shape != (s["d"], s["d"]) or L.dtype != torch.float64:
+            raise CacheError(f"factor file {path} is inconsistent: L has shape {tuple(L.shape)}, d = {s['d']}")
+        known = {"d", "jitter", "jitter_relative", "cond", "scale", "dtype", "backend", "seconds"}
+        return cls(
+            L=L,
+            jitter=s["jitter"],
+            jitter_relative=s["jitter_relative"],
+            cond=s["cond"],
+            scale=s["scale"],
+            dtype=getattr(torch, s["dtype"]),
+            backend=s["backend"],
+            seconds=s["seconds"],
+            meta={k: v for k, v in s.items() if k not in known},
+        )
+
+
+def _jitter_shifts(jitter: str | float | None, scale: float) -> list[float]:
+    if jitter == "auto":
+        return [0.0] + [r * scale for r in settings.get("jitter_schedule")]
+    if jitter is None:
+        return [0.0]
+    if isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and jitter >= 0 and math.isfinite(jitter):
+        return [float(jitter)]
+    raise InputError(f"jitter must be 'auto', None or a finite non-negative number, got {jitter!r}")
+
+
+def factorize(
+    C: torch.Tensor,
+    *,
+    jitter: str | float | None = "auto",
+    backend: str = "auto",
+) -> Factor:
+    """Cholesky-factor the preservation matrix C (d × d, symmetric PSD) once per layer.
+
+    Args:
+        C: the (mean) second moment of preservation keys, any float dtype, on any device.
+        jitter: "auto" tries δ = 0, then δ = r·mean(diag C) for r in
+            ``settings.jitter_schedule`` until the factorisation succeeds; a number fixes δ;
+            None forbids jitter.
+        backend: "auto", "cpu", "cuda" or "torch".
+
+    Raises:
+        InputError: C is not a square, finite, symmetric float matrix.
+        NotPositiveDefiniteError: no allowed δ makes C + δI positive definite.
+    """
+    t0 = time.perf_counter()
+    C = _validate_C(C)
+    be = get_backend(backend, C.device)
+    scale = float(torch.diagonal(C).to(torch.float64).mean())
+    if scale <= 0:
+        raise NotPositiveDefiniteError("C has an all-zero diagonal: no preservation statistics in it", matrix="C")
+    shifts = _jitter_shifts(jitter, scale)
+    res = be.cholesky_jittered(C, shifts)
+    if res.shift_index < 0 or res.L is None:
+        raise NotPositiveDefiniteError(
+            f"C + δI is not positive definite for any allowed δ (largest tried {shifts[-1]:.3g} = "
+            f"{shifts[-1] / scale:.3g} * mean(diag C)); C is indefinite, not merely singular",
+            matrix="C",
+            tried=tuple(shifts),
+        )
+    delta = shifts[res.shift_index]
+    if delta > 0 and jitter == "auto":
+        warnings.warn(
+            f"C is singular or nearly so: factored C + δI with δ = {delta:.3g} ({delta / scale:.1e} * mean(diag C))",
+            NumericalWarning,
+            stacklevel=2,
+        )
+    anorm = float(C.to(torch.float64).abs().sum(0).max()) + delta
+    cond = be.cond_estimate(res.L, anorm)
+    return Factor(
+        L=res.L,
+        jitter=delta,
+        jitter_relative=delta / scale,
+        cond=cond,
+        scale=scale,
+        dtype=C.dtype,
+        backend=be.name,
+        seconds=time.perf_counter() - t0,
+        workspace_bytes=res.workspace_bytes,
+    )
+
+
+# ---------------------------------------------------------------------------
+# solve
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SolveDiagnostics:
+    """What one solve did and how good its answer is.
+
+    residual: ‖ΔK − R‖_F / ‖R‖_F in fp64, before any rounding to the weight dtype.
+    preservation_cost: tr(Δ C Δᵀ) with the C that was factored (δ removed).
+    mu: μ actually used; ridge_fallback: True when μ had to be raised above the requested value.
+    """
+
+    method: str
+    backend: str
+    n: int
+    d_in: int
+    d_out: int
+    mu_requested: float
+    mu: float
+    mu_relative: float
+    ridge_fallback: bool
+    cond_G: float
+    jitter: float
+    cond_C: float
+    residual: float
+    preservation_cost: float
+    seconds: float
+    peak_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Update:
+    """A rank-n update Δ = U Bᵀ (U = R is d_out × n, B is d_in × n, both fp64).
+
+    Never forms the d_out × d_in matrix unless :meth:`dense` is called;
+    :meth:`apply_` adds it to a weight in row blocks.
+    """
+
+    U: torch.Tensor
+    B: torch.Tensor
+    diagnostics: SolveDiagnostics
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.B.shape[0])
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return (self.U @ self.B.mT).to(dtype)
+
+    def to(self, device: torch.device | str) -> Update:
+        return Update(self.U.to(device), self.B.to(device), self.diagnostics)
+
+    def apply_(
+        self,
+        weight: torch.Tensor,
+        *,
+        layout: Literal["out_in", "in_out"] = "out_in",
+        alpha: float = 1.0,
+        block_rows: int = 1024,
+    ) -> torch.Tensor:
+        """weight += alpha·Δ in place, for nn.Linear ("out_in", d_out × d_in) or GPT-2 Conv1D ("in_out").
+
+        The product is formed in fp64 one block of rows at a time and rounded once.
+        """
+        if layout == "out_in":
+            left, right = self.U, self.B
+        elif layout == "in_out":
+            left, right = self.B, self.U
+        else:
+            raise InputError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+        expected = (left.shape[0], right.shape[0])
+        if tuple(weight.shape) != expected:
+            raise InputError(f"weight has shape {tuple(weight.shape)}, the update is {expected} in layout {layout!r}")
+        left = left.to(weight.device)
+        right = right.to(weight.device)
+        with torch.no_grad():
+            for i in range(0, expected[0], block_rows):
+                blk = weight[i : i + block_rows]
+                delta = alpha * (left[i : i + block_rows] @ right.mT)
+                blk.copy_((blk.to(torch.float64) + delta).to(weight.dtype))
+        return weight
+
+
+def _resolve_mu(method: str, mu: float | None, n: int, d: int) -> float:
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "rome" and n != 1:
+        raise InputError(f"ROME edits one fact at a time (n = 1), got n = {n}; use method='emmet' for batches")
+    if method in ("rome", "emmet") and n > d:
+        raise InputError(
+            f"{method} imposes n = {n} equality constraints on a d_in = {d} dimensional key space: "
+            f"at most {d} can hold; use method='memit' or smaller batches"
+        )
+    if mu is None:
+        mu = DEFAULT_MEMIT_LAMBDA if method == "memit" else 0.0
+    if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
+        raise InputError(f"mu must be a finite non-negative number, got {mu!r}")
+    return float(mu)
+
+
+def _conflicting_groups(G: torch.Tensor, R: torch.Tensor, max_cond: float) -> tuple[list[list[int]], float]:
+    """Null directions z of G (keys dependent in the C⁻¹ metric) along which R z ≠ 0.
+
+    Returns the groups of columns involved in inconsistent directions and the
+    largest relative inconsistency ‖R z‖ / (‖R‖ ‖z‖).
+    """
+    evals, evecs = torch.linalg.eigh(G)
+    top = float(evals[-1]) if evals.numel() else 0.0
+    null = evals <= top / max_cond
+    groups: list[list[int]] = []
+    worst = 0.0
+    rnorm = float(torch.linalg.matrix_norm(R)) or 1.0
+    for j in null.nonzero().flatten().tolist():
+        z = evecs[:, j]
+        bad = float(torch.linalg.vector_norm(R @ z)) / rnorm
+        if bad > 1e-6:
+            worst = max(worst, bad)
+            cols = (z.abs() > 0.1 * z.abs().max()).nonzero().flatten().tolist()
+            if cols not in groups:
+                groups.append(cols)
+    return groups, worst
+
+
+def _prepare_keys(factor: Factor, K: Any, R: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(factor, Factor):
+        raise InputError(f"factor must be a pmsolve.Factor (from pmsolve.factorize), got {type(factor).__name__}")
+    K = _check_float_matrix("K", K)
+    R = _check_float_matrix("R", R)
+    if K.shape[0] != factor.d:
+        raise InputError(f"K has {K.shape[0]} rows but the factor is for d_in = {factor.d}")
+    if R.shape[1] != K.shape[1]:
+        raise InputError(f"K has {K.shape[1]} columns (edits) but R has {R.shape[1]}; they must match")
+    if K.shape[1] == 0:
+        raise InputError("K has no columns: nothing to edit")
+    if K.device != factor.device or R.device != factor.device:
+        raise InputError(f"K ({K.device}) and R ({R.device}) must be on the factor's device {factor.device}")
+    _check_finite("K", K)
+    _check_finite("R", R)
+    return K.to(torch.float64), R.to(torch.float64)
+
+
+def solve(
+    factor: Factor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    *,
+    method: Method = "emmet",
+    mu: float | None = None,
+    backend: str = "auto",
+) -> Update:
+    """Solve one edit batch: Δ = R (KᵀC⁻¹K + μI)⁻¹ (C⁻¹K)ᵀ.
+
+    Args:
+        factor: from :func:`factorize` (C + δI = LLᵀ).
+        K: edit keys, d_in × n.  R: residuals V − W0 K, d_out × n.
+        method: "emmet" (equality, batch), "rome" (equality, n = 1) or "memit" (least squares).
+        mu: ridge on G. Defaults: 0 for equality methods (raised to the smallest ridge that
+            works if G is singular, and reported), λ = 15000 for MEMIT.
+
+    Raises:
+        InputError: shapes, dtypes, devices, NaN/Inf, n > d for an equality method.
+        ConflictingConstraintsError: dependent keys asked for different values under equality.
+        NumericalError: no μ in the schedule gives a usable factorisation.
+    """
+    t0 = time.perf_counter()
+    K, R = _prepare_keys(factor, K, R)
+    n = K.shape[1]
+    mu0 = _resolve_mu(method, mu, n, factor.d)
+    be = get_backend(backend, K.device)
+    max_cond = settings.get("max_cond")
+    # Ridge schedule is relative to mean(diag G); G is only known inside the backend, so
+    # estimate its scale from the keys first: diag(G)_i = ‖L⁻¹ k_i‖², bounded via the factor.
+    g_scale = _g_scale_estimate(factor, K)
+    ridges = [mu0] + [mu0 + r * g_scale for r in settings.get("ridge_schedule")]
+    sol = be.pm_solve(factor.L, K, ridges, max_cond)
+    if sol.mu_index < 0 or sol.B is None:
+        _raise_singular(method, sol.G, R, max_cond, ridges)
+    mu_used = ridges[sol.mu_index]
+    if sol.mu_index > 0 and method in ("emmet", "rome"):
+        groups, worst = _conflicting_groups(sol.G, R, max_cond)
+        if groups:
+            raise ConflictingConstraintsError(
+                f"equality constraints conflict: the keys of edits {groups} are (nearly) linearly dependent "
+                f"but their residuals differ (relative inconsistency {worst:.3g}); the same subject cannot take "
+                "two values. Remove the duplicates or use method='memit' (least squares).",
+                columns=groups,
+            )
+    if mu_used > mu0:
+        warnings.warn(
+            f"G = KᵀC⁻¹K is singular or ill-conditioned for this batch: used ridge μ = {mu_used:.3g} "
+            f"instead of {mu0:g} ({(mu_used - mu0) / g_scale:.1e} * mean(diag G))",
+            NumericalWarning,
+            stacklevel=2,
+        )
+    U = R.clone()
+    diag = _diagnostics(factor, K, R, sol, method, be.name, mu0, mu_used, g_scale, time.perf_counter() - t0)
+    return Update(U=U, B=sol.B, diagnostics=diag)
+
+
+def _g_scale_estimate(factor: Factor, K: torch.Tensor) -> float:
+    """mean(diag G) = mean ‖L⁻¹k_i‖², estimated from a few columns (O(d²) per column)."""
+    cols = K[:, : min(K.shape[1], 8)]
+    z = torch.linalg.solve_triangular(factor.L, cols, upper=False)
+    s = float((z * z).sum(0).mean())
+    return s if s > 0 else 1.0
+
+
+def _raise_singular(method: str, G: torch.Tensor, R: torch.Tensor, max_cond: float, ridges: list[float]) -> None:
+    if method in ("emmet", "rome"):
+        groups, worst = _conflicting_groups(G, R, max_cond)
+        if groups:
+            raise ConflictingConstraintsError(
+                f"equality constraints conflict: the keys of edits {groups} are (nearly) linearly dependent but "
+                f"their residuals differ (relative inconsistency {worst:.3g})",
+                columns=groups,
+            )
+    raise NumericalError(
+        f"G + μI stayed singular or too ill-conditioned (cond > {max_cond:g}) for every μ up to {ridges[-1]:.3g}; "
+        "the edit keys are degenerate (check for zero or duplicated keys)"
+    )
+
+
+def _diagnostics(
+    factor: Factor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    sol: Any,
+    method: str,
+    backend: str,
+    mu0: float,
+    mu: float,
+    g_scale: float,
+    seconds: float,
+) -> SolveDiagnostics:
+    B, G = sol.B, sol.G
+    BtK = B.mT @ K  # n × n: Δ K = R (Bᵀ K)
+    residual = float(torch.linalg.matrix_norm(R @ BtK - R)) / max(float(torch.linalg.matrix_norm(R)), 1e-300)
+    # tr(Δ C Δᵀ) = tr(RᵀR · Bᵀ C B) with Bᵀ(C + δI)B = X G X, X = (G + μI)⁻¹: n × n work only.
+    X = torch.cholesky_inverse(sol.M)
+    BtCB = X @ G @ X - factor.jitter * (B.mT @ B)
+    cost = float(torch.trace((R.mT @ R) @ BtCB))
+    return SolveDiagnostics(
+        method=method,
+        backend=backend,
+        n=K.shape[1],
+        d_in=K.shape[0],
+        d_out=R.shape[0],
+        mu_requested=mu0,
+        mu=mu,
+        mu_relative=mu / g_scale,
+        ridge_fallback=mu > mu0,
+        cond_G=sol.cond,
+        jitter=factor.jitter,
+        cond_C=factor.cond,
+        residual=residual,
+        preservation_cost=cost,
+        seconds=seconds,
+        peak_bytes=sol.workspace_bytes,
+    )
