@@ -29,7 +29,7 @@ def _load() -> None:
         _reason = f"the BLAS wheel scipy-openblas32 cannot be imported ({exc!r})"
         return
     try:
-        from . import _C  # type: ignore[attr-defined]
+        _C = _import_C()
     except Exception as exc:
         _reason = (
             f"pmsolve._C cannot be loaded ({exc!r}); rebuild with `pip install -e .` "
@@ -37,6 +37,31 @@ def _load() -> None:
         )
         return
     _module = _C
+
+
+def _import_C() -> ModuleType:
+    """Import pmsolve._C, or the build named by PMSOLVE_NATIVE_LIB (a path to a _C*.so).
+
+    The variable lets a developer test a build from their own build folder
+    without installing it over the package's copy.
+    """
+    import os
+
+    path = os.environ.get("PMSOLVE_NATIVE_LIB")
+    if not path:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("pmsolve._C", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"PMSOLVE_NATIVE_LIB={path} is not a loadable extension module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["pmsolve._C"] = mod
+    return mod
 
 
 def native() -> ModuleType | None:
