@@ -8,6 +8,9 @@ namespace py = pybind11;
 
 void register_solver(py::module_& m);  // bindings/solver.cpp
 void register_stats(py::module_& m);   // bindings/stats.cpp
+#ifdef PMSOLVE_WITH_CUDA
+void register_cuda(py::module_& m);  // csrc/cuda/bindings_cuda.cpp (built with -DPMSOLVE_CUDA=ON)
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pmsolve native core (C++17 on OpenBLAS)";
@@ -17,4 +20,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("blas_get_num_threads", &pmsolve::blas_get_num_threads);
   register_solver(m);
   register_stats(m);
+#ifdef PMSOLVE_WITH_CUDA
+  register_cuda(m);
+#endif
 }
