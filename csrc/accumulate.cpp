@@ -1,0 +1,215 @@
+#include "accumulate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+
+#include "blas.h"
+
+namespace pmsolve {
+namespace {
+
+float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// IEEE half → single, subnormals and inf/NaN included (no F16C dependency).
+float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int shift = 0;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      ++shift;
+    }
+    bits = sign | (static_cast<uint32_t>(113 - shift) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Rows [r0, r1) of a lower triangle of size d carry about equal work for r_k = d·√(k/n).
+std::vector<int64_t> triangle_split(int64_t d, int parts) {
+  std::vector<int64_t> b(parts + 1);
+  for (int k = 0; k <= parts; ++k) b[k] = static_cast<int64_t>(std::llround(d * std::sqrt(double(k) / parts)));
+  b[parts] = d;
+  return b;
+}
+
+// Run f(r0, r1) over a balanced split of the triangle's rows. The fold is memory bound
+// (d²/2 fp64 read-modify-writes per chunk), so it uses as many threads as BLAS does.
+template <class F>
+void parallel_rows(int64_t d, F f) {
+  int nt = std::max(1, std::min<int>(blas_get_num_threads(), static_cast<int>(std::thread::hardware_concurrency())));
+  if (nt == 1 || d < 256) {
+    f(int64_t{0}, d);
+    return;
+  }
+  auto b = triangle_split(d, nt);
+  std::vector<std::thread> pool;
+  for (int k = 1; k < nt; ++k) pool.emplace_back(f, b[k], b[k + 1]);
+  f(b[0], b[1]);
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows)
+    : d_(d), fp64_(fp64_products), centered_(centered), chunk_(chunk_rows > 0 ? chunk_rows : kDefaultChunkRows) {
+  if (d <= 0) throw std::invalid_argument("d must be positive");
+  mat_.assign(static_cast<size_t>(d) * d, 0.0);
+  if (centered_) mean_.assign(d, 0.0);
+}
+
+void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
+  size_t elem = fmt == RowFormat::f32 ? 4 : 2;
+  const char* p = static_cast<const char*>(data);
+  for (int64_t r = 0; r < rows; r += chunk_) {
+    int64_t n = std::min(chunk_, rows - r);
+    process_chunk(p + static_cast<size_t>(r) * d_ * elem, n, fmt);
+  }
+}
+
+void CovAccumulator::load_rows_f32(const void* data, int64_t rows, RowFormat fmt) {
+  size_t n = static_cast<size_t>(rows) * d_;
+  rows32_.resize(n);
+  if (fmt == RowFormat::f32) {
+    std::memcpy(rows32_.data(), data, n * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(data);
+  if (fmt == RowFormat::bf16) {
+    for (size_t i = 0; i < n; ++i) rows32_[i] = bf16_to_f32(h[i]);
+  } else {
+    for (size_t i = 0; i < n; ++i) rows32_[i] = f16_to_f32(h[i]);
+  }
+}
+
+// Subtract the chunk's own mean (computed in fp64) and round the centred values to the
+// working precision once: the product then sees no catastrophic cancellation.
+void CovAccumulator::center_rows(int64_t rows, std::vector<double>& chunk_mean) {
+  chunk_mean.assign(d_, 0.0);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* x = rows32_.data() + static_cast<size_t>(t) * d_;
+    for (int64_t j = 0; j < d_; ++j) chunk_mean[j] += x[j];
+  }
+  for (auto& m : chunk_mean) m /= static_cast<double>(rows);
+  for (int64_t t = 0; t < rows; ++t) {
+    size_t off = static_cast<size_t>(t) * d_;
+    if (fp64_) {
+      for (int64_t j = 0; j < d_; ++j) rows64_[off + j] = static_cast<double>(rows32_[off + j]) - chunk_mean[j];
+    } else {
+      for (int64_t j = 0; j < d_; ++j)
+        rows32_[off + j] = static_cast<float>(static_cast<double>(rows32_[off + j]) - chunk_mean[j]);
+    }
+  }
+}
+
+void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
+  if (rows <= 0) return;
+  const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
+  load_rows_f32(data, rows, fmt);
+  std::vector<double> chunk_mean;
+  if (fp64_) rows64_.assign(rows32_.begin(), rows32_.end());
+  if (centered_) center_rows(rows, chunk_mean);
+
+  if (fp64_ && !centered_) {  // products already fp64: accumulate straight into the master
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 1.0, mat_.data(), n);
+    count_ += rows;
+    return;
+  }
+  if (fp64_) {
+    prod64_.resize(mat_.size());
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 0.0, prod64_.data(), n);
+    fold_in(nullptr, prod64_.data(), rows, chunk_mean.data());
+  } else {
+    prod32_.resize(mat_.size());
+    scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0f, rows32_.data(), n, 0.0f, prod32_.data(), n);
+    fold_in(prod32_.data(), nullptr, rows, chunk_mean.data());
+  }
+}
+
+// mat += P (lower triangle), and in centred mode the Chan/Pébay cross term
+// n_a·n_b/n · δδᵀ with δ = mean_b − mean_a, then mean_a += δ·n_b/n.
+void CovAccumulator::fold_in(const float* prod32, const double* prod64, int64_t n_b, const double* mean_b) {
+  if (n_b == 0) return;
+  std::vector<double> delta;
+  double c = 0.0;
+  if (centered_) {
+    delta.resize(d_);
+    for (int64_t j = 0; j < d_; ++j) delta[j] = mean_b[j] - mean_[j];
+    c = static_cast<double>(count_) * static_cast<double>(n_b) / static_cast<double>(count_ + n_b);
+  }
+  double* m = mat_.data();
+  const int64_t d = d_;
+  const double* dl = delta.data();
+  parallel_rows(d, [=](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      double* mi = m + i * d;
+      size_t off = static_cast<size_t>(i) * d;
+      if (prod32) {
+        const float* pi = prod32 + off;
+        for (int64_t j = 0; j <= i; ++j) mi[j] += static_cast<double>(pi[j]);
+      } else {
+        const double* pi = prod64 + off;
+        for (int64_t j = 0; j <= i; ++j) mi[j] += pi[j];
+      }
+      if (c != 0.0) {
+        double ci = c * dl[i];
+        for (int64_t j = 0; j <= i; ++j) mi[j] += ci * dl[j];
+      }
+    }
+  });
+  if (centered_) {
+    double w = static_cast<double>(n_b) / static_cast<double>(count_ + n_b);
+    for (int64_t j = 0; j < d_; ++j) mean_[j] += delta[j] * w;
+  }
+  count_ += n_b;
+}
+
+void CovAccumulator::merge(const CovAccumulator& other) {
+  if (other.d_ != d_) throw std::invalid_argument("cannot merge accumulators of different d");
+  if (other.centered_ != centered_) throw std::invalid_argument("cannot merge centred with uncentred statistics");
+  fold_in(nullptr, other.mat_.data(), other.count_, centered_ ? other.mean_.data() : nullptr);
+}
+
+void CovAccumulator::set_state(int64_t count, const double* mat, const double* mean) {
+  count_ = count;
+  std::copy(mat, mat + mat_.size(), mat_.begin());
+  if (centered_) std::copy(mean, mean + d_, mean_.begin());
+}
+
+void CovAccumulator::symmetrize_into(const std::vector<double>& m, double* out) const {
+  for (int64_t i = 0; i < d_; ++i)
+    for (int64_t j = 0; j <= i; ++j) out[i * d_ + j] = out[j * d_ + i] = m[i * d_ + j];
+}
+
+void CovAccumulator::second_moment_sum(double* out) const {
+  symmetrize_into(mat_, out);
+  if (!centered_) return;
+  const double n = static_cast<double>(count_);
+  for (int64_t i = 0; i < d_; ++i)
+    for (int64_t j = 0; j < d_; ++j) out[i * d_ + j] += n * mean_[i] * mean_[j];
+}
+
+void CovAccumulator::centered_m2(double* out) const {
+  if (!centered_) throw std::logic_error("centred statistics were not collected");
+  symmetrize_into(mat_, out);
+}
+
+}  // namespace pmsolve

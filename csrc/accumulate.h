@@ -1,0 +1,66 @@
+// Streaming second-moment accumulator for preservation statistics.
+//
+// Rows arrive in chunks (T × d, row-major, fp32 / bf16 / fp16). Each chunk's
+// Gram matrix XᵀX is formed by a symmetric rank-k product of one triangle
+// (ssyrk, or dsyrk in fp64-product mode) and added into an fp64 master. The
+// fp32 rounding error therefore stays that of one chunk (≈ √T·u relative) and
+// does not grow with the number of tokens, unlike the reference's fp32 running
+// sum. Centred mode keeps (count, mean, M2) and merges chunks with Chan/Pébay.
+//
+// Storage: `mat_` is d × d row-major; only the lower triangle (i ≥ j) is kept
+// up to date. It holds Σ xxᵀ (uncentred) or M2 = Σ (x−μ)(x−μ)ᵀ (centred).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace pmsolve {
+
+enum class RowFormat { f32, bf16, f16 };
+
+class CovAccumulator {
+ public:
+  // chunk_rows = 0 picks kDefaultChunkRows.
+  CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows);
+
+  // rows × d, row-major, in the given format (bf16/fp16 as raw 16-bit words).
+  void update(const void* data, int64_t rows, RowFormat fmt);
+  // Exact merge: sums add (uncentred) or Chan/Pébay (centred).
+  void merge(const CovAccumulator& other);
+  // Replace the state; `mat` is d × d row-major (lower triangle read), mean may be null when uncentred.
+  void set_state(int64_t count, const double* mat, const double* mean);
+
+  // Full symmetric Σ xxᵀ (derived as M2 + n μμᵀ when centred).
+  void second_moment_sum(double* out) const;
+  // Full symmetric M2 (centred mode only).
+  void centered_m2(double* out) const;
+
+  int64_t d() const { return d_; }
+  int64_t count() const { return count_; }
+  int64_t chunk_rows() const { return chunk_; }
+  bool fp64_products() const { return fp64_; }
+  bool centered() const { return centered_; }
+  const std::vector<double>& mean() const { return mean_; }
+
+  static constexpr int64_t kDefaultChunkRows = 4096;
+
+ private:
+  void process_chunk(const void* data, int64_t rows, RowFormat fmt);
+  void load_rows_f32(const void* data, int64_t rows, RowFormat fmt);
+  void center_rows(int64_t rows, std::vector<double>& chunk_mean);
+  void fold_in(const float* prod32, const double* prod64, int64_t n_b, const double* mean_b);
+  void symmetrize_into(const std::vector<double>& m, double* out) const;
+
+  int64_t d_;
+  bool fp64_;
+  bool centered_;
+  int64_t chunk_;
+  int64_t count_ = 0;
+  std::vector<double> mat_;   // master (lower triangle)
+  std::vector<double> mean_;  // centred mode only
+  // Scratch reused by every chunk (allocated lazily).
+  std::vector<float> rows32_, prod32_;
+  std::vector<double> rows64_, prod64_;
+};
+
+}  // namespace pmsolve
