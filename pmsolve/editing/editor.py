@@ -1,0 +1,414 @@
+"""pmsolve.edit: requests → keys, values → distributed PM solves → edited weights.
+
+Order of work, chosen so that every check that can fail on bad input runs before the
+first weight changes: parse requests, resolve layers and distribution, check and
+factor the statistics; only then optimise values and apply updates. Any exception
+after the first weight change restores all touched weights bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CacheError, InputError
+from ..models.adapters import Adapter, Templates, adapter_for
+from ..solver import METHODS, Factor, Update, factorize, solve
+from .distribution import Distribution, get_distribution, remaining_share
+from .keys import average_by_owner, capture, context_templates, key_prompts, pad_id
+from .presets import Preset, load_preset, preset_for
+from .requests import EditRequest, load_requests
+from .values import ValueConfig, ValueResult, optimize_values
+
+_UPDATES_FORMAT = "pmsolve.updates/1"
+STAGES = ("stats", "keys", "values", "solve", "apply")
+
+
+@dataclass
+class LayerEdit:
+    """One solve applied to one layer for one batch of requests."""
+
+    batch: int
+    layer: int
+    module: str
+    layout: str
+    share: float
+    update: Update
+    residual_rounded: float  # ‖(W_after − W_before) K − R‖ / ‖R‖ with the weights as stored
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "layer": self.layer,
+            "module": self.module,
+            "share": self.share,
+            "residual_rounded": self.residual_rounded,
+            **{f"solve_{k}": v for k, v in self.update.diagnostics.as_dict().items()},
+        }
+
+
+@dataclass
+class EditResult:
+    model: Any
+    requests: list[EditRequest]
+    method: str
+    layers: list[int]
+    distribution: str
+    mu: float | None
+    edits: list[LayerEdit]
+    values: list[dict[str, Any]]
+    timings: dict[str, float]
+    context_templates: list[str]
+    _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    def restore(self) -> None:
+        """Put back the original weights, bit for bit."""
+        _restore(self.model, self._originals)
+
+    def save_updates(self, path: str | os.PathLike[str]) -> None:
+        """Write the updates alone (factored U, B per layer and batch): re-apply with
+        :func:`apply_updates` to the unedited model."""
+        save_updates(self.edits, path, meta={"method": self.method, "layers": self.layers,
+                                             "requests": [r.as_dict() for r in self.requests]})
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layers": self.layers,
+            "distribution": self.distribution,
+            "mu": self.mu,
+            "n_requests": len(self.requests),
+            "timings": self.timings,
+            "facts_per_second": len(self.requests) / max(sum(self.timings.values()), 1e-9),
+            "edits": [e.as_dict() for e in self.edits],
+            "values": self.values,
+            "context_templates": self.context_templates,
+        }
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+
+def _as_matrix(obj: Any) -> torch.Tensor | Factor:
+    if isinstance(obj, (torch.Tensor, Factor)):
+        return obj
+    mean = getattr(obj, "mean", None)
+    if callable(mean):  # a CovarianceAccumulator
+        return mean()
+    raise InputError(f"statistics must be a tensor C, a pmsolve.Factor or an accumulator with .mean(), "
+                     f"got {type(obj).__name__}")
+
+
+def _check_stats_meta(obj: Any, layer: int, adapter: Adapter, model_id: str | None) -> None:
+    """Statistics that carry metadata (accumulators, cached files) must match model and layer."""
+    meta = getattr(obj, "meta", None) or getattr(obj, "metadata", None)
+    if not isinstance(meta, Mapping):
+        return
+    their_layer = meta.get("layer")
+    if their_layer is not None and int(their_layer) != layer:
+        raise CacheError(f"statistics given for layer {layer} were collected at layer {their_layer}")
+    module = meta.get("module")
+    if module is not None and module != adapter.rewrite_name(layer):
+        raise CacheError(f"statistics for layer {layer} are for module {module!r}, "
+                         f"not {adapter.rewrite_name(layer)!r}")
+    their_model = meta.get("model") or meta.get("model_id")
+    if their_model and model_id and str(their_model) != str(model_id):
+        raise CacheError(f"statistics for layer {layer} were collected on model {their_model!r}, "
+                         f"this is {model_id!r}")
+
+
+def _factors(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str | None) -> dict[int, Factor]:
+    if stats is None:
+        raise InputError("no statistics given: pass stats={layer: C} (or accumulators / factors), "
+                         "e.g. from pmsolve.stats.collect_stats")
+    out = {}
+    for layer in layers:
+        if callable(stats) and not isinstance(stats, Mapping):
+            obj = stats(layer)
+        elif isinstance(stats, Mapping) and layer in stats:
+            obj = stats[layer]
+        else:
+            have = sorted(stats) if isinstance(stats, Mapping) else "?"
+            raise InputError(f"no statistics for layer {layer} (have layers {have})")
+        _check_stats_meta(obj, layer, adapter, model_id)
+        m = _as_matrix(obj)
+        d = m.d if isinstance(m, Factor) else m.shape[0]
+        if d != adapter.d_in:
+            raise CacheError(f"statistics for layer {layer} are {d}-dimensional but the rewrite module "
+                             f"{adapter.rewrite_name(layer)} takes {adapter.d_in}-dimensional keys: "
+                             "they belong to another model")
+        out[layer] = m if isinstance(m, Factor) else factorize(m)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------
+
+
+def _restore(model, originals: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, w0 in originals.items():
+            model.get_submodule(name).weight.copy_(w0)
+
+
+def _wk(weight: torch.Tensor, K: torch.Tensor, layout: str) -> torch.Tensor:
+    """W K in fp64 for a weight stored out_in (d_out × d_in) or in_out; K is d_in × n."""
+    w = weight.detach().to(torch.float64)
+    k = K.to(weight.device, torch.float64)
+    return w @ k if layout == "out_in" else w.mT @ k
+
+
+def _apply(adapter: Adapter, layer: int, upd: Update, K: torch.Tensor, R: torch.Tensor,
+           originals: dict[str, torch.Tensor]) -> float:
+    """Apply the update in place; return the memorisation residual measured on the stored weights."""
+    name = adapter.rewrite_name(layer)
+    weight = adapter.weight(layer)
+    if name not in originals:
+        originals[name] = weight.detach().clone()
+    before = _wk(weight, K, adapter.layout)
+    upd.apply_(weight.data, layout=adapter.layout)
+    after = _wk(weight, K, adapter.layout)
+    r = R.to(after.device, torch.float64)
+    return float(torch.linalg.matrix_norm(after - before - r) / torch.linalg.matrix_norm(r).clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------
+# edit
+# ---------------------------------------------------------------------------
+
+
+def _resolve(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,
+             adapter: Adapter):
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if preset == "auto":
+        preset = preset_for(model)
+    elif isinstance(preset, str):
+        preset = load_preset(preset)
+    settings = preset.for_method(method) if isinstance(preset, Preset) and method in preset.methods else None
+    if layers is None:
+        if settings is None:
+            raise InputError("no preset matches this model: pass layers=[...]")
+        layers = settings.layers
+    layers = [adapter.check_layer(layer) for layer in layers]
+    if distribution is None and settings is not None and len(layers) == len(settings.layers):
+        distribution = settings.distribution
+    dist = get_distribution(distribution, layers)
+    layers = dist.check(layers)
+    if mu is None and settings is not None:
+        mu = settings.mu
+    vc = value_config or (preset.values if isinstance(preset, Preset) else ValueConfig())
+    if isinstance(vc, Mapping):
+        vc = replace(ValueConfig(), **vc)
+    return layers, dist, mu, vc
+
+
+def _batches(reqs: list[EditRequest], size: int | None) -> list[list[EditRequest]]:
+    if size is None:
+        return [reqs]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"batch_size must be a positive int or None, got {size!r}")
+    return [reqs[i : i + size] for i in range(0, len(reqs), size)]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[stage] += time.perf_counter() - t0
+
+
+def edit(
+    model,
+    tokenizer,
+    requests: Iterable[Any] | str | os.PathLike[str],
+    method: str = "emmet",
+    layers: Sequence[int] | None = None,
+    distribution: str | Distribution | None = None,
+    batch_size: int | None = None,
+    stats: Any = None,
+    mu: float | None = None,
+    seed: int = 0,
+    *,
+    preset: str | Preset | None = "auto",  # "auto": match the model; None: no preset
+    value_config: ValueConfig | Mapping[str, Any] | None = None,
+    templates: Templates | dict[str, str] | None = None,
+    model_id: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EditResult:
+    """Edit ``requests`` into ``model`` in place and return what was done.
+
+    Args:
+        requests: dicts / :class:`EditRequest` objects, or a JSON / JSONL file.
+        method: "emmet", "memit" or "rome" (the solver); any combines with any distribution.
+        layers: layers to edit (default: the model's preset for ``method``).
+        distribution: "single", "memit", "balanced" or a :class:`Distribution`.
+        batch_size: requests per solve; batches are edited one after another (later
+            batches see the earlier edits). None: all at once.
+        stats: per layer, the preservation statistics: ``{layer: C}`` with C a tensor,
+            a CovarianceAccumulator or a pmsolve.Factor, or a callable ``layer -> C``.
+            The solve runs on the device of these statistics.
+        mu: ridge / MEMIT λ (default from the preset, else the solver's default).
+        seed: makes the context templates and the v* optimisation reproducible.
+        model_id: checked against metadata carried by the statistics.
+        progress: called as ``progress(stage, done, total)``.
+
+    Raises:
+        InputError, CacheError: bad requests, layers, statistics (before any weight changes).
+    """
+    clock = _Clock()
+    adapter = adapter_for(model, templates)
+    reqs = load_requests(requests)
+    layers, dist, mu, vcfg = _resolve(model, method, layers, distribution, mu, preset, value_config, adapter)
+    batches = _batches(reqs, batch_size)
+    if method == "rome" and any(len(b) != 1 for b in batches):
+        raise InputError("ROME edits one fact per solve: use batch_size=1 or method='emmet'")
+    model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+    with clock("stats"):
+        factors = _factors(stats, layers, adapter, model_id)
+    with clock("keys"):
+        ctx = context_templates(model, tokenizer, seed=seed)
+    originals: dict[str, torch.Tensor] = {}
+    edits: list[LayerEdit] = []
+    values: list[dict[str, Any]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for b, batch in enumerate(batches):
+            if progress:
+                progress("batch", b, len(batches))
+            edits += _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
+                                 ctx, seed, originals, clock, values, progress)
+    except BaseException:
+        _restore(model, originals)
+        raise
+    finally:
+        model.train(was_training)
+    return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals)
+
+
+def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
+                originals, clock, values, progress) -> list[LayerEdit]:
+    last = layers[-1]
+    kp = key_prompts(tokenizer, batch, ctx)
+    bare = [i for i, t in enumerate(kp.template) if t == 0]
+    pad = pad_id(tokenizer)
+
+    def measure(key_layers: list[int], with_output: bool):
+        cap = capture(model, adapter, kp.rows, kp.lookup, pad, key_layers=key_layers,
+                      output_layers=[last] if with_output else [])
+        keys = {layer: average_by_owner(cap.keys[layer], kp.owner, len(batch)) for layer in key_layers}
+        cur = cap.outputs[last][bare] if with_output else None
+        return keys, cur
+
+    with clock("values"):
+        vr: ValueResult = optimize_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed=seed)
+    values += [{"batch": b, "subject": r.subject, "steps": s, "converged": c, "nll": nll}
+               for r, s, c, nll in zip(batch, vr.steps, vr.converged, vr.nll)]
+    weights = [1.0]
+    if dist.needs_sensitivity:
+        with clock("keys"):
+            keys0, _ = measure(layers, False)
+        with clock("solve"):
+            weights = dist.weights(layers, lambda layer: _sensitivity(factors[layer], keys0[layer]))
+    else:
+        weights = dist.weights(layers)
+    out = []
+    for i, layer in enumerate(layers):
+        with clock("keys"):
+            keys, cur = measure([layer], True)
+        share = remaining_share(weights, i)
+        f = factors[layer]
+        K = keys[layer].T.to(f.device, torch.float64)
+        R = (share * (vr.z.to(cur.device) - cur)).T.to(f.device, torch.float64)
+        with clock("solve"):
+            upd = solve(f, K, R, method=method, mu=mu)
+        with clock("apply"):
+            res = _apply(adapter, layer, upd, K, R, originals)
+        out.append(LayerEdit(b, layer, adapter.rewrite_name(layer), adapter.layout, share, upd, res))
+        if progress:
+            progress("layer", i + 1, len(layers))
+    return out
+
+
+def _sensitivity(factor: Factor, keys: torch.Tensor) -> float:
+    """mean_j k_jᵀ C⁻¹ k_j: how cheaply this layer can move the edit keys (see distribution.py)."""
+    K = keys.T.to(factor.device, torch.float64)
+    return float((K * factor.solve(K)).sum(0).mean())
+
+
+# ---------------------------------------------------------------------------
+# updates on disk
+# ---------------------------------------------------------------------------
+
+
+def save_updates(edits: Sequence[LayerEdit], path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors, entries = {}, []
+    for i, e in enumerate(edits):
+        tensors[f"{i}.U"] = e.update.U.detach().cpu().contiguous()
+        tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
+        entries.append({"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout})
+    header = {"format": _UPDATES_FORMAT, "edits": entries, **(meta or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"pmsolve": json.dumps(header)})
+
+
+def load_updates(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The saved updates in application order: dicts with module, layout, U, B; and the header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads((fh.metadata() or {}).get("pmsolve", "{}"))
+            if header.get("format") != _UPDATES_FORMAT:
+                raise CacheError(f"{path} is not a pmsolve updates file")
+            entries = [{**e, "U": fh.get_tensor(f"{i}.U"), "B": fh.get_tensor(f"{i}.B")}
+                       for i, e in enumerate(header["edits"])]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"cannot read updates file {path}: {exc}") from None
+    return entries, header
+
+
+def apply_updates(model, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Re-apply saved updates to ``model`` in place (in the order they were made).
+
+    Returns the original weights of the touched modules (to restore them). Checks every
+    shape before changing anything.
+    """
+    entries, _ = load_updates(path)
+    targets = []
+    for e in entries:
+        try:
+            w = model.get_submodule(e["module"]).weight
+        except AttributeError:
+            raise InputError(f"the model has no module {e['module']!r} (updates are for another model)") from None
+        shape = (e["U"].shape[0], e["B"].shape[0]) if e["layout"] == "out_in" else (e["B"].shape[0], e["U"].shape[0])
+        if tuple(w.shape) != shape:
+            raise InputError(f"{e['module']} has shape {tuple(w.shape)}, the saved update is {shape}")
+        targets.append((w, e))
+    originals = {}
+    for w, e in targets:
+        originals.setdefault(e["module"], w.detach().clone())
+        upd = Update(e["U"], e["B"], diagnostics=None)  # type: ignore[arg-type]
+        upd.apply_(w.data, layout=e["layout"])
+    return originals

@@ -1,0 +1,77 @@
+"""Hyperparameter presets (pmsolve/presets/*.json): layers, μ and distribution per method,
+v* settings, and notes on where the numbers come from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .values import ValueConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    layers: list[int]
+    mu: float | None
+    distribution: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    methods: dict[str, MethodSettings]
+    values: ValueConfig
+    match: dict[str, list[str]]
+    notes: str
+
+    def for_method(self, method: str) -> MethodSettings:
+        if method not in self.methods:
+            raise InputError(f"preset {self.name!r} has no settings for method {method!r}; pass layers explicitly")
+        return self.methods[method]
+
+
+def _parse(data: dict[str, Any], source: str) -> Preset:
+    try:
+        known = {f.name for f in fields(ValueConfig)}
+        values = ValueConfig(**{k: v for k, v in data.get("values", {}).items() if k in known})
+        methods = {m: MethodSettings(list(s["layers"]), s.get("mu"), s.get("distribution", "memit"))
+                   for m, s in data["methods"].items()}
+        return Preset(data["name"], methods, values, data.get("match", {}), data.get("notes", ""))
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"preset {source} is malformed: {exc}") from None
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (``list_presets()``) or from a JSON file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise InputError(f"no preset {name_or_path!r}; built-in presets: {list_presets()}")
+    return _parse(json.loads(path.read_text()), str(path))
+
+
+def preset_for(model) -> Preset | None:
+    """The built-in preset whose name pattern matches the model's name, else whose
+    model_type matches; the most specific (longest) name match wins."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or "").lower()
+    model_type = str(getattr(config, "model_type", "") or "")
+    presets = [load_preset(p) for p in list_presets()]
+    best, best_len = None, 0
+    for p in presets:
+        for pat in p.match.get("name_contains", []):
+            if pat.lower() in name and len(pat) > best_len:
+                best, best_len = p, len(pat)
+    if best is not None:
+        return best
+    return next((p for p in presets if model_type in p.match.get("model_type", [])), None)

@@ -1,0 +1,267 @@
+"""v*: the residual-stream output the last edited layer should produce, for a whole batch at once.
+
+For every fact f a vector δ_f is added to the output of decoder layer L at the subject's
+last token. All facts of a batch share one padded forward/backward per step; each fact
+owns its rows (one per context template, plus one KL row) and its own δ row, and the
+loss is a sum of per-fact terms, so the gradient of δ_f depends on fact f alone. Adam
+is implemented here per fact (own moment estimates and step counter), which makes the
+batched optimisation the same computation as optimising each fact alone, and lets a
+fact stop early (target top-1 in every prompt) while the others continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..models.adapters import Adapter
+from .keys import hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
+from .requests import EditRequest
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """Hyperparameters of the v* optimisation (defaults: the public MEMIT settings)."""
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖, h the layer output at the subject's last token
+    kl_prompt: str = "{} is a"
+    early_stop: bool = True
+
+
+@dataclass
+class ValueResult:
+    """z = h + δ per fact (n × d, fp32, on layer L's device) and how the optimisation went."""
+
+    z: torch.Tensor
+    delta: torch.Tensor
+    h: torch.Tensor
+    steps: list[int]
+    converged: list[bool]
+    nll: list[float]
+    forward_passes: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Rows:
+    ids: list[list[int]]
+    lookup: list[int]
+    owner: list[int]
+    # for rewrite rows: (first logit position, target ids); None for KL rows
+    target: list[tuple[int, list[int]] | None]
+
+
+def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str) -> _Rows:
+    rows = _Rows([], [], [], [])
+    for f, req in enumerate(requests):
+        tgt = target_ids(tokenizer, req.target_new)
+        for tmpl in templates:
+            ids, idx = subject_prompt_ids(tokenizer, tmpl.replace("{}", req.prompt, 1), req.subject)
+            rows.ids.append(ids + tgt[:-1])
+            rows.lookup.append(idx)
+            rows.owner.append(f)
+            rows.target.append((len(ids) - 1, tgt))
+        ids, idx = subject_prompt_ids(tokenizer, kl_prompt, req.subject)
+        rows.ids.append(ids)
+        rows.lookup.append(idx)
+        rows.owner.append(f)
+        rows.target.append(None)
+    return rows
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """No parameter gradients while δ is optimised (saves the memory and time of weight grads)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Batch:
+    """Index tensors for the rows of the currently active facts."""
+
+    def __init__(self, rows: _Rows, active: list[int], pad: int, device: torch.device) -> None:
+        sel = [r for r, f in enumerate(rows.owner) if f in set(active)]
+        local = {f: i for i, f in enumerate(active)}
+        self.ids, self.mask = pad_right([rows.ids[r] for r in sel], pad, device)
+        self.row_owner = torch.tensor([local[rows.owner[r]] for r in sel])
+        self.lookup = torch.tensor([rows.lookup[r] for r in sel])
+        pos_r, pos_t, tok, tgt_row_owner, tgt_row = [], [], [], [], []
+        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []
+        for i, r in enumerate(sel):
+            spec = rows.target[r]
+            if spec is None:
+                kl_r.append(i)
+                kl_t.append(rows.lookup[r])
+                kl_owner.append(local[rows.owner[r]])
+                kl_fact.append(rows.owner[r])
+                continue
+            start, tgt = spec
+            for j, t in enumerate(tgt):
+                pos_r.append(i)
+                pos_t.append(start + j)
+                tok.append(t)
+                tgt_row.append(i)
+                tgt_row_owner.append(local[rows.owner[r]])
+        self.pos = (torch.tensor(pos_r), torch.tensor(pos_t))
+        self.tok = torch.tensor(tok)
+        self.tok_row = torch.tensor(tgt_row)
+        self.tok_owner = torch.tensor(tgt_row_owner)
+        self.kl = (torch.tensor(kl_r), torch.tensor(kl_t))
+        self.kl_owner = torch.tensor(kl_owner)
+        self.kl_fact = kl_fact
+        self.n_rows = len(sel)
+        self.n = len(active)
+
+
+def _forward_logits(model, adapter: Adapter, b: _Batch, layer: int, delta: torch.Tensor):
+    """Logits at the target positions and the KL positions, with δ added at ``layer``."""
+    def add_delta(module, inputs, output):
+        h = layer_hidden(output)
+        rows = torch.arange(h.shape[0], device=h.device)
+        upd = delta.to(h.device)[b.row_owner.to(h.device)].to(h.dtype)
+        h = h.index_put((rows, b.lookup.to(h.device)), upd, accumulate=True)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    with hooks(lambda: [adapter.layer(layer).register_forward_hook(add_delta)]):
+        # The base model stops before the LM head, so the vocabulary projection runs only
+        # at the few positions the loss needs, not at every token of every row.
+        hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+    head = adapter.lm_head()
+    dev = hidden.device
+    tgt_h = hidden[b.pos[0].to(dev), b.pos[1].to(dev)]
+    kl_h = hidden[b.kl[0].to(dev), b.kl[1].to(dev)]
+    return head(tgt_h).float(), head(kl_h).float()
+
+
+def optimize_values(
+    model,
+    adapter: Adapter,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    layer: int,
+    config: ValueConfig = ValueConfig(),
+    *,
+    seed: int = 0,
+) -> ValueResult:
+    """Optimise δ for every request at once; return z = h + δ at ``layer`` (n × d)."""
+    torch.manual_seed(seed)  # δ starts at zero; the seed pins any nondeterministic kernels' choices
+    rows = _build_rows(tokenizer, requests, templates, config.kl_prompt)
+    n = len(requests)
+    dev = adapter.weight(layer).device
+    d = adapter.d_out
+    delta = torch.zeros((n, d), device=dev, dtype=torch.float32)
+    m1, m2 = torch.zeros_like(delta), torch.zeros_like(delta)
+    t = torch.zeros(n, dtype=torch.long)
+    active = list(range(n))
+    kl_init: dict[int, torch.Tensor] = {}
+    steps, converged, last_nll = [0] * n, [False] * n, [float("nan")] * n
+    pad, in_dev = pad_id(tokenizer), adapter.input_device()
+    result_history: list[float] = []
+    passes = 0
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    with _frozen(model):
+        h0 = _initial_outputs(model, adapter, rows, layer, n, pad)
+        max_norm = config.clamp * h0.norm(dim=1)
+        for _ in range(config.steps + 1):
+            if not active:
+                break
+            b = _Batch(rows, active, pad, in_dev)
+            idx = torch.tensor(active, device=dev)
+            d_act = delta[idx].clone().requires_grad_(True)
+            tgt_logits, kl_logits = _forward_logits(model, adapter, b, layer, d_act)
+            passes += 1
+            logp = torch.log_softmax(tgt_logits, -1)
+            tok = b.tok.to(logp.device)
+            tok_lp = logp.gather(1, tok[:, None])[:, 0]
+            hit = logp.argmax(-1) == tok
+            own = b.tok_owner.to(logp.device)
+            # NLL per row = mean over its target tokens; per fact = mean over its rows.
+            nll_fact = _per_fact_mean_of_row_means(-tok_lp, b.tok_row.to(logp.device), own, b.n)
+            all_hit = _all_by_owner(hit, own, b.n)
+            kl_lp = torch.log_softmax(kl_logits, -1)
+            for i, f in enumerate(b.kl_fact):
+                kl_init.setdefault(f, kl_lp[i].detach())
+            init = torch.stack([kl_init[f] for f in b.kl_fact])
+            kl = (init.exp() * (init - kl_lp)).sum(-1)  # KL(p_init ‖ p_now) per KL row
+            kl_fact = torch.zeros(b.n, device=kl.device).index_add(0, b.kl_owner.to(kl.device), kl)
+            wd = config.weight_decay * d_act.norm(dim=1) / h0[idx].norm(dim=1) ** 2
+            loss_fact = nll_fact.to(dev) + config.kl_factor * kl_fact.to(dev) + wd
+            for i, f in enumerate(active):
+                last_nll[f] = float(nll_fact[i].detach())
+            result_history.append(float(loss_fact.sum()))
+            done = all_hit.cpu() if config.early_stop else torch.zeros(b.n, dtype=torch.bool)
+            for i, f in enumerate(active):
+                if bool(done[i]):
+                    converged[f] = True
+            stepping = [i for i, f in enumerate(active) if not bool(done[i]) and steps[f] < config.steps]
+            if not stepping:
+                break
+            (grad,) = torch.autograd.grad(loss_fact.sum(), d_act)
+            sel = torch.tensor(stepping, device=dev)
+            rows_f = idx[sel]
+            g = grad[sel]
+            t[rows_f.cpu()] += 1
+            tt = t[rows_f.cpu()].to(dev, torch.float32)[:, None]
+            m1[rows_f] = beta1 * m1[rows_f] + (1 - beta1) * g
+            m2[rows_f] = beta2 * m2[rows_f] + (1 - beta2) * g * g
+            mhat = m1[rows_f] / (1 - beta1**tt)
+            vhat = m2[rows_f] / (1 - beta2**tt)
+            new = delta[rows_f] - config.lr * mhat / (vhat.sqrt() + eps)
+            norm = new.norm(dim=1, keepdim=True)
+            cap = max_norm[rows_f][:, None]
+            delta[rows_f] = torch.where(norm > cap, new * cap / norm, new)
+            for i in stepping:
+                steps[active[i]] += 1
+            active = [active[i] for i in stepping]
+    return ValueResult(
+        z=h0 + delta, delta=delta, h=h0, steps=steps, converged=converged, nll=last_nll,
+        forward_passes=passes, history=result_history,
+    )
+
+
+def _per_fact_mean_of_row_means(x: torch.Tensor, row: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    n_rows = int(row.max()) + 1
+    row_sum = torch.zeros(n_rows, device=x.device).index_add(0, row, x)
+    row_cnt = torch.zeros(n_rows, device=x.device).index_add(0, row, torch.ones_like(x))
+    row_owner = torch.zeros(n_rows, dtype=torch.long, device=x.device).index_put((row,), owner)
+    has = row_cnt > 0
+    per_row = row_sum[has] / row_cnt[has]
+    fact_sum = torch.zeros(n, device=x.device).index_add(0, row_owner[has], per_row)
+    fact_cnt = torch.zeros(n, device=x.device).index_add(0, row_owner[has], torch.ones_like(per_row))
+    return fact_sum / fact_cnt
+
+
+def _all_by_owner(hit: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    misses = torch.zeros(n, device=hit.device).index_add(0, owner, (~hit).float())
+    return misses == 0
+
+
+@torch.no_grad()
+def _initial_outputs(model, adapter: Adapter, rows: _Rows, layer: int, n: int, pad: int) -> torch.Tensor:
+    """h: layer output at the subject's last token of each fact's bare prompt (first row)."""
+    from .keys import capture
+
+    first = {}
+    for r, f in enumerate(rows.owner):
+        first.setdefault(f, r)
+    sel = [first[f] for f in range(n)]
+    # The target tokens after the prompt do not influence the subject position (causal model),
+    # so the bare prompt alone gives the same h.
+    ids = [rows.ids[r][: rows.lookup[r] + 1] for r in sel]
+    cap = capture(model, adapter, ids, [rows.lookup[r] for r in sel], pad, output_layers=[layer])
+    return cap.outputs[layer]
