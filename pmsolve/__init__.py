@@ -23,10 +23,23 @@ from .solver import Factor, SolveDiagnostics, Update, factorize, solve
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The editing layer pulls in transformers-facing code; import it on first use only,
+    # so that `import pmsolve` stays light.
+    if name in ("edit", "EditResult", "EditRequest"):
+        from . import editing
+
+        return getattr(editing, name)
+    raise AttributeError(f"module 'pmsolve' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailableError",
     "CacheError",
     "ConflictingConstraintsError",
+    "EditRequest",
+    "EditResult",
     "Factor",
     "InputError",
     "NotPositiveDefiniteError",
@@ -36,6 +49,7 @@ __all__ = [
     "SolveDiagnostics",
     "Update",
     "available_backends",
+    "edit",
     "errors",
     "factorize",
     "native_unavailable_reason",
