@@ -1,0 +1,409 @@
+// CUDA solver core on cuBLAS/cuSOLVER; see pm_cuda.h for the layout conventions.
+//
+// Column-major names used below: U = Lᵀ is the d × d upper factor of C + δI
+// (A = Uᵀ U), Zc = Zᵀ (n × d), Mc = Mᵀ the n × n upper factor of G + μI, and
+// Bc = Bᵀ. Each is the very memory of the corresponding row-major tensor.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "pm_cuda.h"
+
+namespace pmsolve::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// error checking: every status becomes an exception naming the call
+// ---------------------------------------------------------------------------
+
+[[noreturn]] void fail(const char* call, const std::string& what) {
+  throw std::runtime_error(std::string("pmsolve CUDA backend: ") + call + " failed: " + what);
+}
+
+void check(cudaError_t s, const char* call) {
+  if (s != cudaSuccess) fail(call, std::string(cudaGetErrorName(s)) + " (" + cudaGetErrorString(s) + ")");
+}
+
+void check(cublasStatus_t s, const char* call) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail(call, cublasGetStatusString(s));
+}
+
+// cuSOLVER has no status-to-string function.
+const char* cusolver_status_name(cusolverStatus_t s) {
+  switch (s) {
+    case CUSOLVER_STATUS_NOT_INITIALIZED: return "CUSOLVER_STATUS_NOT_INITIALIZED";
+    case CUSOLVER_STATUS_ALLOC_FAILED: return "CUSOLVER_STATUS_ALLOC_FAILED";
+    case CUSOLVER_STATUS_INVALID_VALUE: return "CUSOLVER_STATUS_INVALID_VALUE";
+    case CUSOLVER_STATUS_ARCH_MISMATCH: return "CUSOLVER_STATUS_ARCH_MISMATCH";
+    case CUSOLVER_STATUS_EXECUTION_FAILED: return "CUSOLVER_STATUS_EXECUTION_FAILED";
+    case CUSOLVER_STATUS_INTERNAL_ERROR: return "CUSOLVER_STATUS_INTERNAL_ERROR";
+    case CUSOLVER_STATUS_NOT_SUPPORTED: return "CUSOLVER_STATUS_NOT_SUPPORTED";
+    default: return "unknown cusolverStatus_t";
+  }
+}
+
+void check(cusolverStatus_t s, const char* call) {
+  if (s != CUSOLVER_STATUS_SUCCESS) fail(call, std::string(cusolver_status_name(s)) + " (" + std::to_string(s) + ")");
+}
+
+// ---------------------------------------------------------------------------
+// device, stream and library handles
+// ---------------------------------------------------------------------------
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : device_(device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (prev_ != device_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int prev_ = 0;
+};
+
+struct Handles {
+  cublasHandle_t blas = nullptr;
+  cusolverDnHandle_t solver = nullptr;
+  cusolverDnParams_t params = nullptr;
+};
+
+// One set per (device, stream) and host thread: creating handles costs
+// milliseconds, and a handle bound to a stream must not be used by two threads
+// at once (the bindings release the GIL). They live until the process exits:
+// destroying them from a static destructor would run after the driver unloads.
+Handles& handles_for(const Context& ctx) {
+  thread_local std::map<std::pair<int, void*>, Handles> cache;
+  const auto key = std::make_pair(ctx.device, ctx.stream);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const auto stream = static_cast<cudaStream_t>(ctx.stream);
+  Handles h;
+  check(cublasCreate(&h.blas), "cublasCreate");
+  check(cublasSetStream(h.blas, stream), "cublasSetStream");
+  check(cublasSetPointerMode(h.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  check(cusolverDnCreate(&h.solver), "cusolverDnCreate");
+  check(cusolverDnSetStream(h.solver, stream), "cusolverDnSetStream");
+  check(cusolverDnCreateParams(&h.params), "cusolverDnCreateParams");
+  return cache.emplace(key, h).first->second;
+}
+
+struct Session {
+  explicit Session(const Context& ctx)
+      : guard(ctx.device), h(handles_for(ctx)), stream(static_cast<cudaStream_t>(ctx.stream)) {}
+  DeviceGuard guard;
+  Handles& h;
+  cudaStream_t stream;
+
+  void sync() { check(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); }
+};
+
+// ---------------------------------------------------------------------------
+// workspace: [potrf device buffer | potrf info | v (n doubles) | w (n doubles)]
+// ---------------------------------------------------------------------------
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+size_t layout_bytes(size_t potrf_bytes, int64_t n) {
+  return align_up(potrf_bytes) + kAlign + 2 * align_up(static_cast<size_t>(n) * sizeof(double));
+}
+
+struct Workspace {
+  void* potrf;
+  size_t potrf_bytes;
+  int* info;
+  double* v;
+  double* w;
+};
+
+Workspace carve(void* work, size_t potrf_bytes, int64_t n) {
+  auto* base = static_cast<char*>(work);
+  Workspace ws;
+  ws.potrf = base;
+  ws.potrf_bytes = potrf_bytes;
+  base += align_up(potrf_bytes);
+  ws.info = reinterpret_cast<int*>(base);
+  base += kAlign;
+  ws.v = reinterpret_cast<double*>(base);
+  ws.w = reinterpret_cast<double*>(base + align_up(static_cast<size_t>(n) * sizeof(double)));
+  return ws;
+}
+
+struct PotrfSizes {
+  size_t device_bytes = 0;
+  size_t host_bytes = 0;
+};
+
+PotrfSizes potrf_sizes(Handles& h, int64_t n) {
+  PotrfSizes s;
+  check(cusolverDnXpotrf_bufferSize(h.solver, h.params, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F, nullptr, n,
+                                    CUDA_R_64F, &s.device_bytes, &s.host_bytes),
+        "cusolverDnXpotrf_bufferSize");
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// kernels: elementwise, memory-bound, grid-stride over 64-bit indices
+// ---------------------------------------------------------------------------
+
+constexpr int kThreads = 256;
+
+unsigned grid_for(int64_t count) {
+  return static_cast<unsigned>(std::clamp<int64_t>((count + kThreads - 1) / kThreads, 1, 1 << 16));
+}
+
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+#define PM_GRID_STRIDE(i, count) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
+
+// A = upper triangle of S + shift I, strict lower triangle zeroed (n × n,
+// column-major). S's upper triangle sits at the same offsets as the caller's
+// row-major lower triangle, so this reads exactly what the torch backend reads.
+template <typename T>
+__global__ void load_upper(const T* S, double* A, int64_t n, double shift) {
+  PM_GRID_STRIDE(idx, n * n) {
+    const int64_t r = idx % n, c = idx / n;
+    A[idx] = r < c ? double(S[idx]) : r == c ? double(S[idx]) + shift : 0.0;
+  }
+}
+
+// Copies the upper triangle of A onto its lower triangle (syrk fills one).
+__global__ void mirror_upper(double* A, int64_t n) {
+  PM_GRID_STRIDE(idx, n * n) {
+    const int64_t r = idx % n, c = idx / n;
+    if (r > c) A[idx] = A[c + r * n];
+  }
+}
+
+// Row sums of |A|; for symmetric A they are the column sums, read coalesced.
+__global__ void abs_row_sums(const double* A, int64_t n, double* out) {
+  PM_GRID_STRIDE(i, n) {
+    double s = 0.0;
+    for (int64_t j = 0; j < n; ++j) s += fabs(A[i + j * n]);
+    out[i] = s;
+  }
+}
+
+enum HagerVector : int { kUniform, kUnit, kAlternating };
+
+__global__ void hager_vector(double* v, int64_t n, int kind, int64_t j) {
+  PM_GRID_STRIDE(i, n) {
+    if (kind == kUniform)
+      v[i] = 1.0 / double(n);
+    else if (kind == kUnit)
+      v[i] = i == j ? 1.0 : 0.0;
+    else
+      v[i] = (1.0 + double(i) / double(n > 1 ? n - 1 : 1)) * (i % 2 == 0 ? 1.0 : -1.0);
+  }
+}
+
+// torch's sign(y) + (y == 0): zeros count as +1.
+__global__ void sign_of(const double* y, double* z, int64_t n) {
+  PM_GRID_STRIDE(i, n) { z[i] = y[i] < 0.0 ? -1.0 : 1.0; }
+}
+
+// ---------------------------------------------------------------------------
+// building blocks
+// ---------------------------------------------------------------------------
+
+// In-place Cholesky of the upper triangle of A (n × n, column-major). True on
+// success; false when a leading minor is not positive definite.
+bool potrf(Session& s, double* A, int64_t n, const Workspace& ws, std::vector<char>& host) {
+  check(cusolverDnXpotrf(s.h.solver, s.h.params, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F, A, n, CUDA_R_64F, ws.potrf,
+                         ws.potrf_bytes, host.data(), host.size(), ws.info),
+        "cusolverDnXpotrf");
+  int info = 0;
+  check(cudaMemcpyAsync(&info, ws.info, sizeof(int), cudaMemcpyDeviceToHost, s.stream), "cudaMemcpyAsync(info)");
+  s.sync();
+  if (info < 0) fail("cusolverDnXpotrf", "rejected argument " + std::to_string(-info));
+  return info == 0;
+}
+
+// Hager/Higham estimate of ‖A⁻¹‖₁ · anorm for A = Uᵀ U, step for step the
+// torch backend's hager_cond_1norm, so both accept and reject the same ridges.
+// cuSOLVER has no pocon; this costs at most 12 pairs of O(n²) triangular
+// solves (trsv) on the device and one host round trip per reduction.
+double hager_cond(Session& s, const double* U, int64_t n, double anorm, double* v, double* w) {
+  auto apply_inv = [&](double* x) {  // x ← A⁻¹ x = U⁻¹ U⁻ᵀ x
+    check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, n, U, n, x, 1),
+          "cublasDtrsv_64");
+    check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, U, n, x, 1),
+          "cublasDtrsv_64");
+  };
+  auto asum = [&](const double* x) {  // host pointer mode: blocks until the sum is on the host
+    double r = 0.0;
+    check(cublasDasum_64(s.h.blas, n, x, 1, &r), "cublasDasum_64");
+    return r;
+  };
+  auto fill = [&](int kind, int64_t j) {
+    hager_vector<<<grid_for(n), kThreads, 0, s.stream>>>(v, n, kind, j);
+    check_launch("hager_vector");
+  };
+
+  fill(kUniform, 0);
+  double est = 0.0;
+  int64_t last_j = -1;
+  for (int iter = 0; iter < 5; ++iter) {
+    apply_inv(v);
+    const double new_est = asum(v);
+    if (new_est <= est) break;
+    est = new_est;
+    sign_of<<<grid_for(n), kThreads, 0, s.stream>>>(v, w, n);
+    check_launch("sign_of");
+    apply_inv(w);
+    int64_t j = 0;
+    check(cublasIdamax_64(s.h.blas, n, w, 1, &j), "cublasIdamax_64");
+    --j;  // cuBLAS counts from 1; ties go to the first index, as torch.argmax
+    if (j == last_j) break;
+    last_j = j;
+    fill(kUnit, j);
+  }
+  fill(kAlternating, 0);
+  apply_inv(v);
+  est = std::max(est, 2.0 * asum(v) / (3.0 * double(n)));
+  return est * anorm;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// public entry points
+// ---------------------------------------------------------------------------
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the (non-sticky) error, report none
+    return 0;
+  }
+  return n;
+}
+
+void check_device_pointer(const void* ptr, int device, size_t align, const char* name) {
+  const std::string what = std::string("pmsolve CUDA backend: ") + name;
+  if (ptr == nullptr) throw std::invalid_argument(what + " is a null pointer");
+  if (reinterpret_cast<uintptr_t>(ptr) % align != 0)
+    throw std::invalid_argument(what + " is not aligned to " + std::to_string(align) + " bytes");
+  DeviceGuard guard(device);
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, ptr);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::invalid_argument(what + " is not a CUDA pointer (" + cudaGetErrorString(e) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::invalid_argument(what + " is not CUDA device memory");
+  if (attr.device != device)
+    throw std::invalid_argument(what + " lives on device " + std::to_string(attr.device) + ", expected device " +
+                                std::to_string(device));
+}
+
+size_t cholesky_workspace_bytes(const Context& ctx, int64_t d) {
+  Session s(ctx);
+  return layout_bytes(potrf_sizes(s.h, d).device_bytes, 0);
+}
+
+size_t cond_workspace_bytes(int64_t n) { return layout_bytes(0, n); }
+
+size_t pm_workspace_bytes(const Context& ctx, int64_t d, int64_t n) {
+  Session s(ctx);
+  return layout_bytes(potrf_sizes(s.h, n).device_bytes, n);
+}
+
+int64_t cholesky_jittered(const CholeskyParams& p) {
+  Session s(p.ctx);
+  const PotrfSizes sz = potrf_sizes(s.h, p.d);
+  const Workspace ws = carve(p.work, sz.device_bytes, 0);
+  std::vector<char> host(sz.host_bytes);
+  for (size_t i = 0; i < p.shifts.size(); ++i) {
+    // potrf overwrites its triangle, so each try starts again from C itself:
+    // C is never written, so it is the restore copy and no d × d scratch is needed.
+    if (p.c_dtype == Dtype::f32)
+      load_upper<<<grid_for(p.d * p.d), kThreads, 0, s.stream>>>(static_cast<const float*>(p.C), p.L, p.d,
+                                                                   p.shifts[i]);
+    else
+      load_upper<<<grid_for(p.d * p.d), kThreads, 0, s.stream>>>(static_cast<const double*>(p.C), p.L, p.d,
+                                                                   p.shifts[i]);
+    check_launch("load_upper");
+    if (potrf(s, p.L, p.d, ws, host)) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+double cond_estimate(const CondParams& p) {
+  Session s(p.ctx);
+  const Workspace ws = carve(p.work, 0, p.n);
+  return hager_cond(s, p.L, p.n, p.anorm, ws.v, ws.w);
+}
+
+PMResult pm_solve(const PMParams& p) {
+  Session s(p.ctx);
+  const int64_t d = p.d, n = p.n;
+  const PotrfSizes sz = potrf_sizes(s.h, n);
+  const Workspace ws = carve(p.work, sz.device_bytes, n);
+  std::vector<char> host(sz.host_bytes);
+  const double one = 1.0, zero = 0.0;
+  const size_t dn_bytes = static_cast<size_t>(d) * static_cast<size_t>(n) * sizeof(double);
+
+  // Zc = Kc U⁻¹ (that is Z = L⁻¹K): one right-sided triangular solve on a copy of K.
+  check(cudaMemcpyAsync(p.Z, p.K, dn_bytes, cudaMemcpyDeviceToDevice, s.stream), "cudaMemcpyAsync(Z <- K)");
+  check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, d,
+                       &one, p.L, d, p.Z, n),
+        "cublasDtrsm_64(Z = L^-1 K)");
+  // G = Zc Zcᵀ = ZᵀZ: a symmetric rank-d product (PSD by construction), mirrored so both triangles hold it.
+  check(cublasDsyrk_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, n, d, &one, p.Z, n, &zero, p.G, n),
+        "cublasDsyrk_64(G = Z^T Z)");
+  mirror_upper<<<grid_for(n * n), kThreads, 0, s.stream>>>(p.G, n);
+  check_launch("mirror_upper");
+
+  // ‖G‖₁, the base of every ridge's ‖G + μI‖₁.
+  abs_row_sums<<<grid_for(n), kThreads, 0, s.stream>>>(p.G, n, ws.v);
+  check_launch("abs_row_sums");
+  int64_t jmax = 0;
+  check(cublasIdamax_64(s.h.blas, n, ws.v, 1, &jmax), "cublasIdamax_64");
+  double anorm_g = 0.0;
+  check(cudaMemcpyAsync(&anorm_g, ws.v + (jmax - 1), sizeof(double), cudaMemcpyDeviceToHost, s.stream),
+        "cudaMemcpyAsync(norm)");
+  s.sync();
+
+  for (size_t i = 0; i < p.mus.size(); ++i) {
+    const double mu = p.mus[i];
+    load_upper<<<grid_for(n * n), kThreads, 0, s.stream>>>(static_cast<const double*>(p.G), p.M, n, mu);
+    check_launch("load_upper");
+    if (!potrf(s, p.M, n, ws, host)) continue;
+    const double cond = hager_cond(s, p.M, n, anorm_g + std::fabs(mu), ws.v, ws.w);
+    if (cond > p.max_cond) continue;  // the torch backend's test, NaN handling included
+    // Bc = (G + μI)⁻¹ Zc U⁻ᵀ with G + μI = Mcᵀ Mc (that is B = L⁻ᵀ Z M⁻ᵀ M⁻¹): three in-place solves.
+    check(cudaMemcpyAsync(p.B, p.Z, dn_bytes, cudaMemcpyDeviceToDevice, s.stream), "cudaMemcpyAsync(B <- Z)");
+    check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, n, d,
+                         &one, p.M, n, p.B, n),
+          "cublasDtrsm_64(M^-1 Z^T)");
+    check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, d,
+                         &one, p.M, n, p.B, n),
+          "cublasDtrsm_64(M^-T M^-1 Z^T)");
+    check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, n, d,
+                         &one, p.L, d, p.B, n),
+          "cublasDtrsm_64(B = L^-T ...)");
+    return {static_cast<int64_t>(i), cond};
+  }
+  return {-1, std::numeric_limits<double>::infinity()};
+}
+
+}  // namespace pmsolve::cuda
