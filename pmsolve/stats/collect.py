@@ -1,0 +1,505 @@
+"""collect_stats: preservation statistics of real models, in one pass for many layers.
+
+For every requested layer, the input of the rewrite module (the MLP output
+projection) is captured by a forward pre-hook, padding is dropped with the
+attention mask, and the rows go into a :class:`CovarianceAccumulator`. The
+forward pass is cut short after the deepest requested layer. Progress is
+checkpointed (accumulator states and corpus position in one atomic file), so a
+killed run resumes with no token lost or counted twice; finished statistics are
+cached with metadata that is verified on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CacheError, InputError, NumericalError
+from .accumulator import CovarianceAccumulator
+from .corpus import Corpus, open_corpus, shard
+from .io import atomic_write, check_metadata, decode_states, encode_states
+
+# Rewrite-module templates by config.model_type. TODO(adapters): use
+# pmsolve.models.adapters once it has landed, so that both agree on one table.
+_REWRITE_TEMPLATES = {
+    "gpt2": "transformer.h.{}.mlp.c_proj",
+    "gptj": "transformer.h.{}.mlp.fc_out",
+    "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+    "llama": "model.layers.{}.mlp.down_proj",
+    "mistral": "model.layers.{}.mlp.down_proj",
+    "qwen2": "model.layers.{}.mlp.down_proj",
+    "qwen3": "model.layers.{}.mlp.down_proj",
+}
+_CACHE_FORMAT_FIELDS = ("model_id", "weights_fingerprint", "corpus_id", "dtype", "centered", "max_tokens", "seq_len")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest layer's hook: nothing after it is needed."""
+
+
+@dataclass
+class CollectResult:
+    """What :func:`collect_stats` computed and how long it took.
+
+    stats: layer -> accumulator (C = stats[l].mean()); modules: layer -> module name;
+    paths: layer -> cache file (when cache_dir was given); tokens: rows per layer;
+    seconds_forward / seconds_accumulate: time in the model vs in the hooks;
+    convergence: per checkpoint interval, the relative Frobenius change of each layer's C.
+    """
+
+    stats: dict[int, CovarianceAccumulator]
+    modules: dict[int, str]
+    paths: dict[int, Path] = field(default_factory=dict)
+    tokens: int = 0
+    from_cache: bool = False
+    stopped_early: bool = False
+    seconds: float = 0.0
+    seconds_forward: float = 0.0
+    seconds_accumulate: float = 0.0
+    convergence: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# identity: module names, fingerprint, cache paths
+# ---------------------------------------------------------------------------
+
+
+def rewrite_template(model: torch.nn.Module, module_template: str | None = None) -> str:
+    if module_template is not None:
+        if "{}" not in module_template:
+            raise InputError(f"module_template must contain '{{}}' for the layer index, got {module_template!r}")
+        return module_template
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _REWRITE_TEMPLATES:
+        raise InputError(
+            f"no known rewrite module for model_type {model_type!r}; pass module_template, "
+            f"e.g. 'model.layers.{{}}.mlp.down_proj' (known: {sorted(_REWRITE_TEMPLATES)})"
+        )
+    return _REWRITE_TEMPLATES[model_type]
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """Hash of every parameter's name, shape, dtype and ``samples`` evenly strided values.
+
+    Any dense change of a weight (an edit, other weights, another dtype) changes it; reading
+    a strided sample keeps it cheap for large models.
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sub = flat[:: max(1, flat.numel() // samples)][:samples].to("cpu").contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sub.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    return s if len(s) <= 80 else s[:60] + "_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _model_id(model: torch.nn.Module, model_id: str | None) -> str:
+    return model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
+# ---------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------
+
+
+def _token_lists(tokenizer: Any, texts: Iterator[str], seq_len: int) -> Iterator[list[int]]:
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=seq_len)["input_ids"]
+        if ids:
+            yield list(ids)
+
+
+def _batches(docs: Iterator[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
+    """Consecutive documents, as many as fit in batch_tokens once padded to the longest."""
+    batch: list[list[int]] = []
+    longest = 0
+    for ids in docs:
+        if batch and (len(batch) + 1) * max(longest, len(ids)) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(ids)
+        longest = max(longest, len(ids))
+    if batch:
+        yield batch
+
+
+def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):  # right padding: real tokens never attend to pads
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return input_ids, mask
+
+
+def _select_first(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask restricted to its first n real tokens (row-major), to stop at exactly max_tokens."""
+    flat = mask.reshape(-1).bool()
+    keep = flat & (torch.cumsum(flat.long(), 0) <= n)
+    return keep.reshape(mask.shape)
+
+
+# ---------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------
+
+
+class _Capture:
+    """Forward pre-hooks feeding each rewrite module's input (real tokens only) to its accumulator."""
+
+    def __init__(self, model: torch.nn.Module, modules: dict[int, str], accs: dict[int, CovarianceAccumulator]):
+        self.modules, self.accs = modules, accs
+        self.deepest = max(modules)
+        self.select: torch.Tensor | None = None
+        self.batch_index = 0
+        self.seconds = 0.0
+        self.handles = [
+            model.get_submodule(name).register_forward_pre_hook(self._hook_for(layer)) for layer, name in modules.items()
+        ]
+
+    def _hook_for(self, layer: int):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            t0 = time.perf_counter()
+            x = args[0]
+            if x.shape[:-1] != self.select.shape:
+                raise InputError(
+                    f"{self.modules[layer]} received input of shape {tuple(x.shape)}; expected "
+                    f"[batch, seq, d] matching the attention mask {tuple(self.select.shape)}"
+                )
+            rows = x[self.select.to(x.device)]
+            if not bool(torch.isfinite(rows).all()):
+                raise NumericalError(
+                    f"non-finite activation (NaN/Inf) at layer {layer} ({self.modules[layer]}) in batch "
+                    f"{self.batch_index}: the model overflows on this text (try a wider dtype)"
+                )
+            self.accs[layer].update(rows)
+            self.seconds += time.perf_counter() - t0
+            if layer == self.deepest:
+                raise _StopForward
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------
+# checkpoints and cache
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything one rank needs to collect, checkpoint and resume."""
+
+    identity: dict[str, Any]
+    modules: dict[int, str]
+    accs: dict[int, CovarianceAccumulator]
+    checkpoint: Path | None
+    position: int = 0  # documents of this rank's shard already consumed
+    tokens: int = 0
+    batches: int = 0
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        meta = {**self.identity, "layers": sorted(self.modules), "position": self.position, "tokens": self.tokens,
+                "batches": self.batches}
+        states = {f"{layer}.": acc.state_dict() for layer, acc in self.accs.items()}
+        atomic_write(self.checkpoint, encode_states(states, meta))
+
+    def try_resume(self) -> bool:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        states, meta = decode_states(self.checkpoint)
+        check_metadata(self.checkpoint, meta, {**self.identity, "layers": sorted(self.modules)})
+        for layer, acc in self.accs.items():
+            acc.load_state_dict(states[f"{layer}."])
+        self.position, self.tokens, self.batches = int(meta["position"]), int(meta["tokens"]), int(meta["batches"])
+        if any(acc.count != self.tokens for acc in self.accs.values()):
+            raise CacheError(f"checkpoint {self.checkpoint} is inconsistent: layer counts differ from its token count")
+        return True
+
+
+def _cache_identity(common: dict[str, Any], layer: int, module: str) -> dict[str, Any]:
+    return {**common, "layer": layer, "module": module}
+
+
+def _load_cached(path: Path, identity: dict[str, Any], backend: str) -> CovarianceAccumulator:
+    return CovarianceAccumulator.load(path, expect=identity, backend=backend)
+
+
+# ---------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _reduce_across_ranks(accs: dict[int, CovarianceAccumulator], device: torch.device) -> None:
+    """Every rank ends with the sum of all ranks' statistics (fp64 all_reduce; all_gather + Chan when centred)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for acc in accs.values():
+        st = acc.state_dict()
+        count = torch.tensor([float(st["count"])], dtype=torch.float64, device=device)
+        if not acc.centered:
+            total = st["sum"].to(device)
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+            acc.load_state_dict({**st, "count": int(count.item()), "sum": total.cpu()})
+            continue
+        parts = {k: [torch.empty_like(st[k].to(device)) for _ in range(world)] for k in ("mean", "m2")}
+        counts = [torch.empty_like(count) for _ in range(world)]
+        for k in parts:
+            dist.all_gather(parts[k], st[k].to(device))
+        dist.all_gather(counts, count)
+        merged = CovarianceAccumulator(acc.d, dtype_products=acc.dtype_products, centered=True, backend="torch")
+        for r in range(world):  # the same order on every rank: identical results everywhere
+            part = CovarianceAccumulator(acc.d, dtype_products=acc.dtype_products, centered=True, backend="torch")
+            part.load_state_dict({**st, "count": int(counts[r].item()), "mean": parts["mean"][r].cpu(),
+                                  "m2": parts["m2"][r].cpu()})
+            merged.merge(part)
+        acc.load_state_dict(merged.state_dict())
+
+
+# ---------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------
+
+
+def _relative_changes(accs: dict[int, CovarianceAccumulator], previous: dict[int, torch.Tensor]) -> dict[int, float]:
+    changes = {}
+    for layer, acc in accs.items():
+        C = acc.mean()
+        if layer in previous:
+            changes[layer] = float(torch.linalg.matrix_norm(C - previous[layer]) / torch.linalg.matrix_norm(C))
+        previous[layer] = C
+    return changes
+
+
+def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, world: int, *, seq_len: int,
+              batch_tokens: int, checkpoint_every: int, stop_tol: float | None, progress: bool,
+              result: CollectResult) -> None:
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = shard(corpus.texts(), rank, world)
+    for _ in range(run.position):  # resume: skip what the checkpoint already holds
+        next(texts, None)
+    capture = _Capture(model, run.modules, run.accs)
+    previous: dict[int, torch.Tensor] = {}
+    since_checkpoint = 0
+    bar = tqdm(total=cap, initial=run.tokens, unit="tok", desc="covariance", disable=not progress or rank != 0)
+    t_start = time.perf_counter()
+    try:
+        for batch in _batches(_token_lists(tokenizer, texts, seq_len), batch_tokens):
+            if run.tokens >= cap:
+                break
+            input_ids, mask = _pad(batch, pad_id)
+            select = _select_first(mask, cap - run.tokens)
+            capture.select, capture.batch_index = select, run.batches
+            try:
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            n = int(select.sum())
+            run.tokens += n
+            run.position += len(batch)
+            run.batches += 1
+            since_checkpoint += n
+            bar.update(n)
+            if since_checkpoint >= checkpoint_every and run.tokens < cap:
+                since_checkpoint = 0
+                run.save_checkpoint()
+                changes = _relative_changes(run.accs, previous)
+                if changes:
+                    result.convergence.append({"tokens": run.tokens, "rel_change": changes})
+                    bar.set_postfix(dC=f"{max(changes.values()):.1e}")
+                    if stop_tol is not None and max(changes.values()) < stop_tol:
+                        result.stopped_early = True
+                        break
+    finally:
+        capture.remove()
+        bar.close()
+    result.seconds = time.perf_counter() - t_start
+    result.seconds_accumulate = capture.seconds
+    result.seconds_forward = result.seconds - capture.seconds
+
+
+def collect_stats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    layers: int | list[int],
+    corpus: str | Corpus | None = None,
+    *,
+    max_tokens: int = 100_000,
+    batch_tokens: int = 4096,
+    seq_len: int = 512,
+    dtype: str = "fp32",
+    cache_dir: str | Path | None = None,
+    resume: bool = True,
+    checkpoint_every: int = 200_000,
+    progress: bool = True,
+    module_template: str | None = None,
+    model_id: str | None = None,
+    fingerprint: str | None = None,
+    centered: bool = False,
+    stop_tol: float | None = None,
+    backend: str = "auto",
+) -> CollectResult:
+    """Second moments C = E[k kᵀ] of the rewrite-module inputs of ``layers``, in one pass.
+
+    Args:
+        model, tokenizer: a Hugging Face causal LM and its tokenizer.
+        layers: layer indices (one pass for all; the forward stops after the deepest).
+        corpus: see :func:`pmsolve.stats.corpus.open_corpus` (None: the offline default).
+        max_tokens: real (unpadded) tokens per layer, split over data-parallel ranks.
+        batch_tokens: padded tokens per forward batch; seq_len: truncation length per document.
+        dtype: product precision, "fp32" or "fp64" (the master sum is always fp64).
+        cache_dir: where finished statistics and checkpoints live (None: no caching).
+        resume: continue from a checkpoint in cache_dir when there is one.
+        checkpoint_every: tokens (per rank) between checkpoints and convergence reports.
+        module_template: rewrite module name with "{}" for the layer; default by model_type.
+        model_id: name recorded in the cache (default: config._name_or_path).
+        fingerprint: weights fingerprint to record/verify instead of hashing the weights (e.g. the
+            unedited model's, when statistics are requested after some layers were edited).
+        centered: also collect the mean and centred M2.
+        stop_tol: stop once every layer's C changed by less than this (relative, Frobenius)
+            over one checkpoint interval.
+
+    Returns:
+        A :class:`CollectResult`. Under torch.distributed every rank returns the summed
+        statistics; rank 0 writes the cache.
+
+    Raises:
+        CacheError: a cache or checkpoint file is unreadable or belongs to another request.
+        NumericalError: a captured activation is NaN/Inf (names the layer and batch).
+    """
+    layer_list = sorted({layers} if isinstance(layers, int) else set(layers))
+    if not layer_list or any(not isinstance(l, int) or l < 0 for l in layer_list):
+        raise InputError(f"layers must be non-negative ints, got {layers!r}")
+    for name, v in (("max_tokens", max_tokens), ("batch_tokens", batch_tokens), ("seq_len", seq_len),
+                    ("checkpoint_every", checkpoint_every)):
+        if not isinstance(v, int) or v <= 0:
+            raise InputError(f"{name} must be a positive int, got {v!r}")
+    if dtype not in ("fp32", "fp64"):
+        raise InputError(f"dtype must be 'fp32' or 'fp64', got {dtype!r}")
+    template = rewrite_template(model, module_template)
+    modules = {layer: template.format(layer) for layer in layer_list}
+    for layer, name in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"layer {layer}: the model has no module {name!r}") from None
+    corpus = open_corpus(corpus)
+    rank, world = _dist()
+    common = {
+        "model_id": _model_id(model, model_id),
+        "weights_fingerprint": fingerprint or weights_fingerprint(model),
+        "corpus_id": corpus.id,
+        "dtype": dtype,
+        "centered": centered,
+        "max_tokens": max_tokens,
+        "seq_len": seq_len,
+    }
+    folder = Path(cache_dir) / _slug(common["model_id"]) / _slug(corpus.id) if cache_dir is not None else None
+    tag = f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok"
+    paths = {l: folder / f"{m}.{tag}.safetensors" for l, m in modules.items()} if folder else {}
+
+    result = CollectResult(stats={}, modules=modules, paths=paths)
+    for layer in layer_list:  # cached layers are loaded (and verified), not recomputed
+        if layer in paths and paths[layer].exists():
+            result.stats[layer] = _load_cached(paths[layer], _cache_identity(common, layer, modules[layer]), backend)
+    todo = {l: m for l, m in modules.items() if l not in result.stats}
+    if not todo:
+        result.from_cache = True
+        result.tokens = min(acc.count for acc in result.stats.values())
+        return result
+
+    d_of = {l: _rewrite_input_width(model.get_submodule(m)) for l, m in todo.items()}
+    accs = {l: CovarianceAccumulator(d_of[l], dtype_products=dtype, centered=centered, backend=backend) for l in todo}
+    ckpt = None
+    if folder is not None:
+        ckpt = folder / f"checkpoint.{tag}.layers-{'-'.join(map(str, todo))}.rank{rank}of{world}.safetensors"
+    run = _Run(identity=common, modules=todo, accs=accs, checkpoint=ckpt)
+    if resume:
+        run.try_resume()
+    elif ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    cap = max_tokens // world + (1 if rank < max_tokens % world else 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _run_pass(model, tokenizer, corpus, run, cap, rank, world, seq_len=seq_len, batch_tokens=batch_tokens,
+                      checkpoint_every=checkpoint_every, stop_tol=stop_tol, progress=progress, result=result)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        _reduce_across_ranks(accs, _collective_device())
+    result.stats.update(accs)
+    result.tokens = min(acc.count for acc in accs.values())
+    if folder is not None:
+        extra = {"activation_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        _write_cache(run, paths, common, extra, result, rank, world)
+    return result
+
+
+def _rewrite_input_width(module: torch.nn.Module) -> int:
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.ndim == 2:  # GPT-2 Conv1D stores (d_in, d_out)
+        return int(weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1])
+    raise InputError(f"cannot tell the input width of rewrite module {type(module).__name__}")
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _write_cache(run: _Run, paths: dict[int, Path], common: dict[str, Any], extra: dict[str, Any],
+                 result: CollectResult, rank: int, world: int) -> None:
+    from .. import __version__
+
+    if rank == 0:
+        for layer, acc in run.accs.items():
+            meta = {**_cache_identity(common, layer, run.modules[layer]), "tokens": acc.count,
+                    "stopped_early": result.stopped_early, "world_size": world, "pmsolve_version": __version__,
+                    **extra}
+            acc.save(paths[layer], metadata=meta)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the cache exists before any rank drops its checkpoint
+    if run.checkpoint is not None:
+        run.checkpoint.unlink(missing_ok=True)
