@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from .requests import EditRequest
 # Starting words of the generated prefixes (the reference implementation's choice).
 _STARTS = ("The", "Therefore", "Because", "I", "You")
 _memory_cache: dict[tuple, list[str]] = {}
+# Unnamed models (built from a config) are cached per object, dropped with the object.
+_object_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cache_dir() -> Path:
@@ -94,30 +97,36 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
     (the prefixes must not change once a model has been edited).
     """
     name = _model_key(model)
-    key = (name or id(model), n, length, seed)
+    key = (name, n, length, seed)
+    if name is None:
+        per_model = _object_cache.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = _generate(model, tokenizer, n, length, seed)
+        return list(per_model[key])
     if key in _memory_cache:
         return list(_memory_cache[key])
-    path = None
-    if name is not None:
-        slug = "".join(c if c.isalnum() else "_" for c in name)[-80:]
-        path = cache_dir() / "context_templates" / f"{slug}-n{n}-l{length}-s{seed}.json"
-        with contextlib.suppress(OSError, ValueError):
-            cached = json.loads(path.read_text())
-            if isinstance(cached, list) and len(cached) == n + 1:
-                _memory_cache[key] = cached
-                return list(cached)
+    slug = "".join(c if c.isalnum() else "_" for c in name)[-80:]
+    path = cache_dir() / "context_templates" / f"{slug}-n{n}-l{length}-s{seed}.json"
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(path.read_text())
+        if isinstance(cached, list) and len(cached) == n + 1:
+            _memory_cache[key] = cached
+            return list(cached)
+    out = _memory_cache[key] = _generate(model, tokenizer, n, length, seed)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+    return list(out)
+
+
+def _generate(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     device = model.get_input_embeddings().weight.device
     out = ["{}"]
     for i in range(n):
         text = _sample(model, tokenizer, _STARTS[i % len(_STARTS)], length, gen, device)
         out.append(text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". {}")
-    _memory_cache[key] = out
-    if path is not None:
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out, indent=1))
-    return list(out)
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def optimize_values(
             loss_fact = nll_fact.to(dev) + config.kl_factor * kl_fact.to(dev) + wd
             for i, f in enumerate(active):
                 last_nll[f] = float(nll_fact[i].detach())
-            result_history.append(float(loss_fact.sum()))
+            result_history.append(float(loss_fact.detach().sum()))
             done = all_hit.cpu() if config.early_stop else torch.zeros(b.n, dtype=torch.bool)
             for i, f in enumerate(active):
                 if bool(done[i]):

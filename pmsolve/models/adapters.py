@@ -22,7 +22,8 @@ Layout = Literal["out_in", "in_out"]
 
 @dataclass(frozen=True)
 class Templates:
-    """Module names inside the model; ``{}`` in ``layer``/``rewrite`` is the layer index.
+    """Module names inside the model; ``{}`` in ``layer``/``rewrite`` is the layer index,
+    and ``"a|b"`` means the first of a, b that exists.
 
     layout: how the rewrite weight is stored: "out_in" (nn.Linear, d_out × d_in) or
     "in_out" (GPT-2 Conv1D, d_in × d_out).
@@ -55,7 +56,7 @@ _NEOX = Templates(
     layer="gpt_neox.layers.{}",
     rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h",
     final_norm="gpt_neox.final_layer_norm",
-    lm_head="embed_out",
+    lm_head="lm_head|embed_out",  # renamed to lm_head in transformers 5
     embed="gpt_neox.embed_in",
 )
 _LLAMA = Templates(
@@ -79,10 +80,13 @@ KNOWN: dict[str, Templates] = {
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise InputError(f"module {name!r} not found in {type(model).__name__}") from None
+    """The submodule ``name``; "a|b" tries alternatives (names that changed across versions)."""
+    for alt in name.split("|"):
+        try:
+            return model.get_submodule(alt)
+        except AttributeError:
+            continue
+    raise InputError(f"module {name!r} not found in {type(model).__name__}")
 
 
 class Adapter:

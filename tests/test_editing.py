@@ -1,0 +1,308 @@
+"""The editing layer on tiny random models: restore, equality, errors, batching, save/load."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import pmsolve
+from editing_fixtures import ARCHS, LAYERS, REQUESTS, model, same_weights, snapshot, stats, tokenizer
+from pmsolve.editing import ValueConfig, apply_updates, load_requests
+from pmsolve.editing.distribution import CostBalanced, MemitSpread, SingleLayer, remaining_share
+from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
+from pmsolve.editing.values import optimize_values
+from pmsolve.errors import CacheError, InputError
+from pmsolve.models.adapters import adapter_for
+
+FAST = ValueConfig(steps=4)  # random models never converge; a few steps exercise the optimiser
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_reference_backend():
+    # The solver's backends are tested elsewhere; the torch reference keeps these tests
+    # independent of the native build.
+    with warnings.catch_warnings(), pmsolve.settings.backend("torch"):
+        warnings.simplefilter("ignore", pmsolve.NumericalWarning)
+        yield
+
+
+def _edit(m, tok, C, **kw):
+    kw.setdefault("layers", [2])
+    kw.setdefault("value_config", FAST)
+    return pmsolve.edit(m, tok, kw.pop("requests", REQUESTS[:2]), stats=C, preset=None, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_then_restore_is_bit_exact(arch, tok):
+    m = model(arch, len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    res = _edit(m, tok, C, layers=[1, 2], method="emmet")
+    touched = {e.module for e in res.edits}
+    assert len(touched) == 2
+    assert not same_weights(m, snap)
+    res.restore()
+    assert same_weights(m, snap)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_equality_edit_maps_keys_to_values(arch, tok):
+    """Single-layer EMMET: the rewrite module now sends k* to W0 k* + R exactly (fp32 rounding)."""
+    m = model(arch, len(tok))
+    C = stats(m, tok)
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS)
+    K, _ = compute_keys_and_outputs(m, ad, tok, reqs, ctx, key_layer=2, out_layer=None)
+    with torch.no_grad():
+        before = ad.rewrite(2)(K).double()
+    res = _edit(m, tok, C, requests=REQUESTS, method="emmet")
+    (e,) = res.edits
+    with torch.no_grad():
+        after = ad.rewrite(2)(K).double()
+    R = e.update.U.T  # n × d_out: the residual the solve had to realise
+    assert e.update.diagnostics.residual < 1e-9
+    rel = float((after - before - R).norm() / R.norm())
+    assert rel < 1e-4, rel  # fp32 weights: about 1e-6 expected
+    assert abs(rel - e.residual_rounded) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights(dtype, tok):
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    m = m.to(dtype)
+    snap = snapshot(m)
+    res = _edit(m, tok, C, method="emmet")
+    (e,) = res.edits
+    assert e.update.U.dtype == torch.float64
+    # Rounding to 8-10 bit mantissas leaves a residual far above the fp64 solve's ...
+    assert e.residual_rounded > 1e3 * e.update.diagnostics.residual
+    # ... but the edit is still there.
+    assert e.residual_rounded < 0.5
+    res.restore()
+    assert same_weights(m, snap)
+
+
+@pytest.mark.parametrize("method,dist,layers", [
+    ("emmet", "memit", [1, 2, 3]),
+    ("memit", "memit", [1, 3]),
+    ("memit", "single", [2]),
+    ("emmet", "balanced", [0, 2]),
+    ("memit", "balanced", [1, 2, 3]),
+])
+def test_any_method_with_any_distribution(method, dist, layers, tok):
+    m = model("gpt2", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    res = _edit(m, tok, C, method=method, distribution=dist, layers=layers)
+    assert [e.layer for e in res.edits] == layers
+    assert res.edits[-1].share == pytest.approx(1.0)
+    if dist == "memit":
+        assert [e.share for e in res.edits] == pytest.approx([1 / (len(layers) - i) for i in range(len(layers))])
+    assert set(res.timings) == {"stats", "keys", "values", "solve", "apply"}
+    res.restore()
+    assert same_weights(m, snap)
+
+
+def test_rome_one_fact(tok):
+    m = model("gptj", len(tok))
+    C = stats(m, tok)
+    res = _edit(m, tok, C, method="rome", requests=REQUESTS[:2], batch_size=1)
+    assert [e.batch for e in res.edits] == [0, 1]
+    assert all(e.update.diagnostics.n == 1 for e in res.edits)
+
+
+def test_distribution_weights():
+    assert MemitSpread().weights([3, 4, 5]) == [1.0, 1.0, 1.0]
+    assert [remaining_share([1, 1, 1], i) for i in range(3)] == pytest.approx([1 / 3, 1 / 2, 1])
+    g = {3: 1.0, 4: 3.0}
+    assert CostBalanced().weights([3, 4], g.__getitem__) == [1.0, 3.0]
+    assert remaining_share([1.0, 3.0], 0) == pytest.approx(0.25)
+    with pytest.raises(InputError):
+        SingleLayer().check([1, 2])
+
+
+def test_balanced_gives_sensitive_layers_more(tok):
+    """The balanced split follows g_l = mean kᵀC⁻¹k: check the first share against it."""
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS[:2])
+    g = {}
+    for layer in (1, 3):
+        K, _ = compute_keys_and_outputs(m, ad, tok, reqs, ctx, key_layer=layer, out_layer=None)
+        K = K.T.double()
+        g[layer] = float((K * torch.linalg.solve(C[layer], K)).sum(0).mean())
+    res = _edit(m, tok, C, method="emmet", distribution="balanced", layers=[1, 3])
+    assert res.edits[0].share == pytest.approx(g[1] / (g[1] + g[3]), rel=1e-3)
+
+
+def test_batched_values_equal_per_fact(tok):
+    """One forward/backward for all facts gives each fact the δ it gets alone.
+
+    Adam runs per fact, so the two computations differ only in floating-point reduction
+    order (padding changes GEMM shapes): about 1e-7 relative per step in fp32. Adam divides
+    by sqrt(v), which can amplify that for near-zero gradient components, so we allow 1e-3
+    relative to ‖δ‖ after 6 steps - far below the size of δ itself.
+    """
+    m = model("llama", len(tok))
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS)
+    cfg = ValueConfig(steps=6, early_stop=False)
+    both = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
+    assert both.forward_passes == cfg.steps + 1
+    for i, r in enumerate(reqs):
+        one = optimize_values(m, ad, tok, [r], ctx, 2, cfg)
+        err = float((both.delta[i] - one.delta[0]).norm() / one.delta[0].norm())
+        assert err < 1e-3, (i, err)
+        assert torch.allclose(both.h[i], one.h[0], rtol=1e-5, atol=1e-5)
+
+
+def test_values_are_deterministic_and_clamped(tok):
+    m = model("gpt_neox", len(tok))
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS[:2])
+    cfg = ValueConfig(steps=5, early_stop=False, clamp=0.1)
+    a = optimize_values(m, ad, tok, reqs, ctx, 3, cfg)
+    b = optimize_values(m, ad, tok, reqs, ctx, 3, cfg)
+    assert torch.equal(a.delta, b.delta)
+    assert bool((a.delta.norm(dim=1) <= 0.1 * a.h.norm(dim=1) * (1 + 1e-5)).all())
+    assert context_templates(m, tok, seed=0) == ctx and ctx[0] == "{}" and len(ctx) == 6
+
+
+def test_save_and_reapply_updates(tmp_path, tok):
+    m = model("gpt2", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    res = _edit(m, tok, C, method="emmet", layers=[1, 2], batch_size=1)
+    edited = snapshot(m)
+    path = tmp_path / "updates.safetensors"
+    res.save_updates(path)
+    res.restore()
+    originals = apply_updates(m, path)
+    assert same_weights(m, edited)  # same arithmetic in the same order: bit-identical
+    assert set(originals) == {e.module for e in res.edits}
+    other = model("llama", len(tok))
+    other_snap = snapshot(other)
+    with pytest.raises(InputError):
+        apply_updates(other, path)
+    assert same_weights(other, other_snap)
+    assert snap  # the original model was restorable before re-applying
+    report = res.report()
+    json.dumps(report)
+    assert report["n_requests"] == 2 and len(report["edits"]) == 4
+
+
+BAD_REQUESTS = [
+    ([{"prompt": "The capital is", "subject": "France", "target_new": "Rome"}], "request 0.*'\\{\\}'"),
+    ([REQUESTS[0], {"prompt": "{} is in", "subject": "", "target_new": "Rome"}], "request 1.*subject is empty"),
+    ([REQUESTS[0], {"prompt": "{} is in", "subject": "X", "target_new": " "}], "request 1.*target_new is empty"),
+    ([{"prompt": "{} is in", "subject": "X"}], "request 0.*'target_new' is missing"),
+    ([REQUESTS[0], {**REQUESTS[0], "target_new": "German"}], "requests 0 and 1 conflict"),
+    ([], "no edit requests"),
+]
+
+
+@pytest.mark.parametrize("reqs,match", BAD_REQUESTS)
+def test_bad_requests_change_nothing(reqs, match, tok):
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    with pytest.raises(InputError, match=match):
+        _edit(m, tok, C, requests=reqs)
+    assert same_weights(m, snap)
+
+
+def test_bad_settings_change_nothing(tok):
+    m = model("gpt2", len(tok))
+    C = stats(m, tok)
+    other = stats(model("llama", len(tok)), tok)
+    snap = snapshot(m)
+    cases = [
+        (dict(layers=[LAYERS]), InputError, "out of range"),
+        (dict(layers=[1, 2], distribution="single"), InputError, "exactly one layer"),
+        (dict(distribution="zigzag"), InputError, "unknown distribution"),
+        (dict(method="rome"), InputError, "one fact"),
+        (dict(method="ridge"), InputError, "method"),
+        (dict(batch_size=0), InputError, "batch_size"),
+        (dict(stats=other), CacheError, "another model"),
+        (dict(stats={1: C[1]}), InputError, "no statistics for layer 2"),
+        (dict(stats=None), InputError, "no statistics"),
+    ]
+    for kw, exc, match in cases:
+        stats_ = kw.pop("stats", C)
+        with pytest.raises(exc, match=match):
+            _edit(m, tok, stats_, **kw)
+        assert same_weights(m, snap), kw
+
+
+class _Acc:
+    """Stands in for a statistics object that carries metadata."""
+
+    def __init__(self, C, **meta):
+        self._C, self.meta = C, meta
+
+    def mean(self):
+        return self._C
+
+
+def test_statistics_metadata_checked(tok):
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    with pytest.raises(CacheError, match="layer 1"):
+        _edit(m, tok, {2: _Acc(C[2], layer=1)})
+    with pytest.raises(CacheError, match="model"):
+        _edit(m, tok, {2: _Acc(C[2], layer=2, model="someone-else")}, model_id="tiny")
+    assert same_weights(m, snap)
+    res = _edit(m, tok, {2: _Acc(C[2], layer=2, model="tiny")}, model_id="tiny")
+    assert len(res.edits) == 1
+
+
+def test_failure_midway_restores(tok, monkeypatch):
+    """An error after the first layer was applied leaves no weight changed."""
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    import pmsolve.editing.editor as editor
+
+    real = editor.solve
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(editor, "solve", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        _edit(m, tok, C, layers=[1, 2])
+    assert len(calls) == 2
+    assert same_weights(m, snap)
+
+
+def test_requests_from_files(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in REQUESTS) + "\n")
+    assert [r.subject for r in load_requests(p)] == [r["subject"] for r in REQUESTS]
+    q = tmp_path / "r.json"
+    q.write_text(json.dumps({"requested_rewrite": {**REQUESTS[0], "target_new": {"str": "English"}}}))
+    (r,) = load_requests(q)
+    assert r.target_new == "English" and r.target_true == "French"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(REQUESTS[0]) + "\n{oops\n")
+    with pytest.raises(InputError, match="bad.jsonl:2"):
+        load_requests(bad)
