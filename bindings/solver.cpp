@@ -1,4 +1,142 @@
-// Placeholder until the solver bindings land (issue #2).
+// Solver bindings: argument checking, zero-copy views of numpy buffers, GIL release.
+//
+// Every array crosses as a numpy array sharing memory with the caller's torch
+// tensor (tensor.numpy()); nothing is converted or copied here. Layout is
+// row-major throughout (csrc/solver.h); only C may be strided, because the
+// factorisation copies it anyway. Outputs are allocated here, while the GIL is
+// held, and filled by the kernels with the GIL released.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "solver.h"
+
 namespace py = pybind11;
-void register_solver(py::module_& m) {}
+using pmsolve::blas_int;
+using pmsolve::Mat;
+
+namespace {
+
+constexpr py::ssize_t kMaxDim = std::numeric_limits<blas_int>::max();
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+void require_2d(const py::array& a, const char* name) {
+  require(a.ndim() == 2, std::string(name) + " must be 2-D, got " + std::to_string(a.ndim()) + " dimensions");
+  require(a.shape(0) <= kMaxDim && a.shape(1) <= kMaxDim,
+          std::string(name) + " is too large for 32-bit BLAS indices");
+}
+
+// A C-contiguous fp64 input matrix, viewed without a copy (the kernels only read it).
+Mat f64_matrix(const py::array& a, const char* name) {
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::type_error(std::string(name) + " must be float64, got " + std::string(py::str(a.dtype())));
+  require_2d(a, name);
+  require(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous (row-major)");
+  const auto rows = static_cast<blas_int>(a.shape(0)), cols = static_cast<blas_int>(a.shape(1));
+  // A 0-column matrix still needs ld >= 1 for BLAS.
+  return Mat{const_cast<double*>(static_cast<const double*>(a.data())), rows, cols, std::max<blas_int>(cols, 1)};
+}
+
+// A square fp64 lower factor, C- or F-contiguous, viewed without a copy.
+pmsolve::LowerFactor lower_factor(const py::array& a) {
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::type_error("L must be float64, got " + std::string(py::str(a.dtype())));
+  require_2d(a, "L");
+  require(a.shape(0) == a.shape(1), "L must be square");
+  const bool c = a.flags() & py::array::c_style, f = a.flags() & py::array::f_style;
+  require(c || f, "L must be C- or F-contiguous");
+  const auto n = static_cast<blas_int>(a.shape(0));
+  return {static_cast<const double*>(a.data()), n, std::max<blas_int>(n, 1), !c};
+}
+
+py::array_t<double> new_matrix(py::ssize_t rows, py::ssize_t cols) { return py::array_t<double>({rows, cols}); }
+
+Mat view(py::array_t<double>& a) {
+  const auto rows = static_cast<blas_int>(a.shape(0)), cols = static_cast<blas_int>(a.shape(1));
+  return Mat{a.mutable_data(), rows, cols, std::max<blas_int>(cols, 1)};
+}
+
+pmsolve::SymInput sym_input(const py::array& C) {
+  require_2d(C, "C");
+  require(C.shape(0) == C.shape(1), "C must be square");
+  pmsolve::DType dt;
+  if (C.dtype().is(py::dtype::of<float>()))
+    dt = pmsolve::DType::f32;
+  else if (C.dtype().is(py::dtype::of<double>()))
+    dt = pmsolve::DType::f64;
+  else
+    throw py::type_error("C must be float32 or float64, got " + std::string(py::str(C.dtype())));
+  const auto item = static_cast<py::ssize_t>(C.itemsize());
+  require(C.strides(0) % item == 0 && C.strides(1) % item == 0, "C has strides that are not whole elements");
+  return {C.data(), dt, C.shape(0), C.strides(0) / item, C.strides(1) / item};
+}
+
+void require_finite_nonneg(const std::vector<double>& v, const char* name) {
+  for (double x : v)
+    require(std::isfinite(x) && x >= 0.0, std::string(name) + " must be finite and non-negative");
+}
+
+py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shifts, blas_int cutoff) {
+  const pmsolve::SymInput in = sym_input(C);
+  require_finite_nonneg(shifts, "shifts");
+  require(cutoff >= 1, "cutoff must be >= 1");
+  auto L = new_matrix(in.n, in.n);
+  Mat out = view(L);
+  int k;
+  {
+    py::gil_scoped_release nogil;
+    k = pmsolve::cholesky_jittered(in, out, shifts.data(), static_cast<int>(shifts.size()), cutoff);
+  }
+  if (k < 0) return py::make_tuple(py::none(), k);
+  return py::make_tuple(L, k);
+}
+
+double cond_estimate(const py::array& L, double anorm) {
+  const pmsolve::LowerFactor l = lower_factor(L);
+  require(std::isfinite(anorm) && anorm >= 0.0, "anorm must be finite and non-negative");
+  py::gil_scoped_release nogil;
+  return pmsolve::cond_estimate(l, anorm);
+}
+
+py::tuple pm_solve(const py::array& L, const py::array& K, const std::vector<double>& mus, double max_cond) {
+  const pmsolve::LowerFactor l = lower_factor(L);
+  const Mat k = f64_matrix(K, "K");
+  require(k.rows == l.n, "K must have as many rows as L (d)");
+  require(k.cols >= 1, "K must have at least one column");
+  require_finite_nonneg(mus, "mus");
+  require(max_cond > 0.0, "max_cond must be positive");
+  const py::ssize_t d = k.rows, n = k.cols;
+  auto B = new_matrix(d, n), G = new_matrix(n, n), M = new_matrix(n, n);
+  pmsolve::PMResult res;
+  {
+    py::gil_scoped_release nogil;
+    res = pmsolve::pm_solve(l, k, mus.data(), static_cast<int>(mus.size()), max_cond, {view(B), view(G), view(M)});
+  }
+  if (res.mu_index < 0) return py::make_tuple(py::none(), G, py::none(), res.mu_index, res.cond);
+  return py::make_tuple(B, G, M, res.mu_index, res.cond);
+}
+
+}  // namespace
+
+void register_solver(py::module_& m) {
+  m.attr("CHOLESKY_CUTOFF") = pmsolve::kCholeskyCutoff;
+  m.def("cholesky_jittered", &cholesky_jittered, py::arg("C"), py::arg("shifts"),
+        py::arg("cutoff") = pmsolve::kCholeskyCutoff,
+        "Lower Cholesky factor (fp64, new array) of C + s I for the first s in shifts that works, and its "
+        "index; (None, -1) if none. Reads only the lower triangle of C (float32/float64, any strides).");
+  m.def("cond_estimate", &cond_estimate, py::arg("L"), py::arg("anorm"),
+        "1-norm condition estimate of L Lᵀ from its lower factor and ‖L Lᵀ‖₁ (LAPACK dpocon).");
+  m.def("pm_solve", &pm_solve, py::arg("L"), py::arg("K"), py::arg("mus"), py::arg("max_cond"),
+        "(B, G, M, mu_index, cond): G = KᵀC⁻¹K, first μ with chol(G + μI) ok and cond ≤ max_cond, "
+        "B = C⁻¹K(G + μI)⁻¹ (B and M are None when no μ is accepted). L, K: C-contiguous float64.");
+}

@@ -58,20 +58,36 @@ def _check_float_matrix(name: str, x: Any) -> torch.Tensor:
     return x
 
 
+def _row_blocks(x: torch.Tensor) -> range:
+    """Row offsets of blocks of about 4M elements: temporaries stay O(block), not O(size of x)."""
+    return range(0, x.shape[0], max(1, (1 << 22) // max(x.shape[1], 1)))
+
+
 def _check_finite(name: str, x: torch.Tensor) -> None:
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
-        raise InputError(f"{name} contains NaN or Inf (first at index {tuple(bad)}, value {x[tuple(bad)].item()})")
+    step = _row_blocks(x).step
+    for i in _row_blocks(x):
+        finite = torch.isfinite(x[i : i + step])
+        if not bool(finite.all()):
+            r, c = (~finite).nonzero()[0].tolist()
+            raise InputError(f"{name} contains NaN or Inf (first at index {(i + r, c)}, value {x[i + r, c].item()})")
+
+
+def _one_norm(C: torch.Tensor) -> float:
+    """‖C‖₁ = max column sum of |C|, in fp64, by row blocks."""
+    step = _row_blocks(C).step
+    colsum = torch.zeros(C.shape[1], dtype=torch.float64, device=C.device)
+    for i in _row_blocks(C):
+        colsum += C[i : i + step].to(torch.float64).abs().sum(0)
+    return float(colsum.max())
 
 
 def _check_symmetric(C: torch.Tensor) -> None:
     rtol = settings.get("symmetry_rtol")
     scale = float(C.abs().max()) if C.numel() else 0.0
     # Row blocks keep the temporary at O(d * block) rather than a full d × d difference.
-    block = max(1, (1 << 22) // max(C.shape[0], 1))
+    block = _row_blocks(C).step
     worst, where = 0.0, (0, 0)
-    for i in range(0, C.shape[0], block):
+    for i in _row_blocks(C):
         diff = (C[i : i + block] - C[:, i : i + block].mT).abs()
         m = float(diff.max())
         if m > worst:
@@ -188,13 +204,15 @@ class Factor:
             raise CacheError(f"factor file {path} does not exist") from None
         except Exception as exc:
             raise CacheError(f"factor file {path} is unreadable or truncated: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != _FACTOR_FORMAT:
-            raise CacheError(f"{path} is not a pmsolve factor file (format {payload.get('format')!r})")
-        s = dict(payload["summary"])
-        L = payload["L"]
+        fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        if fmt != _FACTOR_FORMAT:
+            raise CacheError(f"{path} is not a pmsolve factor file (format {fmt!r})")
+        known = {"d", "jitter", "jitter_relative", "cond", "scale", "dtype", "backend", "seconds"}
+        s, L = payload.get("summary"), payload.get("L")
+        if not isinstance(s, dict) or not known <= s.keys() or not isinstance(L, torch.Tensor):
+            raise CacheError(f"factor file {path} is incomplete: summary or factor missing")
         if L.shape != (s["d"], s["d"]) or L.dtype != torch.float64:
             raise CacheError(f"factor file {path} is inconsistent: L has shape {tuple(L.shape)}, d = {s['d']}")
-        known = {"d", "jitter", "jitter_relative", "cond", "scale", "dtype", "backend", "seconds"}
         return cls(
             L=L,
             jitter=s["jitter"],
@@ -259,7 +277,7 @@ def factorize(
             NumericalWarning,
             stacklevel=2,
         )
-    anorm = float(C.to(torch.float64).abs().sum(0).max()) + delta
+    anorm = _one_norm(C) + delta  # = ‖C + δI‖₁ exactly, since diag C ≥ 0
     cond = be.cond_estimate(res.L, anorm)
     return Factor(
         L=res.L,
@@ -387,7 +405,8 @@ def _conflicting_groups(G: torch.Tensor, R: torch.Tensor, max_cond: float) -> tu
     """
     evals, evecs = torch.linalg.eigh(G)
     top = float(evals[-1]) if evals.numel() else 0.0
-    null = evals <= top / max_cond
+    # Called after the 1-norm estimate exceeded max_cond; κ₂ ≥ κ₁ / n, hence the factor n.
+    null = evals <= top * G.shape[0] / max_cond
     groups: list[list[int]] = []
     worst = 0.0
     rnorm = float(torch.linalg.matrix_norm(R)) or 1.0

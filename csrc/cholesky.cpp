@@ -1,0 +1,114 @@
+// Recursive Cholesky on level-3 BLAS, adaptive jitter, condition estimate.
+//
+// Why recursive: LAPACK's blocked dpotrf spends most of its time in narrow
+// panel updates; splitting the matrix in halves instead puts almost all the
+// flops (n³/3) into two large calls per level, a triangular solve and a
+// lower-triangle-only GEMM, which run close to the GEMM rate on two threads.
+// Measurements and the tuning of the cutoff are in bench/RESULTS.md.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "solver.h"
+
+namespace pmsolve {
+namespace {
+
+// Split point of the recursion: half, rounded down to a multiple of 8 so that
+// sub-blocks start on 64-byte boundaries when the buffer does.
+blas_int split(blas_int n) { return std::max<blas_int>(1, (n / 2) & ~blas_int{7}); }
+
+blas_int lapack_potrf_lower(double* a, blas_int n, blas_int lda) {
+  blas_int info = 0;
+  // Row-major lower is column-major upper (see solver.h).
+  scipy_dpotrf_("U", &n, a, &lda, &info, 1);
+  return info;
+}
+
+// Source element (i, j) of a strided input, converted to fp64.
+template <class T>
+struct Strided {
+  const T* p;
+  int64_t rs, cs;
+  double operator()(int64_t i, int64_t j) const { return static_cast<double>(p[i * rs + j * cs]); }
+};
+
+// out.lower = C.lower + shift·I, in tiles so that a column-major (transposed) C
+// is read with cache-friendly strides too.
+template <class T>
+void copy_lower_shifted(const SymInput& C, Mat out, double shift) {
+  constexpr int64_t tile = 64;
+  const Strided<T> src{static_cast<const T*>(C.data), C.row_stride, C.col_stride};
+  for (int64_t ib = 0; ib < C.n; ib += tile) {
+    const int64_t ie = std::min(ib + tile, C.n);
+    for (int64_t jb = 0; jb <= ib; jb += tile) {
+      for (int64_t i = ib; i < ie; ++i) {
+        double* dst = out.data + i * out.ld;
+        const int64_t je = std::min(jb + tile, i + 1);
+        for (int64_t j = jb; j < je; ++j) dst[j] = src(i, j);
+      }
+    }
+  }
+  for (int64_t i = 0; i < C.n; ++i) out.data[i * out.ld + i] += shift;
+}
+
+void load_shifted(const SymInput& C, Mat out, double shift) {
+  if (C.dtype == DType::f32)
+    copy_lower_shifted<float>(C, out, shift);
+  else
+    copy_lower_shifted<double>(C, out, shift);
+}
+
+void zero_strict_upper(Mat a) {
+  for (blas_int i = 0; i + 1 < a.rows; ++i)
+    std::memset(a.data + static_cast<int64_t>(i) * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
+}
+
+}  // namespace
+
+blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
+  if (n <= std::max<blas_int>(cutoff, 1)) return lapack_potrf_lower(a, n, lda);
+  const blas_int n1 = split(n), n2 = n - n1;
+  // [A11 .; A21 A22]: L11 = chol(A11), L21 = A21 L11⁻ᵀ, L22 = chol(A22 - L21 L21ᵀ).
+  if (blas_int info = cholesky_lower(a, n1, lda, cutoff)) return info;
+  double* a21 = a + static_cast<int64_t>(n1) * lda;
+  double* a22 = a21 + n1;
+  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, n2, n1, 1.0, a, lda, a21,
+                    lda);
+  // GEMMT (lower triangle of a GEMM) rather than SYRK: same flops, and OpenBLAS
+  // runs it 5–30 % faster on two threads here (bench/RESULTS.md).
+  scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasTrans, n2, n1, -1.0, a21, lda, a21, lda, 1.0, a22,
+                     lda);
+  const blas_int info = cholesky_lower(a22, n2, lda, cutoff);
+  return info ? info + n1 : 0;
+}
+
+int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts, blas_int cutoff) {
+  for (int k = 0; k < n_shifts; ++k) {
+    // A failed attempt leaves a partial factor in the lower triangle: reload from
+    // C (read-only) instead of keeping a second d × d copy.
+    load_shifted(C, out, shifts[k]);
+    if (cholesky_lower(out.data, out.rows, out.ld, cutoff) == 0) {
+      zero_strict_upper(out);
+      return k;
+    }
+  }
+  return -1;
+}
+
+double cond_estimate(LowerFactor L, double anorm) {
+  const blas_int n = L.n;
+  if (n == 0) return 1.0;
+  // LAPACK is column-major: a row-major lower factor is its upper one.
+  const char* uplo = L.col_major ? "L" : "U";
+  std::vector<double> work(3 * static_cast<size_t>(n));
+  std::vector<blas_int> iwork(n);
+  double rcond = 0.0;
+  blas_int info = 0;
+  scipy_dpocon_(uplo, &n, L.data, &L.ld, &anorm, &rcond, work.data(), iwork.data(), &info, 1);
+  return rcond > 0.0 ? 1.0 / rcond : std::numeric_limits<double>::infinity();
+}
+
+}  // namespace pmsolve

@@ -1,0 +1,83 @@
+// The dense kernels of the preservation–memorization solve (DESIGN.md §2).
+//
+// Layout convention: every matrix is ROW-MAJOR (torch's default), and a
+// "lower" factor L is lower triangular in row-major terms, exactly as
+// torch.linalg.cholesky returns it. BLAS is called through its row-major
+// CBLAS interface; LAPACK (column-major only) sees the same buffer as the
+// transpose, so a row-major lower triangle is passed to LAPACK as uplo='U'.
+// Kernels never allocate d × d memory: the caller owns every d × d buffer.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "blas.h"
+
+namespace pmsolve {
+
+// Diagonal block size below which the recursive Cholesky calls LAPACK
+// (bench/RESULTS.md: 96–192 are equivalent at d = 1536…6400, 64 and 256 slower).
+constexpr blas_int kCholeskyCutoff = 128;
+
+enum class DType { f32, f64 };
+
+// A read-only square matrix of any float dtype with arbitrary element strides
+// (row_stride, col_stride in elements), so transposed or sliced views need no copy.
+struct SymInput {
+  const void* data;
+  DType dtype;
+  int64_t n;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// A row-major fp64 matrix: element (i, j) at data[i * ld + j].
+struct Mat {
+  double* data;
+  blas_int rows;
+  blas_int cols;
+  blas_int ld;
+};
+
+// A lower-triangular factor L, read-only, stored row-major (as the kernels here
+// write it) or column-major (as torch.linalg.cholesky returns it; that buffer is
+// the row-major upper triangle Lᵀ). Both are used in place, without a transpose.
+struct LowerFactor {
+  const double* data;
+  blas_int n;
+  blas_int ld;
+  bool col_major;
+};
+
+// A = L Lᵀ in place on the lower triangle of the n × n row-major `a`
+// (the strict upper triangle is neither read nor written).
+// Returns 0, or the 1-based index of the first non-positive pivot (LAPACK's info).
+blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
+
+// Cholesky of C + shifts[k] I for the first k that succeeds, written into `out`
+// (d × d, upper triangle zeroed). Reads only the lower triangle of C. On failure
+// the lower triangle is restored from C itself, so no second d × d buffer exists.
+// Returns k, or -1 when every shift failed.
+int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts,
+                      blas_int cutoff = kCholeskyCutoff);
+
+// 1-norm condition estimate of A = L Lᵀ given ‖A‖₁ (LAPACK dpocon, O(n²)).
+// Returns +inf when A is numerically singular (rcond = 0).
+double cond_estimate(LowerFactor L, double anorm);
+
+// Outputs of pm_solve; every buffer is owned by the caller.
+struct PMOutputs {
+  Mat B;  // d × n: on return L⁻ᵀ Z (G + μI)⁻¹ (used as Z = L⁻¹K on the way)
+  Mat G;  // n × n: Zᵀ Z, both triangles
+  Mat M;  // n × n: lower Cholesky factor of G + μI for the accepted μ
+};
+
+struct PMResult {
+  int mu_index;  // index of the accepted μ, -1 when none was accepted
+  double cond;   // condition estimate of G + μI for it (inf when none)
+};
+
+// Z = L⁻¹K, G = ZᵀZ, the first μ with chol(G + μI) succeeding and cond ≤ max_cond,
+// then B = L⁻ᵀ Z M⁻ᵀ M⁻¹. K is d × n (row-major), L the d × d lower factor.
+PMResult pm_solve(LowerFactor L, Mat K, const double* mus, int n_mus, double max_cond, PMOutputs out);
+
+}  // namespace pmsolve
