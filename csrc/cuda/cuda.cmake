@@ -3,7 +3,9 @@
 # The compiler and the CUDA runtime are nvcc's own; cuBLAS and cuSOLVER come
 # from the PyPI wheels nvidia-cublas / nvidia-cusolver, which install under
 # site-packages/nvidia/cu13/{include,lib} (the same files CUDA builds of torch
-# load). -DPMSOLVE_CUDA_LIB_ROOT=<.../nvidia/cu13> overrides where they are.
+# load). -DPMSOLVE_CUDA_LIB_ROOT=<.../nvidia/cu13>, or the environment variable
+# of that name (which reaches pip's isolated builds through setup.py), overrides
+# where they are.
 
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
   # Machine code for A100 (sm_80) and H100/H200 (sm_90), plus sm_90 PTX for newer GPUs to JIT.
@@ -12,6 +14,9 @@ endif()
 enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 
+if(NOT PMSOLVE_CUDA_LIB_ROOT AND DEFINED ENV{PMSOLVE_CUDA_LIB_ROOT})
+  set(PMSOLVE_CUDA_LIB_ROOT $ENV{PMSOLVE_CUDA_LIB_ROOT})
+endif()
 if(NOT PMSOLVE_CUDA_LIB_ROOT)
   # nvidia is a namespace package: search every folder it spans.
   execute_process(
