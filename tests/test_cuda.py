@@ -98,7 +98,9 @@ def test_cholesky_dead_units_take_the_same_jitter(cuda_backend, gpu_only):
     ref = TorchBackend().cholesky_jittered(C, shifts)
     got = cuda_backend.cholesky_jittered(C, shifts)
     assert got.shift_index == ref.shift_index == 1
-    assert rel(got.L, ref.L) <= 1e-6  # κ ≈ 1e12 here: agreement to a few digits is all κ·ε allows
+    # The dead units decouple (zero rows and columns), so although κ(C + δI) ≈ 1e12 the factor
+    # is as accurate as that of the well-conditioned live block.
+    assert rel(got.L, ref.L) <= cond_tol(1e2)
 
 
 @pytest.mark.gpu
@@ -155,7 +157,8 @@ def test_pm_solve_memit_ridge_matches_torch(cuda_backend, gpu_only):
     ref = TorchBackend().pm_solve(L, K, [15000.0], MAX_COND)
     got = cuda_backend.pm_solve(L, K, [15000.0], MAX_COND)
     assert got.mu_index == ref.mu_index == 0
-    assert rel(got.B, ref.B) <= cond_tol(ref.cond, 1e3)
+    cond_c = TorchBackend().cond_estimate(L, float(C.abs().sum(0).max()))
+    assert rel(got.B, ref.B) <= cond_tol(cond_c, ref.cond)
 
 
 @pytest.mark.gpu
