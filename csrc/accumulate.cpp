@@ -120,8 +120,26 @@ void CovAccumulator::center_rows(int64_t rows, std::vector<double>& chunk_mean) 
   }
 }
 
+// Small products run on one BLAS thread: waking (and leaving spinning) a second thread costs
+// more than it saves, and a spinning BLAS worker slows the model's forward pass that
+// runs between updates on the same cores.
+class BlasThreadsForWork {
+ public:
+  explicit BlasThreadsForWork(double flops) : saved_(blas_get_num_threads()) {
+    if (flops < kMinParallelFlops && saved_ > 1) blas_set_num_threads(1);
+  }
+  ~BlasThreadsForWork() {
+    if (blas_get_num_threads() != saved_) blas_set_num_threads(saved_);
+  }
+
+ private:
+  static constexpr double kMinParallelFlops = 2e8;
+  int saved_;
+};
+
 void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
   if (rows <= 0) return;
+  BlasThreadsForWork threads(static_cast<double>(d_) * static_cast<double>(d_) * static_cast<double>(rows));
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;

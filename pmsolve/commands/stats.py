@@ -1,0 +1,77 @@
+"""`pmsolve stats`: collect preservation statistics for some layers of a model.
+
+    pmsolve stats --model PATH_OR_ID --layers 4,5,6 --corpus wiki.jsonl --max-tokens 2000000 --out stats/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="collect covariance statistics C = E[k kᵀ] of rewrite-module inputs")
+    p.add_argument("--model", default=None, help="model folder or Hub id (default: the built-in SmolLM2-135M)")
+    p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 4,5,6")
+    p.add_argument("--corpus", default=None, help="text/JSONL file, saved HF dataset, 'hf:<name>' or 'offline' (default)")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="real tokens per layer")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
+    p.add_argument("--seq-len", type=int, default=512, help="truncate documents to this many tokens")
+    p.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32", help="product precision (master sum is fp64)")
+    p.add_argument("--centered", action="store_true", help="also collect the mean and centred covariance")
+    p.add_argument("--module-template", default=None, help="rewrite module name with {} for the layer")
+    p.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between checkpoints")
+    p.add_argument("--stop-tol", type=float, default=None, help="stop once C changes less than this per checkpoint")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--npz", action="store_true", help="also write reference-layout .npz files (mom2.mom2/mom2.count)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _layers(text: str) -> list[int]:
+    from pmsolve.errors import InputError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--layers must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pmsolve.models.loading import load_model
+    from pmsolve.stats import collect_stats
+
+    loaded = load_model(args.model)
+    res = collect_stats(
+        loaded.model,
+        loaded.tokenizer,
+        _layers(args.layers),
+        args.corpus,
+        max_tokens=args.max_tokens,
+        batch_tokens=args.batch_tokens,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        cache_dir=args.out,
+        resume=not args.no_resume,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+        module_template=args.module_template,
+        model_id=loaded.model_id,
+        centered=args.centered,
+        stop_tol=args.stop_tol,
+    )
+    if args.npz:
+        for layer, acc in res.stats.items():
+            acc.to_npz(res.paths[layer].with_suffix(".npz"))
+    print(json.dumps({
+        "tokens": res.tokens,
+        "from_cache": res.from_cache,
+        "stopped_early": res.stopped_early,
+        "seconds": round(res.seconds, 2),
+        "seconds_forward": round(res.seconds_forward, 2),
+        "seconds_accumulate": round(res.seconds_accumulate, 2),
+        "files": {layer: str(p) for layer, p in res.paths.items()},
+        "last_relative_change": res.convergence[-1]["rel_change"] if res.convergence else None,
+    }, indent=2))
+    return 0
