@@ -1,0 +1,290 @@
+"""collect_stats on tiny random transformers: capture, masking, resume, kill, cache, distributed (issue #3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from pmsolve.errors import CacheError, InputError, NumericalError
+from pmsolve.stats import CovarianceAccumulator, collect_stats, open_corpus
+from pmsolve.stats.corpus import offline_default
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("the cat sat on a mat while seven quiet rivers ran past old stone bridges near the market "
+         "where people sold bread fish and bright cloth under a pale morning sky").split()
+
+
+class ByteTokenizer:
+    """Bytes as token ids (BOS = 1, PAD = 0): enough for structural tests with random models."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, truncation=True, max_length=None):
+        ids = [1] + [2 + b % 250 for b in text.encode()]
+        return {"input_ids": ids[:max_length] if truncation and max_length else ids}
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_corpus(path: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n_docs):  # varied lengths, so batches carry padding
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))}) + "\n")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "docs.jsonl")
+
+
+def oracle(model, corpus_path, modules, seq_len=128):
+    """name -> (Σkkᵀ, rows) over every document run alone (no padding at all), fp64."""
+    tok, rows = ByteTokenizer(), {m: [] for m in modules}
+    hooks = [model.get_submodule(m).register_forward_pre_hook(lambda mod, a, m=m: rows[m].append(a[0][0].double()))
+             for m in modules]
+    with torch.no_grad():
+        for text in open_corpus(corpus_path).texts():
+            model(input_ids=torch.tensor([tok(text, max_length=seq_len)["input_ids"]]))
+    for h in hooks:
+        h.remove()
+    return {m: (torch.cat(r).T @ torch.cat(r), sum(len(x) for x in r)) for m, r in rows.items()}
+
+
+def rel(a, b):
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+def test_matches_unpadded_oracle_and_stops_after_deepest_layer(corpus):
+    model = tiny_llama()
+    calls = []
+    model.model.layers[2].register_forward_pre_hook(lambda m, a: calls.append(1))
+    res = collect_stats(model, ByteTokenizer(), [1, 0], corpus, max_tokens=10**6, batch_tokens=600, seq_len=128,
+                        dtype="fp64", progress=False)
+    assert not calls  # layer 2 never ran
+    assert sorted(res.stats) == [0, 1] and res.modules[1] == "model.layers.1.mlp.down_proj"
+    truth = oracle(model, corpus, [res.modules[0], res.modules[1]])
+    for layer in (0, 1):
+        total, n = truth[res.modules[layer]]
+        assert res.stats[layer].count == n == res.tokens
+        assert rel(res.stats[layer].sum(), total) < 1e-5  # padding masked: only batching noise remains
+
+
+def test_gpt2_conv1d_and_exact_token_cap(corpus):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=2, n_positions=256)).eval()
+    res = collect_stats(model, ByteTokenizer(), [1], corpus, max_tokens=777, batch_tokens=512, progress=False)
+    assert res.modules[1] == "transformer.h.1.mlp.c_proj"
+    assert res.stats[1].d == 128 and res.stats[1].count == 777
+
+
+def test_unknown_architecture_needs_template(corpus):
+    model = tiny_llama()
+    model.config.model_type = "mystery"
+    with pytest.raises(InputError, match="module_template"):
+        collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=100, progress=False)
+    res = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=100, progress=False,
+                        module_template="model.layers.{}.mlp.down_proj")
+    assert res.tokens == 100
+    with pytest.raises(InputError, match="no module"):
+        collect_stats(model, ByteTokenizer(), [7], corpus, max_tokens=100, progress=False,
+                      module_template="model.layers.{}.mlp.down_proj")
+
+
+def test_nan_activation_names_layer_and_batch(corpus):
+    model = tiny_llama()
+    seen = []
+
+    def poison(module, args):  # the third batch overflows inside layer 1's MLP
+        seen.append(1)
+        if len(seen) == 3:
+            return (args[0] * float("nan"),)
+
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(poison, prepend=True)
+    with pytest.raises(NumericalError, match=r"layer 1 \(model.layers.1.mlp.down_proj\) in batch 2"):
+        collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=10**6, batch_tokens=300, progress=False)
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, corpus):
+    model = tiny_llama()
+    kw = dict(max_tokens=1500, batch_tokens=256, checkpoint_every=200, progress=False)
+    whole = collect_stats(model, ByteTokenizer(), [0, 2], corpus, **kw)
+
+    batches = []
+
+    def crash(module, args):
+        batches.append(1)
+        if len(batches) == 6:
+            raise KeyboardInterrupt  # like Ctrl-C mid-run
+
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(crash)
+    with pytest.raises(KeyboardInterrupt):
+        collect_stats(model, ByteTokenizer(), [0, 2], corpus, cache_dir=tmp_path / "c", **kw)
+    h.remove()
+    assert list((tmp_path / "c").rglob("checkpoint*.safetensors"))
+    resumed = collect_stats(model, ByteTokenizer(), [0, 2], corpus, cache_dir=tmp_path / "c", **kw)
+    for layer in (0, 2):
+        assert resumed.stats[layer].count == whole.stats[layer].count == 1500
+        assert rel(resumed.stats[layer].sum(), whole.stats[layer].sum()) < 1e-12
+    assert not list((tmp_path / "c").rglob("checkpoint*"))  # cleaned up once the cache is written
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_stats_collect import ByteTokenizer, tiny_llama
+    from pmsolve.stats import collect_stats
+    model = tiny_llama()
+    if sys.argv[2] == "slow":  # give the parent time to kill us mid-run
+        model.model.layers[0].register_forward_pre_hook(lambda m, a: time.sleep(0.1))
+    res = collect_stats(model, ByteTokenizer(), [0, 1], {corpus!r}, max_tokens=1200, batch_tokens=256,
+                        checkpoint_every=150, cache_dir=sys.argv[1], progress=False)
+    torch.save({{l: a.sum() for l, a in res.stats.items()}}, sys.argv[1] + "/sums.pt")
+""")
+
+
+def _script(tmp_path, corpus):
+    path = tmp_path / "run_stats.py"
+    path.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests"), corpus=str(corpus)))
+    return path
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, corpus):
+    script = _script(tmp_path, corpus)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "slow"], env=_env())
+    deadline = time.time() + 60
+    while not list(killed.rglob("checkpoint*.safetensors")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    time.sleep(0.25)  # let it get past the checkpoint into the next batches
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run([sys.executable, str(script), str(killed), "fast"], env=_env(), check=True, timeout=120)
+    resumed = torch.load(killed / "sums.pt")
+    whole = collect_stats(tiny_llama(), ByteTokenizer(), [0, 1], corpus, max_tokens=1200, batch_tokens=256,
+                          checkpoint_every=150, progress=False)
+    for layer in (0, 1):
+        assert whole.stats[layer].count == 1200
+        assert rel(resumed[layer], whole.stats[layer].sum()) < 1e-12
+
+
+def test_cache_is_verified(tmp_path, corpus):
+    model = tiny_llama()
+    kw = dict(max_tokens=400, batch_tokens=256, cache_dir=tmp_path, progress=False)
+    first = collect_stats(model, ByteTokenizer(), [0, 1], corpus, **kw)
+    again = collect_stats(model, ByteTokenizer(), [0, 1], corpus, **kw)
+    assert again.from_cache and torch.equal(again.stats[1].sum(), first.stats[1].sum())
+
+    other = tiny_llama(seed=1)  # same architecture and id, other weights
+    with pytest.raises(CacheError, match="weights_fingerprint"):
+        collect_stats(other, ByteTokenizer(), [0], corpus, **kw)
+    p0, p1 = first.paths[0], first.paths[1]
+    p1.write_bytes(p0.read_bytes())  # layer 0's statistics under layer 1's name
+    with pytest.raises(CacheError, match="layer is '0' in the file, expected '1'"):
+        collect_stats(model, ByteTokenizer(), [1], corpus, **kw)
+    data = p0.read_bytes()
+    p0.write_bytes(data[:-64])
+    with pytest.raises(CacheError):
+        collect_stats(model, ByteTokenizer(), [0], corpus, **kw)
+
+
+def test_convergence_report_and_early_stop(corpus):
+    model = tiny_llama()
+    res = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=256,
+                        checkpoint_every=300, progress=False)
+    changes = [c["rel_change"][0] for c in res.convergence]
+    assert len(changes) >= 3 and changes[-1] < changes[0]
+    stop = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=256,
+                         checkpoint_every=300, stop_tol=changes[1] * 1.01, progress=False)
+    assert stop.stopped_early and stop.tokens < res.tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, corpus, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = collect_stats(tiny_llama(), ByteTokenizer(), [0, 1], corpus, max_tokens=10**6, batch_tokens=256,
+                            dtype="fp64", cache_dir=out, progress=False)
+        torch.save({l: (a.count, a.sum()) for l, a in res.stats.items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gloo_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    corpus = write_corpus(tmp_path / "small.jsonl", n_docs=15)
+    out = tmp_path / "dist"
+    out.mkdir()
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(corpus), str(out)), nprocs=2, join=True)
+    single = collect_stats(tiny_llama(), ByteTokenizer(), [0, 1], corpus, max_tokens=10**6, batch_tokens=256,
+                           dtype="fp64", progress=False)
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for layer in (0, 1):
+        assert r0[layer][0] == r1[layer][0] == single.stats[layer].count
+        assert torch.equal(r0[layer][1], r1[layer][1])  # every rank holds the same reduced result
+        assert rel(r0[layer][1], single.stats[layer].sum()) < 1e-5  # only batch-composition noise
+    cached = list(out.rglob("*.safetensors"))
+    assert len(cached) == 2 and not any("checkpoint" in p.name for p in cached)
+    meta_ok = CovarianceAccumulator.load(cached[0], expect={"world_size": 2})
+    assert meta_ok.count == single.stats[0].count
+
+
+def test_corpora(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first paragraph\nstill first\n\n\nsecond one\n")
+    c = open_corpus(txt)
+    assert list(c.texts()) == ["first paragraph\nstill first", "second one"] and c.id.startswith("text:a.txt:")
+    txt.write_text("changed\n")
+    assert open_corpus(txt).id != c.id
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(InputError, match="b.jsonl:2"):
+        list(open_corpus(bad).texts())
+    with pytest.raises(InputError, match="neither a file"):
+        open_corpus(tmp_path / "missing.txt")
+    off = offline_default()
+    first = [t for _, t in zip(range(50), off.texts())]
+    assert first == [t for _, t in zip(range(50), open_corpus(None).texts())]  # deterministic
+    assert off.id.startswith("offline-pydocs:py") and sum(len(t) for t in first) > 20_000
+
+
+def test_saved_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["one doc", "another doc"]}).save_to_disk(str(tmp_path / "ds"))
+    assert list(open_corpus(tmp_path / "ds").texts()) == ["one doc", "another doc"]
