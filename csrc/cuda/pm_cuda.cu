@@ -168,27 +168,33 @@ unsigned grid_for(int64_t count) {
   return static_cast<unsigned>(std::clamp<int64_t>((count + kThreads - 1) / kThreads, 1, 1 << 16));
 }
 
+// n × n column-major matrices: threads along a column (coalesced), blocks in y over
+// columns, so no thread divides a 64-bit index (slow on GPUs) to find its row and column.
+dim3 matrix_grid(int64_t n) { return dim3(grid_for(n), static_cast<unsigned>(std::clamp<int64_t>(n, 1, 65535))); }
+
 void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
 #define PM_GRID_STRIDE(i, count) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
+#define PM_MATRIX_STRIDE(r, c, n)                       \
+  for (int64_t c = blockIdx.y; c < (n); c += gridDim.y) \
+  PM_GRID_STRIDE(r, n)
 
 // A = upper triangle of S + shift I, strict lower triangle zeroed (n × n,
 // column-major). S's upper triangle sits at the same offsets as the caller's
 // row-major lower triangle, so this reads exactly what the torch backend reads.
 template <typename T>
 __global__ void load_upper(const T* S, double* A, int64_t n, double shift) {
-  PM_GRID_STRIDE(idx, n * n) {
-    const int64_t r = idx % n, c = idx / n;
+  PM_MATRIX_STRIDE(r, c, n) {
+    const int64_t idx = r + c * n;
     A[idx] = r < c ? double(S[idx]) : r == c ? double(S[idx]) + shift : 0.0;
   }
 }
 
 // Copies the upper triangle of A onto its lower triangle (syrk fills one).
 __global__ void mirror_upper(double* A, int64_t n) {
-  PM_GRID_STRIDE(idx, n * n) {
-    const int64_t r = idx % n, c = idx / n;
-    if (r > c) A[idx] = A[c + r * n];
+  PM_MATRIX_STRIDE(r, c, n) {
+    if (r > c) A[r + c * n] = A[c + r * n];
   }
 }
 
@@ -336,10 +342,10 @@ int64_t cholesky_jittered(const CholeskyParams& p) {
     // potrf overwrites its triangle, so each try starts again from C itself:
     // C is never written, so it is the restore copy and no d × d scratch is needed.
     if (p.c_dtype == Dtype::f32)
-      load_upper<<<grid_for(p.d * p.d), kThreads, 0, s.stream>>>(static_cast<const float*>(p.C), p.L, p.d,
+      load_upper<<<matrix_grid(p.d), kThreads, 0, s.stream>>>(static_cast<const float*>(p.C), p.L, p.d,
                                                                    p.shifts[i]);
     else
-      load_upper<<<grid_for(p.d * p.d), kThreads, 0, s.stream>>>(static_cast<const double*>(p.C), p.L, p.d,
+      load_upper<<<matrix_grid(p.d), kThreads, 0, s.stream>>>(static_cast<const double*>(p.C), p.L, p.d,
                                                                    p.shifts[i]);
     check_launch("load_upper");
     if (potrf(s, p.L, p.d, ws, host)) return static_cast<int64_t>(i);
@@ -370,7 +376,7 @@ PMResult pm_solve(const PMParams& p) {
   // G = Zc Zcᵀ = ZᵀZ: a symmetric rank-d product (PSD by construction), mirrored so both triangles hold it.
   check(cublasDsyrk_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, n, d, &one, p.Z, n, &zero, p.G, n),
         "cublasDsyrk_64(G = Z^T Z)");
-  mirror_upper<<<grid_for(n * n), kThreads, 0, s.stream>>>(p.G, n);
+  mirror_upper<<<matrix_grid(n), kThreads, 0, s.stream>>>(p.G, n);
   check_launch("mirror_upper");
 
   // ‖G‖₁, the base of every ridge's ‖G + μI‖₁.
@@ -385,7 +391,7 @@ PMResult pm_solve(const PMParams& p) {
 
   for (size_t i = 0; i < p.mus.size(); ++i) {
     const double mu = p.mus[i];
-    load_upper<<<grid_for(n * n), kThreads, 0, s.stream>>>(static_cast<const double*>(p.G), p.M, n, mu);
+    load_upper<<<matrix_grid(n), kThreads, 0, s.stream>>>(static_cast<const double*>(p.G), p.M, n, mu);
     check_launch("load_upper");
     if (!potrf(s, p.M, n, ws, host)) continue;
     const double cond = hager_cond(s, p.M, n, anorm_g + std::fabs(mu), ws.v, ws.w);
