@@ -244,7 +244,7 @@ bool potrf(Session& s, double* A, int64_t n, const Workspace& ws, std::vector<ch
 
 // Hager/Higham estimate of ‖A⁻¹‖₁ · anorm for A = Uᵀ U, step for step the
 // torch backend's hager_cond_1norm, so both accept and reject the same ridges.
-// cuSOLVER has no pocon; this costs at most 12 pairs of O(n²) triangular
+// cuSOLVER has no pocon; this costs at most 11 pairs of O(n²) triangular
 // solves (trsv) on the device and one host round trip per reduction.
 double hager_cond(Session& s, const double* U, int64_t n, double anorm, double* v, double* w) {
   auto apply_inv = [&](double* x) {  // x ← A⁻¹ x = U⁻¹ U⁻ᵀ x
