@@ -113,7 +113,7 @@ struct Session {
 };
 
 // ---------------------------------------------------------------------------
-// workspace: [potrf device buffer | potrf info | v (n doubles) | w (n doubles)]
+// workspace: [potrf device buffer | potrf info, sign flag | v (n doubles) | w (n doubles)]
 // ---------------------------------------------------------------------------
 
 constexpr size_t kAlign = 256;
@@ -128,6 +128,7 @@ struct Workspace {
   void* potrf;
   size_t potrf_bytes;
   int* info;
+  int* flag;
   double* v;
   double* w;
 };
@@ -139,6 +140,7 @@ Workspace carve(void* work, size_t potrf_bytes, int64_t n) {
   ws.potrf_bytes = potrf_bytes;
   base += align_up(potrf_bytes);
   ws.info = reinterpret_cast<int*>(base);
+  ws.flag = ws.info + 1;
   base += kAlign;
   ws.v = reinterpret_cast<double*>(base);
   ws.w = reinterpret_cast<double*>(base + align_up(static_cast<size_t>(n) * sizeof(double)));
@@ -220,9 +222,16 @@ __global__ void hager_vector(double* v, int64_t n, int kind, int64_t j) {
   }
 }
 
-// torch's sign(y) + (y == 0): zeros count as +1.
-__global__ void sign_of(const double* y, double* z, int64_t n) {
-  PM_GRID_STRIDE(i, n) { z[i] = y[i] < 0.0 ? -1.0 : 1.0; }
+// sgn ← Fortran SIGN(1, x) as DLACN2 takes it (zero counts as +1); *changed = 1 where
+// that differs from the old sgn.
+__global__ void update_signs(const double* x, double* sgn, int64_t n, int* changed) {
+  PM_GRID_STRIDE(i, n) {
+    const double s = x[i] >= 0.0 ? 1.0 : -1.0;
+    if (s != sgn[i]) {
+      sgn[i] = s;
+      *changed = 1;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -242,49 +251,87 @@ bool potrf(Session& s, double* A, int64_t n, const Workspace& ws, std::vector<ch
   return info == 0;
 }
 
-// Hager/Higham estimate of ‖A⁻¹‖₁ · anorm for A = Uᵀ U, step for step the
-// torch backend's hager_cond_1norm, so both accept and reject the same ridges.
+// 1 / DPOCON's rcond = (1/‖A⁻¹‖₁)/‖A‖₁, with its convention that rcond = 0 means inf.
+double reciprocal_cond(double ainv_norm, double anorm) {
+  if (ainv_norm == 0.0) return std::numeric_limits<double>::infinity();
+  const double rcond = (1.0 / ainv_norm) / anorm;
+  return rcond > 0.0 ? 1.0 / rcond : std::numeric_limits<double>::infinity();
+}
+
+// 1-norm condition estimate of A = Uᵀ U from ‖A‖₁: LAPACK's DPOCON/DLACN2 iteration
+// (Hager's method with Higham's refinements), step for step the torch backend's
+// hager_cond_1norm, so that every backend accepts and rejects the same ridges.
 // cuSOLVER has no pocon; this costs at most 11 pairs of O(n²) triangular
-// solves (trsv) on the device and one host round trip per reduction.
-double hager_cond(Session& s, const double* U, int64_t n, double anorm, double* v, double* w) {
-  auto apply_inv = [&](double* x) {  // x ← A⁻¹ x = U⁻¹ U⁻ᵀ x
+// solves (trsv) on the device and a few scalars read back per step.
+double hager_cond(Session& s, const double* U, int64_t n, double anorm, const Workspace& ws) {
+  constexpr int kMaxIter = 5;
+  if (anorm == 0.0) return std::numeric_limits<double>::infinity();
+  double* x = ws.v;
+  double* sgn = ws.w;
+  auto apply_inv = [&]() {  // x ← A⁻¹ x = U⁻¹ U⁻ᵀ x
     check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, n, U, n, x, 1),
           "cublasDtrsv_64");
     check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, U, n, x, 1),
           "cublasDtrsv_64");
   };
-  auto asum = [&](const double* x) {  // host pointer mode: blocks until the sum is on the host
+  auto fill = [&](int kind, int64_t j) {
+    hager_vector<<<grid_for(n), kThreads, 0, s.stream>>>(x, n, kind, j);
+    check_launch("hager_vector");
+  };
+  auto asum = [&]() {  // host pointer mode: blocks until the sum is on the host
     double r = 0.0;
     check(cublasDasum_64(s.h.blas, n, x, 1, &r), "cublasDasum_64");
     return r;
   };
-  auto fill = [&](int kind, int64_t j) {
-    hager_vector<<<grid_for(n), kThreads, 0, s.stream>>>(v, n, kind, j);
-    check_launch("hager_vector");
+  auto argmax_abs = [&]() {
+    int64_t j = 0;
+    check(cublasIdamax_64(s.h.blas, n, x, 1, &j), "cublasIdamax_64");
+    return j - 1;  // cuBLAS counts from 1; ties go to the first index, as torch.argmax
+  };
+  auto at = [&](int64_t i) {
+    double r = 0.0;
+    check(cudaMemcpyAsync(&r, x + i, sizeof(double), cudaMemcpyDeviceToHost, s.stream), "cudaMemcpyAsync(x[i])");
+    s.sync();
+    return r;
+  };
+  auto signs_changed = [&]() {  // sgn ← signs of x
+    check(cudaMemsetAsync(ws.flag, 0, sizeof(int), s.stream), "cudaMemsetAsync(flag)");
+    update_signs<<<grid_for(n), kThreads, 0, s.stream>>>(x, sgn, n, ws.flag);
+    check_launch("update_signs");
+    int changed = 0;
+    check(cudaMemcpyAsync(&changed, ws.flag, sizeof(int), cudaMemcpyDeviceToHost, s.stream), "cudaMemcpyAsync(flag)");
+    s.sync();
+    return changed != 0;
+  };
+  auto solve_signs = [&]() {  // x ← A⁻¹ sgn
+    check(cudaMemcpyAsync(x, sgn, static_cast<size_t>(n) * sizeof(double), cudaMemcpyDeviceToDevice, s.stream),
+          "cudaMemcpyAsync(x <- sgn)");
+    apply_inv();
   };
 
   fill(kUniform, 0);
-  double est = 0.0;
-  int64_t last_j = -1;
-  for (int iter = 0; iter < 5; ++iter) {
-    apply_inv(v);
-    const double new_est = asum(v);
-    if (new_est <= est) break;
-    est = new_est;
-    sign_of<<<grid_for(n), kThreads, 0, s.stream>>>(v, w, n);
-    check_launch("sign_of");
-    apply_inv(w);
-    int64_t j = 0;
-    check(cublasIdamax_64(s.h.blas, n, w, 1, &j), "cublasIdamax_64");
-    --j;  // cuBLAS counts from 1; ties go to the first index, as torch.argmax
-    if (j == last_j) break;
-    last_j = j;
+  apply_inv();
+  double est = asum();
+  if (n == 1) return reciprocal_cond(est, anorm);
+  signs_changed();  // the first sign vector: nothing to compare it with
+  solve_signs();
+  int64_t j = argmax_abs();
+  for (int iter = 2; iter <= kMaxIter; ++iter) {
     fill(kUnit, j);
+    apply_inv();
+    const double est_old = est;
+    est = asum();
+    if (!signs_changed() || est <= est_old) break;  // repeated sign vector (converged), or cycling
+    solve_signs();
+    const int64_t j_last = j;
+    j = argmax_abs();
+    if (at(j_last) == std::fabs(at(j)) || iter == kMaxIter) break;
   }
+  // Higham's alternating-sign test vector guards against the method's bad cases.
   fill(kAlternating, 0);
-  apply_inv(v);
-  est = std::max(est, 2.0 * asum(v) / (3.0 * double(n)));
-  return est * anorm;
+  apply_inv();
+  est = std::max(est, 2.0 * asum() / (3.0 * double(n)));
+  return reciprocal_cond(est, anorm);
 }
 
 }  // namespace
@@ -356,7 +403,7 @@ int64_t cholesky_jittered(const CholeskyParams& p) {
 double cond_estimate(const CondParams& p) {
   Session s(p.ctx);
   const Workspace ws = carve(p.work, 0, p.n);
-  return hager_cond(s, p.L, p.n, p.anorm, ws.v, ws.w);
+  return hager_cond(s, p.L, p.n, p.anorm, ws);
 }
 
 PMResult pm_solve(const PMParams& p) {
@@ -394,7 +441,7 @@ PMResult pm_solve(const PMParams& p) {
     load_upper<<<matrix_grid(n), kThreads, 0, s.stream>>>(static_cast<const double*>(p.G), p.M, n, mu);
     check_launch("load_upper");
     if (!potrf(s, p.M, n, ws, host)) continue;
-    const double cond = hager_cond(s, p.M, n, anorm_g + std::fabs(mu), ws.v, ws.w);
+    const double cond = hager_cond(s, p.M, n, anorm_g + std::fabs(mu), ws);
     if (cond > p.max_cond) continue;  // the torch backend's test, NaN handling included
     // Bc = (G + μI)⁻¹ Zc U⁻ᵀ with G + μI = Mcᵀ Mc (that is B = L⁻ᵀ Z M⁻ᵀ M⁻¹): three in-place solves.
     check(cudaMemcpyAsync(p.B, p.Z, dn_bytes, cudaMemcpyDeviceToDevice, s.stream), "cudaMemcpyAsync(B <- Z)");

@@ -81,8 +81,10 @@ class CudaBackend:
 
     def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
         dev, stream = self._context(L, K)
-        L = L.to(torch.float64).contiguous()
-        K = K.to(torch.float64).contiguous()
+        # torch.linalg.cholesky returns column-major factors; the kernels take row-major ones.
+        Lc, Kc = L.to(torch.float64).contiguous(), K.to(torch.float64).contiguous()
+        copies = sum(_nbytes(x) for x, y in ((Lc, L), (Kc, K)) if x.data_ptr() != y.data_ptr())
+        L, K = Lc, Kc
         d, n = K.shape
         if L.shape != (d, d):
             raise InputError(f"L is {tuple(L.shape)} but K has {d} rows")
@@ -94,7 +96,7 @@ class CudaBackend:
             dev, stream, L.data_ptr(), K.data_ptr(), d, n, [float(m) for m in mus], float(max_cond),
             Z.data_ptr(), G.data_ptr(), M.data_ptr(), B.data_ptr(), work.data_ptr(), work.numel(),
         )
-        nbytes = _nbytes(Z, B, G, M, work)
+        nbytes = _nbytes(Z, B, G, M, work) + copies
         if index < 0:
             return PMSolution(None, G, None, -1, float("inf"), nbytes)
         return PMSolution(B, G, M, index, cond, nbytes)
