@@ -22,43 +22,48 @@ fi
 
 OUT=${OUT:-$PWD/build/gpu-check-out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
-status=0
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 
-step "device"
-nvidia-smi -L
-"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" || exit 1
-nvcc --version | tail -1
-if ! "$PY" -c "import scipy_openblas32" 2>/dev/null; then
-  ls $WHEELS/scipy_openblas32-*.whl >/dev/null 2>&1 || { echo "no $WHEELS/scipy_openblas32-*.whl: run bench/gpu_check.sh --fetch here first, carry $WHEELS"; exit 1; }
-  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/pmsolve-site $WHEELS/scipy_openblas32-*.whl || exit 1
-  export PYTHONPATH=/tmp/pmsolve-site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+main() {
+  status=0
 
-step "build (cuBLAS/cuSOLVER from the image's nvidia wheels)"
-t0=$(date +%s)
-cmake -S . -B build/cuda-gpu -GNinja -DPMSOLVE_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
-  -DPython_EXECUTABLE="$(command -v "$PY")" \
-  -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
-  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/build/cuda-gpu/lib" >"$OUT/cmake.log" 2>&1 &&
-  cmake --build build/cuda-gpu -j "$(nproc)" || { tail -50 "$OUT/cmake.log"; echo "BUILD FAILED"; exit 1; }
-echo "build: $(($(date +%s) - t0)) s"
-PMSOLVE_NATIVE_LIB=$(ls "$PWD"/build/cuda-gpu/lib/_C*.so)
-export PMSOLVE_NATIVE_LIB
+  step "device"
+  nvidia-smi -L
+  "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" || return 1
+  nvcc --version | tail -1
+  if ! "$PY" -c "import scipy_openblas32" 2>/dev/null; then
+    ls $WHEELS/scipy_openblas32-*.whl >/dev/null 2>&1 || { echo "no $WHEELS/scipy_openblas32-*.whl: run bench/gpu_check.sh --fetch here first, carry $WHEELS"; return 1; }
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/pmsolve-site $WHEELS/scipy_openblas32-*.whl || return 1
+    export PYTHONPATH=/tmp/pmsolve-site
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-step "tests/test_cuda.py"
-"$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" || status=1
+  step "build (cuBLAS/cuSOLVER from the image's nvidia wheels)"
+  t0=$(date +%s)
+  cmake -S . -B build/cuda-gpu -GNinja -DPMSOLVE_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+    -DPython_EXECUTABLE="$(command -v "$PY")" \
+    -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/build/cuda-gpu/lib" >"$OUT/cmake.log" 2>&1 &&
+    cmake --build build/cuda-gpu -j "$(nproc)" || { tail -50 "$OUT/cmake.log"; echo "BUILD FAILED"; return 1; }
+  echo "build: $(($(date +%s) - t0)) s"
+  PMSOLVE_NATIVE_LIB=$(ls "$PWD"/build/cuda-gpu/lib/_C*.so)
+  export PMSOLVE_NATIVE_LIB
 
-step "compute-sanitizer memcheck (quick tests; torch's caching allocator off so overruns reach memcheck)"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
-  "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "dead_units or repeated_keys or indefinite or argument_checks"
-rc=$?
-case $rc in 0) echo "memcheck: clean" ;; 124) echo "memcheck: TIMED OUT (not a failure of the code)" ;; *) echo "memcheck: FAILED (rc $rc)"; status=1 ;; esac
+  step "tests/test_cuda.py"
+  "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" || status=1
 
-step "bench: d = 6400, n = 256, fp64"
-"$PY" bench/gpu_bench.py --out "$OUT/gpu_bench.json" || status=1
+  step "compute-sanitizer memcheck (quick tests; torch's caching allocator off so overruns reach memcheck)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
+    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "dead_units or repeated_keys or indefinite or argument_checks"
+  rc=$?
+  case $rc in 0) echo "memcheck: clean" ;; 124) echo "memcheck: TIMED OUT (not a failure of the code)" ;; *) echo "memcheck: FAILED (rc $rc)"; status=1 ;; esac
 
-step "done: $([ $status = 0 ] && echo OK || echo FAILURES)"
-exit $status
+  step "bench: d = 6400, n = 256, fp64"
+  "$PY" bench/gpu_bench.py --out "$OUT/gpu_bench.json" || status=1
+
+  step "done: $([ $status = 0 ] && echo OK || echo FAILURES)"
+  return $status
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
