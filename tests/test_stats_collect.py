@@ -288,3 +288,27 @@ def test_saved_hf_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["one doc", "another doc"]}).save_to_disk(str(tmp_path / "ds"))
     assert list(open_corpus(tmp_path / "ds").texts()) == ["one doc", "another doc"]
+
+
+def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pmsolve.cli import main
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(sorted(set(WORDS)))}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "tiny"
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "stats"
+    rc = main(["stats", "--model", str(folder), "--layers", "0,1", "--corpus", str(corpus), "--max-tokens", "300",
+               "--out", str(out), "--npz", "--quiet"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 300 and set(report["files"]) == {"0", "1"}
+    for path in report["files"].values():
+        acc = CovarianceAccumulator.load(path, expect={"model_id": "tiny", "max_tokens": 300})
+        back = CovarianceAccumulator.from_npz(Path(path).with_suffix(".npz"))
+        assert back.count == acc.count == 300 and rel(back.sum(), acc.sum()) < 1e-6

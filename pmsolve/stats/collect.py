@@ -120,23 +120,25 @@ def _model_id(model: torch.nn.Module, model_id: str | None) -> str:
 
 def _token_lists(tokenizer: Any, texts: Iterator[str], seq_len: int) -> Iterator[list[int]]:
     for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=seq_len)["input_ids"]
-        if ids:
-            yield list(ids)
+        yield list(tokenizer(text, truncation=True, max_length=seq_len)["input_ids"])
 
 
-def _batches(docs: Iterator[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
-    """Consecutive documents, as many as fit in batch_tokens once padded to the longest."""
+def _batches(docs: Iterator[list[int]], batch_tokens: int) -> Iterator[tuple[list[list[int]], int]]:
+    """(documents, texts consumed): consecutive documents, as many as fit in batch_tokens once
+    padded to the longest. Texts that tokenise to nothing are consumed but not batched, so the
+    count stays the resume position."""
     batch: list[list[int]] = []
-    longest = 0
+    longest = consumed = 0
     for ids in docs:
         if batch and (len(batch) + 1) * max(longest, len(ids)) > batch_tokens:
-            yield batch
-            batch, longest = [], 0
-        batch.append(ids)
-        longest = max(longest, len(ids))
+            yield batch, consumed
+            batch, longest, consumed = [], 0, 0
+        consumed += 1
+        if ids:
+            batch.append(ids)
+            longest = max(longest, len(ids))
     if batch:
-        yield batch
+        yield batch, consumed
 
 
 def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +321,7 @@ def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, 
     bar = tqdm(total=cap, initial=run.tokens, unit="tok", desc="covariance", disable=not progress or rank != 0)
     t_start = time.perf_counter()
     try:
-        for batch in _batches(_token_lists(tokenizer, texts, seq_len), batch_tokens):
+        for batch, consumed in _batches(_token_lists(tokenizer, texts, seq_len), batch_tokens):
             if run.tokens >= cap:
                 break
             input_ids, mask = _pad(batch, pad_id)
@@ -331,7 +333,7 @@ def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, 
                 pass
             n = int(select.sum())
             run.tokens += n
-            run.position += len(batch)
+            run.position += consumed
             run.batches += 1
             since_checkpoint += n
             bar.update(n)
