@@ -238,6 +238,15 @@ def test_cpu_tensors_are_rejected(cuda_backend, gpu_only):
 
 
 @pytest.mark.gpu
+def test_shapes_are_checked(cuda_backend, gpu_only):
+    with pytest.raises(InputError, match="square"):
+        cuda_backend.cholesky_jittered(torch.ones(3, 4, device=gpu_only), [0.0])
+    L = torch.eye(4, dtype=torch.float64, device=gpu_only)
+    with pytest.raises(InputError, match="d × n"):
+        cuda_backend.pm_solve(L, torch.ones(5, 2, dtype=torch.float64, device=gpu_only), [0.0], MAX_COND)
+
+
+@pytest.mark.gpu
 def test_native_argument_checks(cuda_backend, gpu_only):
     C_mod = native()
     dev = gpu_only.index

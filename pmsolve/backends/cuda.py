@@ -54,6 +54,13 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return index, torch.cuda.current_stream(index).cuda_stream
 
+    @staticmethod
+    def _square(name: str, x: torch.Tensor) -> int:
+        # The kernels see raw pointers: a wrong shape here would be an out-of-bounds access there.
+        if x.ndim != 2 or x.shape[0] != x.shape[1] or x.shape[0] == 0:
+            raise InputError(f"{name} must be a non-empty square matrix, got shape {tuple(x.shape)}")
+        return x.shape[0]
+
     def _work(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
@@ -62,7 +69,7 @@ class CudaBackend:
         # fp16/bf16 widen to fp32 exactly; the kernel reads fp32 and fp64 directly.
         src = C if C.dtype in (torch.float32, torch.float64) else C.float()
         src = src.contiguous()
-        d = src.shape[0]
+        d = self._square("C", src)
         L = torch.empty((d, d), dtype=torch.float64, device=C.device)
         work = self._work(self._C.cuda_cholesky_workspace_bytes(dev, stream, d), C.device)
         index = self._C.cuda_cholesky_jittered(
@@ -75,7 +82,7 @@ class CudaBackend:
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
         dev, stream = self._context(L)
         L = L.to(torch.float64).contiguous()
-        n = L.shape[0]
+        n = self._square("L", L)
         work = self._work(self._C.cuda_cond_workspace_bytes(n), L.device)
         return self._C.cuda_cond_estimate(dev, stream, L.data_ptr(), n, float(anorm), work.data_ptr(), work.numel())
 
@@ -85,9 +92,9 @@ class CudaBackend:
         Lc, Kc = L.to(torch.float64).contiguous(), K.to(torch.float64).contiguous()
         copies = sum(_nbytes(x) for x, y in ((Lc, L), (Kc, K)) if x.data_ptr() != y.data_ptr())
         L, K = Lc, Kc
+        if K.ndim != 2 or K.shape[1] == 0 or self._square("L", L) != K.shape[0]:
+            raise InputError(f"K must be d × n with n ≥ 1 for the d × d factor L, got {tuple(K.shape)} and {tuple(L.shape)}")
         d, n = K.shape
-        if L.shape != (d, d):
-            raise InputError(f"L is {tuple(L.shape)} but K has {d} rows")
         f64 = dict(dtype=torch.float64, device=K.device)
         Z, B = torch.empty((d, n), **f64), torch.empty((d, n), **f64)
         G, M = torch.empty((n, n), **f64), torch.empty((n, n), **f64)
