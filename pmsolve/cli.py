@@ -17,6 +17,7 @@ _COMMANDS = {
     "stats": "pmsolve.commands.stats",
     "eval": "pmsolve.commands.evaluate",
     "profile": "pmsolve.commands.profile",
+    "experiments": "pmsolve.commands.experiments",
     "info": "pmsolve.commands.info",
 }
 
