@@ -1,7 +1,7 @@
 """Shared set-up of the CPU solver benchmarks (bench/test_bench_solver.py).
 
-Sizes: the full run uses the issue's grid; PMSOLVE_BENCH_QUICK=1 runs a small
-subset in about a minute (for checking that the suite works, not for numbers).
+Process-wide settings that must precede the measurements: allocation policy
+(for the peak-RSS numbers) and, optionally, the thread count.
 """
 
 from __future__ import annotations
@@ -9,10 +9,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-
-QUICK = os.environ.get("PMSOLVE_BENCH_QUICK") == "1"
-DIMS = (1536,) if QUICK else (1536, 4096, 6400)
-NS = (1, 16, 256) if QUICK else (1, 16, 256, 1024)
 
 
 def _fixed_mmap_threshold() -> None:
@@ -27,9 +23,24 @@ def _fixed_mmap_threshold() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def _threads_from_env() -> None:
+    """PMSOLVE_BENCH_THREADS=n runs every library with n threads (torch, and through it pmsolve; all BLAS pools)."""
+    n = os.environ.get("PMSOLVE_BENCH_THREADS")
+    if n:
+        import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, so that the limit reaches it)
+        import scipy_openblas32  # noqa: F401
+        import threadpoolctl
+        import torch
+
+        import pmsolve._native
+
+        pmsolve._native.native()  # loads pmsolve._C's OpenBLAS
+        torch.set_num_threads(int(n))
+        threadpoolctl.threadpool_limits(int(n))
+
+
 _fixed_mmap_threshold()
-
-
+_threads_from_env()
 _LOAD_AT_START = os.getloadavg()
 
 
@@ -52,7 +63,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "nproc": os.cpu_count(),
         "loadavg_start": _LOAD_AT_START,
         "loadavg_end": os.getloadavg(),
-        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "PMSOLVE_BENCH_QUICK")},
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "PMSOLVE_BENCH_QUICK", "PMSOLVE_BENCH_THREADS")},
     }
 
 

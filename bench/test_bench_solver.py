@@ -13,9 +13,9 @@ How it measures (the machine is shared, so load varies over seconds):
   one extra, untimed run of each implementation, and VmHWM − VmRSS-before is its
   peak increase, the result included. conftest.py makes glibc serve large
   allocations by mmap, so freed memory is not silently reused.
-- All implementations run with the same thread count (torch's, 2 here): MKL
-  through torch, OpenBLAS 0.3.34 (scipy-openblas32, our core's library) and
-  SciPy's bundled OpenBLAS through scipy.linalg.
+- All implementations run with the same thread count (torch's, 2 here, or
+  PMSOLVE_BENCH_THREADS, see conftest.py): MKL through torch, OpenBLAS 0.3.34
+  (scipy-openblas32, our core's library) and SciPy's bundled OpenBLAS.
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ def problem(d: int):
     return C, K, R, factor, t_factor
 
 
+@functools.lru_cache(maxsize=1)
+def c_inverse(d: int) -> torch.Tensor:
+    return torch.inverse(problem(d)[0])
+
+
 def memit_reference(C: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """(λC + KKᵀ)⁻¹K as the MEMIT reference code computes it; Δ = R · thisᵀ."""
     return torch.linalg.solve(LAMBDA * C + K @ K.mT, K)
@@ -158,7 +163,7 @@ def test_emmet_reference_inverse(benchmark, d):
 def test_solve_vs_references(benchmark, d, n):
     C, Ks, Rs, factor, t_factor = problem(d)
     K, R = Ks[n], Rs[n]
-    Cinv = torch.inverse(C)  # the EMMET reference's inverse is timed in test_emmet_reference_inverse
+    Cinv = c_inverse(d)  # the EMMET reference's inverse is timed in test_emmet_reference_inverse
     comp = Competitors(
         {
             "memit_ref": lambda: memit_reference(C, K),

@@ -59,8 +59,8 @@ def _check_float_matrix(name: str, x: Any) -> torch.Tensor:
 
 
 def _row_blocks(x: torch.Tensor) -> range:
-    """Row offsets of blocks of about 4M elements: temporaries stay O(block), not O(size of x)."""
-    return range(0, x.shape[0], max(1, (1 << 22) // max(x.shape[1], 1)))
+    """Row offsets of blocks of about 1M elements: temporaries stay 8 MiB, not O(size of x)."""
+    return range(0, x.shape[0], max(1, (1 << 20) // max(x.shape[1], 1)))
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
