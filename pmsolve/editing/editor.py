@@ -23,7 +23,7 @@ from ..errors import CacheError, InputError
 from ..models.adapters import Adapter, Templates, adapter_for
 from ..solver import METHODS, Factor, Update, factorize, solve
 from .distribution import Distribution, get_distribution, remaining_share
-from .keys import average_by_owner, capture, context_templates, key_prompts, pad_id
+from .keys import average_by_owner, cache_dir, capture, context_templates, key_prompts, pad_id
 from .presets import Preset, load_preset, preset_for
 from .requests import EditRequest, load_requests
 from .values import ValueConfig, ValueResult, optimize_values
@@ -127,10 +127,27 @@ def _check_stats_meta(obj: Any, layer: int, adapter: Adapter, model_id: str | No
                          f"this is {model_id!r}")
 
 
+def auto_stats(model, tokenizer, layers: Sequence[int], model_id: str | None, *, max_tokens: int = 100_000,
+               corpus: Any = None, progress: bool = False):
+    """Statistics from pmsolve.stats.collect_stats on ``corpus`` (None: the offline default),
+    cached under the pmsolve cache folder. Must run on the unedited model."""
+    from ..stats import collect_stats
+
+    return collect_stats(model, tokenizer, list(layers), corpus, max_tokens=max_tokens,
+                         cache_dir=cache_dir() / "stats", model_id=model_id, progress=progress)
+
+
 def _factors(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str | None) -> dict[int, Factor]:
     if stats is None:
         raise InputError("no statistics given: pass stats={layer: C} (or accumulators / factors), "
-                         "e.g. from pmsolve.stats.collect_stats")
+                         "stats='auto', or a pmsolve.stats.collect_stats result")
+    modules = getattr(stats, "modules", None)
+    if isinstance(modules, Mapping) and hasattr(stats, "stats"):  # a CollectResult
+        for layer in layers:
+            if layer in modules and modules[layer] != adapter.rewrite_name(layer):
+                raise CacheError(f"statistics for layer {layer} were collected at module {modules[layer]!r}, "
+                                 f"the edit needs {adapter.rewrite_name(layer)!r}")
+        stats = stats.stats
     out = {}
     for layer in layers:
         if callable(stats) and not isinstance(stats, Mapping):
@@ -188,12 +205,13 @@ def _apply(adapter: Adapter, layer: int, upd: Update, K: torch.Tensor, R: torch.
 # ---------------------------------------------------------------------------
 
 
-def _resolve(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,
-             adapter: Adapter):
+def resolve_settings(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,
+             adapter: Adapter, model_id: str | None):
+    """Layers, distribution, μ and v* settings from the arguments, filling gaps from the preset."""
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if preset == "auto":
-        preset = preset_for(model)
+        preset = preset_for(model, model_id)
     elif isinstance(preset, str):
         preset = load_preset(preset)
     settings = preset.for_method(method) if isinstance(preset, Preset) and method in preset.methods else None
@@ -263,7 +281,8 @@ def edit(
         batch_size: requests per solve; batches are edited one after another (later
             batches see the earlier edits). None: all at once.
         stats: per layer, the preservation statistics: ``{layer: C}`` with C a tensor,
-            a CovarianceAccumulator or a pmsolve.Factor, or a callable ``layer -> C``.
+            a CovarianceAccumulator or a pmsolve.Factor, a callable ``layer -> C``, a
+            ``pmsolve.stats.collect_stats`` result, or "auto" (:func:`auto_stats`).
             The solve runs on the device of these statistics.
         mu: ridge / MEMIT λ (default from the preset, else the solver's default).
         seed: makes the context templates and the v* optimisation reproducible.
@@ -276,12 +295,15 @@ def edit(
     clock = _Clock()
     adapter = adapter_for(model, templates)
     reqs = load_requests(requests)
-    layers, dist, mu, vcfg = _resolve(model, method, layers, distribution, mu, preset, value_config, adapter)
+    model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+    layers, dist, mu, vcfg = resolve_settings(model, method, layers, distribution, mu, preset, value_config, adapter,
+                                      model_id)
     batches = _batches(reqs, batch_size)
     if method == "rome" and any(len(b) != 1 for b in batches):
         raise InputError("ROME edits one fact per solve: use batch_size=1 or method='emmet'")
-    model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
     with clock("stats"):
+        if isinstance(stats, str) and stats == "auto":
+            stats = auto_stats(model, tokenizer, layers, model_id)
         factors = _factors(stats, layers, adapter, model_id)
     with clock("keys"):
         ctx = context_templates(model, tokenizer, seed=seed)

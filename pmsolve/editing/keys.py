@@ -28,7 +28,9 @@ _object_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PMSOLVE_CACHE_DIR", Path.home() / ".cache" / "pmsolve"))
+    """The pmsolve cache root (``$PMSOLVE_CACHE``, as for converted models)."""
+    root = os.environ.get("PMSOLVE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "pmsolve"
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -37,7 +39,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def target_ids(tokenizer, target: str) -> list[int]:
     """Token ids of a target as a continuation: with a leading space, without BOS."""
-    text = target if target[:1].isspace() else " " + target
+    text = " " + target.strip()  # as pmsolve.evaluation scores it
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")

@@ -60,11 +60,11 @@ def load_preset(name_or_path: str) -> Preset:
     return _parse(json.loads(path.read_text()), str(path))
 
 
-def preset_for(model) -> Preset | None:
-    """The built-in preset whose name pattern matches the model's name, else whose
-    model_type matches; the most specific (longest) name match wins."""
+def preset_for(model, model_id: str | None = None) -> Preset | None:
+    """The built-in preset whose name pattern matches ``model_id`` or the model's path, else
+    whose model_type matches; the most specific (longest) name match wins."""
     config = getattr(model, "config", None)
-    name = str(getattr(config, "_name_or_path", "") or "").lower()
+    name = f"{model_id or ''} {getattr(config, '_name_or_path', '') or ''}".lower()
     model_type = str(getattr(config, "model_type", "") or "")
     presets = [load_preset(p) for p in list_presets()]
     best, best_len = None, 0

@@ -34,6 +34,7 @@ class ValueConfig:
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖, h the layer output at the subject's last token
     kl_prompt: str = "{} is a"
     early_stop: bool = True
+    prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
 
 
 @dataclass
@@ -90,56 +91,115 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
-class _Batch:
-    """Index tensors for the rows of the currently active facts."""
+def _cache_kwarg(model) -> str:
+    # transformers renamed past_key_values to cache (5.2x); older versions only know the former.
+    import inspect
 
-    def __init__(self, rows: _Rows, active: list[int], pad: int, device: torch.device) -> None:
-        sel = [r for r, f in enumerate(rows.owner) if f in set(active)]
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _PrefixCache:
+    """Keys/values of every row's tokens before the subject's last token, computed once.
+
+    δ enters the residual stream at the subject's last token, so in a causal model nothing
+    before that position depends on δ. Each optimisation step then runs only the suffix
+    (subject's last token, the rest of the prompt, the target) on top of this cache: a few
+    tokens per row instead of the whole context-prefixed prompt.
+    """
+
+    def __init__(self, model, rows: _Rows, pad: int, device: torch.device) -> None:
+        from transformers import DynamicCache
+
+        self.config = model.config
+        self.lens = torch.tensor(rows.lookup)
+        width = int(self.lens.max())
+        ids = torch.full((len(rows.ids), width), pad, dtype=torch.long)
+        self.mask = torch.zeros((len(rows.ids), width), dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows.ids, rows.lookup)):  # left padding: suffixes follow directly
+            if n:
+                ids[i, width - n :] = torch.tensor(r[:n])
+                self.mask[i, width - n :] = 1
+        pos = (self.mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            self.kwarg = _cache_kwarg(model)
+            cache = DynamicCache(config=model.config)
+            model.base_model(input_ids=ids.to(device), attention_mask=self.mask.to(device),
+                             position_ids=pos.to(device), use_cache=True, **{self.kwarg: cache})
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._cache_cls = DynamicCache
+
+    def select(self, sel: torch.Tensor):
+        data = [(k[sel.to(k.device)], v[sel.to(v.device)]) for k, v in self.kv]
+        return self._cache_cls(ddp_cache_data=data, config=self.config)
+
+
+class _Batch:
+    """Index tensors for the rows of the currently active facts; tokens before ``start[r]``
+    of each row come from the prefix cache (start = 0 without one)."""
+
+    def __init__(self, rows: _Rows, active: list[int], start: list[int], pad: int, device: torch.device) -> None:
+        keep = set(active)
+        sel = [r for r, f in enumerate(rows.owner) if f in keep]
         local = {f: i for i, f in enumerate(active)}
-        self.ids, self.mask = pad_right([rows.ids[r] for r in sel], pad, device)
+        self.sel = torch.tensor(sel)
+        self.ids, self.mask = pad_right([rows.ids[r][start[r] :] for r in sel], pad, device)
+        self.start = torch.tensor([start[r] for r in sel])
         self.row_owner = torch.tensor([local[rows.owner[r]] for r in sel])
-        self.lookup = torch.tensor([rows.lookup[r] for r in sel])
-        pos_r, pos_t, tok, tgt_row_owner, tgt_row = [], [], [], [], []
+        self.delta_pos = torch.tensor([rows.lookup[r] - start[r] for r in sel])
+        pos_r, pos_t, tok, tok_row, tok_owner = [], [], [], [], []
         kl_r, kl_t, kl_owner, kl_fact = [], [], [], []
         for i, r in enumerate(sel):
             spec = rows.target[r]
             if spec is None:
                 kl_r.append(i)
-                kl_t.append(rows.lookup[r])
+                kl_t.append(rows.lookup[r] - start[r])
                 kl_owner.append(local[rows.owner[r]])
                 kl_fact.append(rows.owner[r])
                 continue
-            start, tgt = spec
+            first, tgt = spec
             for j, t in enumerate(tgt):
                 pos_r.append(i)
-                pos_t.append(start + j)
+                pos_t.append(first - start[r] + j)
                 tok.append(t)
-                tgt_row.append(i)
-                tgt_row_owner.append(local[rows.owner[r]])
+                tok_row.append(i)
+                tok_owner.append(local[rows.owner[r]])
         self.pos = (torch.tensor(pos_r), torch.tensor(pos_t))
         self.tok = torch.tensor(tok)
-        self.tok_row = torch.tensor(tgt_row)
-        self.tok_owner = torch.tensor(tgt_row_owner)
+        self.tok_row = torch.tensor(tok_row)
+        self.tok_owner = torch.tensor(tok_owner)
         self.kl = (torch.tensor(kl_r), torch.tensor(kl_t))
         self.kl_owner = torch.tensor(kl_owner)
         self.kl_fact = kl_fact
-        self.n_rows = len(sel)
         self.n = len(active)
 
 
-def _forward_logits(model, adapter: Adapter, b: _Batch, layer: int, delta: torch.Tensor):
+def _forward_logits(model, adapter: Adapter, b: _Batch, layer: int, delta: torch.Tensor,
+                    cache: _PrefixCache | None):
     """Logits at the target positions and the KL positions, with δ added at ``layer``."""
     def add_delta(module, inputs, output):
         h = layer_hidden(output)
         rows = torch.arange(h.shape[0], device=h.device)
         upd = delta.to(h.device)[b.row_owner.to(h.device)].to(h.dtype)
-        h = h.index_put((rows, b.lookup.to(h.device)), upd, accumulate=True)
+        h = h.index_put((rows, b.delta_pos.to(h.device)), upd, accumulate=True)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
+    kwargs = {}
+    if cache is not None:
+        dev = b.ids.device
+        width = b.ids.shape[1]
+        kwargs = {
+            cache.kwarg: cache.select(b.sel),
+            "attention_mask": torch.cat([cache.mask[b.sel].to(dev), b.mask], 1),
+            "position_ids": (cache.lens[b.sel][:, None] + torch.arange(width)).to(dev),
+            "use_cache": True,
+        }
+    else:
+        kwargs = {"attention_mask": b.mask}
     with hooks(lambda: [adapter.layer(layer).register_forward_hook(add_delta)]):
         # The base model stops before the LM head, so the vocabulary projection runs only
         # at the few positions the loss needs, not at every token of every row.
-        hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+        hidden = model.base_model(input_ids=b.ids, **kwargs).last_hidden_state
     head = adapter.lm_head()
     dev = hidden.device
     tgt_h = hidden[b.pos[0].to(dev), b.pos[1].to(dev)]
@@ -177,13 +237,15 @@ def optimize_values(
     with _frozen(model):
         h0 = _initial_outputs(model, adapter, rows, layer, n, pad)
         max_norm = config.clamp * h0.norm(dim=1)
+        cache = _PrefixCache(model, rows, pad, in_dev) if config.prefix_cache and max(rows.lookup) > 0 else None
+        start = rows.lookup if cache is not None else [0] * len(rows.ids)
         for _ in range(config.steps + 1):
             if not active:
                 break
-            b = _Batch(rows, active, pad, in_dev)
+            b = _Batch(rows, active, start, pad, in_dev)
             idx = torch.tensor(active, device=dev)
             d_act = delta[idx].clone().requires_grad_(True)
-            tgt_logits, kl_logits = _forward_logits(model, adapter, b, layer, d_act)
+            tgt_logits, kl_logits = _forward_logits(model, adapter, b, layer, d_act, cache)
             passes += 1
             logp = torch.log_softmax(tgt_logits, -1)
             tok = b.tok.to(logp.device)

@@ -1,0 +1,156 @@
+"""`pmsolve edit`: write facts into a model and save the result, the updates and a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import PMSolveError
+
+
+def parse_layers(text: str) -> list[int]:
+    """'5' or '3,4,5' or '3-8' (inclusive) or a mix: '1,4-6'."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must look like '5', '3,4,5' or '3-8', got {text!r}") from None
+    return out
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder or Hugging Face id (default: built-in SmolLM2)")
+    p.add_argument("--method", default="emmet", choices=["emmet", "memit", "rome"])
+    p.add_argument("--layers", type=parse_layers, default=None, help="e.g. 5 or 3-8 (default: the preset's)")
+    p.add_argument("--distribution", default=None, choices=["single", "memit", "balanced"])
+    p.add_argument("--mu", type=float, default=None, help="ridge / MEMIT lambda (default: the preset's)")
+    p.add_argument("--preset", default="auto", help="preset name or JSON file (default: matched to the model)")
+    p.add_argument("--stats-tokens", type=int, default=100_000,
+                   help="tokens for the covariance statistics when not cached (default 100000)")
+    p.add_argument("--corpus", default=None, help="text/JSONL file or hf:name for statistics (default: offline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET)")
+    p.add_argument("--requests", required=True, help="JSON or JSONL file of edit requests")
+    add_common(p)
+    p.add_argument("--batch-size", type=int, default=None, help="requests per solve (default: all at once)")
+    p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    p.add_argument("--templates", default=None, help="JSON module-name templates for unknown architectures")
+    p.add_argument("--out", required=True, help="output folder: model/, updates.safetensors, report.json")
+    p.add_argument("--no-save-model", action="store_true", help="write only the updates and the report")
+    p.set_defaults(func=run)
+
+
+def load(args: argparse.Namespace):
+    import torch
+
+    from ..models import load_model
+
+    return load_model(args.model, dtype=getattr(torch, args.dtype),
+                      device_map=getattr(args, "device_map", None))
+
+
+def progress_bar(total_batches: int):
+    """A callback for pmsolve.edit that drives one tqdm bar over batches."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_batches, desc="editing", unit="batch", file=sys.stderr)
+
+    def cb(stage: str, done: int, total: int) -> None:
+        if stage == "layer":
+            bar.set_postfix_str(f"layer {done}/{total}")
+            if done == total:
+                bar.update(1)
+
+    return bar, cb
+
+
+def margins(model, tokenizer, requests) -> list[float | None]:
+    """Per request: NLL(true) − NLL(new) on the rewrite prompt (> 0: the new target wins)."""
+    from ..evaluation import target_nll
+
+    have = [r for r in requests if r.target_true]
+    if not have:
+        return [None] * len(requests)
+    prompts = [r.text for r in have]
+    new = target_nll(model, tokenizer, prompts, [r.target_new for r in have])
+    true = target_nll(model, tokenizer, prompts, [r.target_true for r in have])
+    it = iter(t - n for n, t in zip(new, true))
+    return [next(it) if r.target_true else None for r in requests]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..editing import edit, load_requests
+    from ..editing.editor import auto_stats
+
+    try:
+        requests = load_requests(args.requests)
+        templates = json.loads(args.templates) if args.templates else None
+        t0 = time.perf_counter()
+        lm = load(args)
+        print(f"loaded {lm.model_id} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        before = margins(lm.model, lm.tokenizer, requests)
+        n_batches = 1 if not args.batch_size else -(-len(requests) // args.batch_size)
+        bar, cb = progress_bar(n_batches)
+        stats = _stats(args, lm, templates, auto_stats)
+        result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
+                      distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
+                      seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb)
+        bar.close()
+        after = margins(lm.model, lm.tokenizer, requests)
+    except (PMSolveError, OSError, json.JSONDecodeError) as exc:
+        print(f"pmsolve edit: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report()
+    report["model"] = lm.model_id
+    report["margins"] = [{"subject": r.subject, "before": b, "after": a}
+                         for r, b, a in zip(requests, before, after)]
+    result.save_updates(out / "updates.safetensors")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if not args.no_save_model:
+        lm.model.save_pretrained(out / "model")
+        lm.tokenizer.save_pretrained(out / "model")
+    print(summary(result, report))
+    print(f"\nwrote {out}/report.json, {out}/updates.safetensors" + ("" if args.no_save_model else f", {out}/model/"))
+    return 0
+
+
+def _stats(args, lm, templates, auto_stats):
+    """Collect (or load cached) statistics for the layers the edit will use, before editing."""
+    from ..editing.editor import resolve_settings
+    from ..models.adapters import adapter_for
+
+    adapter = adapter_for(lm.model, templates)
+    layers, *_ = resolve_settings(lm.model, args.method, args.layers, args.distribution, args.mu, args.preset, None,
+                          adapter, lm.model_id)
+    t0 = time.perf_counter()
+    res = auto_stats(lm.model, lm.tokenizer, layers, lm.model_id, max_tokens=args.stats_tokens,
+                     corpus=args.corpus, progress=True)
+    how = "cached" if res.from_cache else f"{res.tokens} tokens"
+    print(f"statistics for layers {layers}: {how}, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return res
+
+
+def summary(result, report) -> str:
+    lines = [f"{result.method} on layers {result.layers} ({result.distribution}), "
+             f"{len(result.requests)} requests, {report['facts_per_second']:.2f} facts/s"]
+    lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    lines.append(f"{'subject':<28} {'target':<16} {'v* steps':>8}  margin before → after")
+    for m, v, r in zip(report["margins"], result.values, result.requests):
+        fmt = (lambda x: "   n/a" if x is None else f"{x:+6.2f}")
+        lines.append(f"{r.subject[:28]:<28} {r.target_new[:16]:<16} {v['steps']:>8}  "
+                     f"{fmt(m['before'])} → {fmt(m['after'])}")
+    worst = max(e.residual_rounded for e in result.edits)
+    lines.append(f"largest memorisation residual after rounding to the weight dtype: {worst:.2e}")
+    return "\n".join(lines)
+
