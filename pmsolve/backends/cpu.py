@@ -40,13 +40,12 @@ class CpuBackend:
 
     def __init__(self, module: ModuleType) -> None:
         self._C = module
-        self._threads = -1
 
     def _sync_threads(self) -> None:
+        # Asked every time rather than cached: other users of the same OpenBLAS may change it.
         n = blas_threads()
-        if n != self._threads:
+        if self._C.blas_get_num_threads() != n:
             self._C.blas_set_num_threads(n)
-            self._threads = n
 
     def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
         self._sync_threads()
