@@ -120,32 +120,41 @@ void CovAccumulator::center_rows(int64_t rows, std::vector<double>& chunk_mean) 
   }
 }
 
-// Small products run on one BLAS thread: waking (and leaving spinning) a second thread costs
-// more than it saves, and a spinning BLAS worker slows the model's forward pass that
-// runs between updates on the same cores.
-class BlasThreadsForWork {
+// Threads for one chunk's product. Small products run on one thread: waking (and leaving
+// spinning) a second BLAS thread costs more than it saves and slows the model's forward
+// pass running between updates on the same cores. Large ones split the chunk's rows
+// across threads, each running a single-threaded ssyrk into its own scratch: no
+// fine-grained BLAS synchronisation, which degrades badly when the cores are shared.
+int product_threads(int64_t d, int64_t rows) {
+  const double flops = static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(rows);
+  if (flops < 2e8) return 1;
+  const int hw = static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, std::min({blas_get_num_threads(), hw > 0 ? hw : 1, static_cast<int>(rows / 64)}));
+}
+
+// Sets the BLAS thread count for one scope and restores it.
+class BlasThreads {
  public:
-  explicit BlasThreadsForWork(double flops) : saved_(blas_get_num_threads()) {
-    if (flops < kMinParallelFlops && saved_ > 1) blas_set_num_threads(1);
+  explicit BlasThreads(int n) : saved_(blas_get_num_threads()) {
+    if (n != saved_) blas_set_num_threads(n);
   }
-  ~BlasThreadsForWork() {
+  ~BlasThreads() {
     if (blas_get_num_threads() != saved_) blas_set_num_threads(saved_);
   }
 
  private:
-  static constexpr double kMinParallelFlops = 2e8;
   int saved_;
 };
 
 void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
   if (rows <= 0) return;
-  BlasThreadsForWork threads(static_cast<double>(d_) * static_cast<double>(d_) * static_cast<double>(rows));
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;
   if (fp64_) rows64_.assign(rows32_.begin(), rows32_.end());
   if (centered_) center_rows(rows, chunk_mean);
 
+  BlasThreads threads(product_threads(d_, rows) > 1 ? blas_get_num_threads() : 1);  // fp64: BLAS's own threads
   if (fp64_ && !centered_) {  // products already fp64: accumulate straight into the master
     scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 1.0, mat_.data(), n);
     count_ += rows;
@@ -154,17 +163,41 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   if (fp64_) {
     prod64_.resize(mat_.size());
     scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 0.0, prod64_.data(), n);
-    fold_in(nullptr, prod64_.data(), rows, chunk_mean.data());
-  } else {
-    prod32_.resize(mat_.size());
-    scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0f, rows32_.data(), n, 0.0f, prod32_.data(), n);
-    fold_in(prod32_.data(), nullptr, rows, chunk_mean.data());
+    fold_in(nullptr, 0, prod64_.data(), rows, chunk_mean.data());
+    return;
   }
+  const int parts = product_threads(d_, rows);
+  prod32_.resize(mat_.size() * parts);
+  gram_parts_f32(rows, parts);
+  fold_in(prod32_.data(), parts, nullptr, rows, chunk_mean.data());
+}
+
+// prod32_[p] = lower triangle of X_pᵀX_p for `parts` consecutive row ranges X_p of the chunk.
+void CovAccumulator::gram_parts_f32(int64_t rows, int parts) {
+  const blas_int n = static_cast<blas_int>(d_);
+  const size_t dd = mat_.size();
+  if (parts == 1) {
+    BlasThreads single(1);
+    scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(rows), 1.0f, rows32_.data(), n,
+                      0.0f, prod32_.data(), n);
+    return;
+  }
+  BlasThreads single(1);
+  auto part = [&](int p) {
+    const int64_t r0 = rows * p / parts, r1 = rows * (p + 1) / parts;
+    scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(r1 - r0), 1.0f,
+                      rows32_.data() + static_cast<size_t>(r0) * d_, n, 0.0f, prod32_.data() + p * dd, n);
+  };
+  std::vector<std::thread> pool;
+  for (int p = 1; p < parts; ++p) pool.emplace_back(part, p);
+  part(0);
+  for (auto& t : pool) t.join();
 }
 
 // mat += P (lower triangle), and in centred mode the Chan/Pébay cross term
 // n_a·n_b/n · δδᵀ with δ = mean_b − mean_a, then mean_a += δ·n_b/n.
-void CovAccumulator::fold_in(const float* prod32, const double* prod64, int64_t n_b, const double* mean_b) {
+void CovAccumulator::fold_in(const float* prod32, int parts32, const double* prod64, int64_t n_b,
+                             const double* mean_b) {
   if (n_b == 0) return;
   std::vector<double> delta;
   double c = 0.0;
@@ -181,8 +214,10 @@ void CovAccumulator::fold_in(const float* prod32, const double* prod64, int64_t 
       double* mi = m + i * d;
       size_t off = static_cast<size_t>(i) * d;
       if (prod32) {
-        const float* pi = prod32 + off;
-        for (int64_t j = 0; j <= i; ++j) mi[j] += static_cast<double>(pi[j]);
+        for (int p = 0; p < parts32; ++p) {
+          const float* pi = prod32 + p * static_cast<size_t>(d) * d + off;
+          for (int64_t j = 0; j <= i; ++j) mi[j] += static_cast<double>(pi[j]);
+        }
       } else {
         const double* pi = prod64 + off;
         for (int64_t j = 0; j <= i; ++j) mi[j] += pi[j];
@@ -203,7 +238,7 @@ void CovAccumulator::fold_in(const float* prod32, const double* prod64, int64_t 
 void CovAccumulator::merge(const CovAccumulator& other) {
   if (other.d_ != d_) throw std::invalid_argument("cannot merge accumulators of different d");
   if (other.centered_ != centered_) throw std::invalid_argument("cannot merge centred with uncentred statistics");
-  fold_in(nullptr, other.mat_.data(), other.count_, centered_ ? other.mean_.data() : nullptr);
+  fold_in(nullptr, 0, other.mat_.data(), other.count_, centered_ ? other.mean_.data() : nullptr);
 }
 
 void CovAccumulator::set_state(int64_t count, const double* mat, const double* mean) {
