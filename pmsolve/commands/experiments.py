@@ -1,0 +1,87 @@
+"""`pmsolve experiments`: regenerate docs/RESULTS.md and docs/figures/ (seeded, one command).
+
+    pmsolve experiments                      # the full run (~40 min on 2 CPU cores)
+    pmsolve experiments --quick --docs /tmp/x   # a few facts, minutes; for tests
+    pmsolve experiments --only sequential    # rerun one experiment, keep the others' results
+
+Keys, values, statistics and the unedited scores are cached (--cache-dir), so a rerun
+after a crash redoes only the experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+EXPERIMENTS = ("sweep", "distribution", "stability", "sequential")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiments", help="run the experiments and write docs/RESULTS.md with figures",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or id (default: built-in SmolLM2)")
+    p.add_argument("--docs", default="docs", help="where RESULTS.md, results.json and figures/ go")
+    p.add_argument("--cache-dir", default=None, help="cache for statistics, keys/values, baselines")
+    p.add_argument("--quick", action="store_true", help="a reduced run (few facts, short generations)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
+    p.add_argument("--facts", type=int, default=None, help="facts sampled (default 256; quick 8)")
+    p.add_argument("--seq-facts", type=int, default=None, help="facts in the sequential experiment")
+    p.add_argument("--dist-facts", type=int, default=None, help="facts in the distribution experiment")
+    p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _config(args):
+    from ..experiments.runner import QUICK, Config
+
+    cfg = QUICK if args.quick else Config()
+    over = {"n_facts": args.facts, "seq_facts": args.seq_facts, "dist_facts": args.dist_facts,
+            "stats_tokens": args.stats_tokens}
+    return replace(cfg, seed=args.seed, **{k: v for k, v in over.items() if v is not None})
+
+
+def _previous(path: Path, config: dict) -> dict:
+    """Results of an earlier run with the same configuration (kept when --only reruns a part)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old if old.get("config") == config else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..editing.keys import cache_dir
+    from ..evaluation.records import load_builtin_facts
+    from ..experiments import report, runner
+    from ..experiments.common import write_json
+    from ..models import load_model
+
+    which = args.only.split(",") if args.only else list(EXPERIMENTS)
+    unknown = set(which) - set(EXPERIMENTS)
+    if unknown:
+        print(f"pmsolve experiments: unknown experiment(s) {sorted(unknown)}; choose from {EXPERIMENTS}",
+              file=sys.stderr)
+        return 2
+    cfg = _config(args)
+    docs = Path(args.docs)
+    lm = load_model(args.model)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    env = runner.setup(lm.model, lm.tokenizer, lm.model_id, load_builtin_facts(), cfg,
+                       Path(args.cache_dir) if args.cache_dir else cache_dir(), log=log)
+    res = _previous(docs / "results.json", asdict(cfg))
+    old_timings = res.get("timings", {})
+    command = "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in (("facts", args.facts), ("seq_facts", args.seq_facts),
+                                                     ("dist_facts", args.dist_facts),
+                                                     ("stats_tokens", args.stats_tokens)) if v is not None)
+    for name in which:  # results and the report are rewritten after each experiment: a crash keeps the rest
+        res.update(runner.run_all(env, [name]))
+        res["timings"] = {**old_timings, **env.timings}
+        write_json(docs / "results.json", res)
+        files = report.write(res, docs, command)
+    print("wrote " + ", ".join(map(str, files)))
+    return 0

@@ -1,0 +1,181 @@
+"""Per-fact keys and values on the unedited model, computed once and reused by every solver.
+
+For a single-layer edit of layer L applied to the *unedited* model, everything the solver
+needs about fact f is independent of the solver and of the other facts in its batch:
+
+    k_f   the rewrite module's input at the subject's last token (averaged over templates),
+    h_f   the output of layer L at that token (bare prompt), and the rewrite input there,
+          k_bare_f (an edit ΔW of layer L moves h_f by exactly ΔW k_bare_f),
+    z_f   v*, the output layer L should produce (optimised per fact; the batched optimiser
+          in pmsolve.editing.values is per-fact by construction).
+
+So an experiment that compares ROME, EMMET and MEMIT across batch sizes and ridges
+computes (k, h, z) once per fact and then only solves: Δ = solve(C, K, Z − H). This is
+exactly what :func:`pmsolve.edit` does for one layer and one batch on an unedited model
+(tests/test_experiments.py checks the two agree). It does *not* hold for MEMIT's spread
+over several layers (keys are re-measured after each layer) or for sequential editing (the
+model has changed): those go through :func:`pmsolve.edit`.
+
+The tensors are cached on disk, keyed by model fingerprint, layer, seed, value settings and
+the fact itself, and saved after every chunk: an interrupted run keeps what it computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..editing.keys import average_by_owner, capture, context_templates, key_prompts, pad_id
+from ..editing.requests import EditRequest
+from ..editing.values import ValueConfig, optimize_values
+from ..models.adapters import adapter_for
+from ..solver import Factor, Update, solve
+
+_FORMAT = 2  # in the cache file name: bump when the stored fields change
+
+
+def fact_key(req: EditRequest) -> str:
+    return json.dumps([req.prompt, req.subject, req.target_new])
+
+
+@dataclass
+class FactTensors:
+    """k and k_bare (n × d_in), h and z (n × d_out), fp32 on CPU, in the order of ``requests``; plus
+    how the v* optimisation went per fact and the seconds spent computing what was not cached."""
+
+    requests: list[EditRequest]
+    layer: int
+    k: torch.Tensor
+    k_bare: torch.Tensor
+    h: torch.Tensor
+    z: torch.Tensor
+    steps: list[int]
+    converged: list[bool]
+    seconds_keys: float
+    seconds_values: float
+
+    def select(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (d_in × b) and R = Z − H (d_out × b) in fp64 for the facts ``idx``."""
+        i = torch.as_tensor(list(idx), dtype=torch.long)
+        return self.k[i].T.to(torch.float64), (self.z[i] - self.h[i]).T.to(torch.float64)
+
+
+def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig) -> Path:
+    tag = hashlib.sha256(json.dumps(asdict(vcfg), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir / f"facts{_FORMAT}-{fingerprint}-L{layer}-s{seed}-v{tag}.pt"
+
+
+def _load(path: Path) -> dict[str, dict]:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # absent, truncated or foreign (the unpickler raises many types): recompute
+        return {}
+
+
+def _save(path: Path, entries: dict[str, dict]) -> None:
+    """Atomic write: a crash mid-save leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(entries, tmp)
+    os.replace(tmp, path)
+
+
+def fact_tensors(
+    model,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    layer: int,
+    *,
+    fingerprint: str,
+    value_config: ValueConfig = ValueConfig(),
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    chunk: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> FactTensors:
+    """(k, h, z) for every request at ``layer`` of the unedited ``model`` (see module docs).
+
+    ``fingerprint`` identifies the weights (pmsolve.stats.weights_fingerprint); facts found
+    in the cache are not recomputed; new ones are saved after every ``chunk`` facts.
+    """
+    adapter = adapter_for(model)
+    path = _cache_file(Path(cache_dir), fingerprint, layer, seed, value_config) if cache_dir else None
+    entries = _load(path) if path else {}
+    todo = list({fact_key(r): r for r in requests if fact_key(r) not in entries}.values())
+    ctx = context_templates(model, tokenizer, seed=seed)
+    t_keys = t_values = 0.0
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        t0 = time.perf_counter()
+        k, k_bare = _keys(model, adapter, tokenizer, part, ctx, layer)
+        t1 = time.perf_counter()
+        vr = optimize_values(model, adapter, tokenizer, part, ctx, layer, value_config, seed=seed)
+        t2 = time.perf_counter()
+        t_keys, t_values = t_keys + t1 - t0, t_values + t2 - t1
+        for i, r in enumerate(part):
+            entries[fact_key(r)] = {"k": k[i].cpu(), "k_bare": k_bare[i].cpu(), "h": vr.h[i].cpu(), "z": vr.z[i].cpu(),
+                                    "steps": vr.steps[i], "converged": vr.converged[i]}
+        if path:
+            _save(path, entries)
+        if progress:
+            progress(min(start + chunk, len(todo)), len(todo))
+    rows = [entries[fact_key(r)] for r in requests]
+    return FactTensors(
+        requests=list(requests),
+        layer=layer,
+        k=torch.stack([e["k"] for e in rows]),
+        k_bare=torch.stack([e["k_bare"] for e in rows]),
+        h=torch.stack([e["h"] for e in rows]),
+        z=torch.stack([e["z"] for e in rows]),
+        steps=[int(e["steps"]) for e in rows],
+        converged=[bool(e["converged"]) for e in rows],
+        seconds_keys=t_keys,
+        seconds_values=t_values,
+    )
+
+
+def _keys(model, adapter, tokenizer, requests, templates, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """k* (averaged over the templates, as the editor computes it) and the bare-prompt key."""
+    kp = key_prompts(tokenizer, requests, templates)
+    cap = capture(model, adapter, kp.rows, kp.lookup, pad_id(tokenizer), key_layers=[layer])
+    keys = cap.keys[layer]
+    bare = torch.tensor([t == 0 for t in kp.template], device=keys.device)
+    return average_by_owner(keys, kp.owner, len(requests)), keys[bare]
+
+
+def apply_solve(model, layer: int, factor: Factor, K: torch.Tensor, R: torch.Tensor, method: str,
+                mu: float | None) -> Update:
+    """Solve Δ = R (KᵀC⁻¹K + μI)⁻¹ (C⁻¹K)ᵀ and add it to ``layer``'s rewrite weight in place."""
+    adapter = adapter_for(model)
+    upd = solve(factor, K.to(factor.device), R.to(factor.device), method=method, mu=mu)
+    upd.apply_(adapter.weight(layer).data, layout=adapter.layout)
+    return upd
+
+
+def solve_and_apply(model, factor: Factor, facts: FactTensors, idx: Sequence[int], method: str,
+                    mu: float | None) -> Update:
+    """Edit the facts ``idx`` in one batch; the caller restores the weight (:class:`WeightSnapshot`)."""
+    K, R = facts.select(idx)
+    return apply_solve(model, facts.layer, factor, K, R, method, mu)
+
+
+class WeightSnapshot:
+    """Copies of the rewrite weights of some layers, to put back bit-exactly."""
+
+    def __init__(self, model, layers: Sequence[int]) -> None:
+        self._adapter = adapter_for(model)
+        self._saved = {layer: self._adapter.weight(layer).detach().clone() for layer in layers}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, w in self._saved.items():
+                self._adapter.weight(layer).copy_(w)

@@ -1,0 +1,426 @@
+"""The four experiments of docs/RESULTS.md, on one model and one seeded sample of facts.
+
+Shared setup (:class:`Env`): the model, a seeded sample of the built-in facts, Cholesky
+factors of the preservation statistics per layer, per-fact keys and values at the
+single edit layer (:mod:`.precompute`), and the unedited model's scores (cached).
+
+1. :func:`batch_sweep`: EMMET vs MEMIT, single layer, batch sizes 1 … 256.
+2. :func:`distribution`: ROME / EMMET / MEMIT × single layer vs MEMIT's spread.
+3. :func:`stability`: cond(KᵀC⁻¹K) vs batch size, the ridge needed, and solves without it.
+4. :func:`sequential`: batch after batch into the same model; all earlier edits re-scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import settings
+from ..errors import PMSolveError
+from .common import factors_for, fluency, mean_or_none
+from .precompute import FactTensors, WeightSnapshot, apply_solve, fact_tensors, solve_and_apply
+
+
+@dataclass(frozen=True)
+class Config:
+    n_facts: int = 256               # facts sampled (with the seed) from the built-in set
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
+    min_facts_per_point: int = 16    # small batches are repeated over this many facts
+    eval_cap: int = 64               # full ES/PS/NS on at most this many facts per point (ES on all)
+    fluency_prompts: int = 16        # generation prompts per point (one per fact)
+    max_new_tokens: int = 100
+    dist_facts: int = 16             # facts in experiment 2
+    seq_facts: int = 256             # facts edited one batch after another in experiment 4
+    seq_batch: int = 32
+    seq_checkpoints: tuple[int, ...] = (1, 2, 4, 8)  # after how many batches everything is re-scored
+    stats_tokens: int = 100_000
+    seed: int = 0
+
+
+QUICK = Config(n_facts=8, batch_sizes=(1, 4, 8), min_facts_per_point=4, eval_cap=8, fluency_prompts=2,
+               max_new_tokens=8, dist_facts=2, seq_facts=8, seq_batch=4, seq_checkpoints=(1, 2), stats_tokens=4000)
+
+
+@dataclass
+class Env:
+    model: Any
+    tokenizer: Any
+    model_id: str
+    records: list                    # EditRecord, in the seeded sample order
+    layer: int                       # single edit layer (the EMMET preset's)
+    spread: list[int]                # MEMIT's layers (its preset's)
+    memit_mu: float | None
+    factors: dict[int, Any]
+    facts: FactTensors
+    pre: list[dict[str, Any]]        # unedited per-record scores
+    pre_fluency: list[float]         # unedited entropy of each record's first generation prompt
+    config: Config
+    timings: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def requests(self, idx: Sequence[int]) -> list[dict[str, Any]]:
+        return [self.records[i].as_request() for i in idx]
+
+
+# ---------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------
+
+
+def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, cache_dir: Path,
+          log: Callable[[str], None] = print) -> Env:
+    """Sample facts, collect/load statistics, factor them, precompute keys/values and baselines."""
+    from ..editing.presets import preset_for
+    from ..editing.requests import load_requests
+    from ..stats import collect_stats, weights_fingerprint
+    from .common import cached_json, content_hash
+
+    rng = random.Random(config.seed)
+    sample = rng.sample(list(records), min(config.n_facts, len(records)))
+    preset = preset_for(model)
+    layer = preset.for_method("emmet").layers[-1]
+    spread = list(preset.for_method("memit").layers)
+    timings: dict[str, float] = {}
+    fp = weights_fingerprint(model)
+    t0 = time.perf_counter()
+    stats = collect_stats(model, tokenizer, sorted({layer, *spread}), None, max_tokens=config.stats_tokens,
+                          cache_dir=cache_dir / "stats", model_id=model_id, progress=False)
+    factors = factors_for(stats, sorted({layer, *spread}))
+    timings["statistics_and_factors"] = time.perf_counter() - t0
+    log(f"statistics: {stats.tokens} tokens, layers {sorted(factors)} ({'cached' if stats.from_cache else 'computed'})")
+    t0 = time.perf_counter()
+    reqs = load_requests([r.as_request() for r in sample])
+    facts = fact_tensors(model, tokenizer, reqs, layer, fingerprint=fp, seed=config.seed,
+                         cache_dir=cache_dir / "experiments",
+                         progress=lambda d, n: log(f"keys/values: {d}/{n} new facts"))
+    timings["keys_values"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    key = content_hash({"records": [r.to_dict() for r in sample], "tokens": config.max_new_tokens})
+    base, hit = cached_json(cache_dir / "experiments" / f"baseline-{fp}-{key}.json",
+                            lambda: _baseline(model, tokenizer, sample, config))
+    timings["baseline"] = time.perf_counter() - t0
+    log(f"baseline: {'cache hit' if hit else 'computed'} for {len(sample)} facts")
+    return Env(model, tokenizer, model_id, sample, layer, spread, preset.for_method("memit").mu, factors, facts,
+               base["scores"], base["fluency"], config, timings, log)
+
+
+def _baseline(model, tokenizer, records, config: Config) -> dict[str, Any]:
+    from ..evaluation import evaluate_records
+
+    scores = evaluate_records(model, tokenizer, records).records
+    return {"scores": scores, "fluency": _fluency_of(model, tokenizer, records, config)}
+
+
+def _fluency_of(model, tokenizer, records, config: Config) -> list[float | None]:
+    """Entropy of the greedy continuation of each record's first generation prompt (None: none)."""
+    have = [i for i, r in enumerate(records) if r.generation_prompts]
+    ent = fluency(model, tokenizer, [records[i].generation_prompts[0] for i in have],
+                  max_new_tokens=config.max_new_tokens)
+    out: list[float | None] = [None] * len(records)
+    for i, e in zip(have, ent):
+        out[i] = e
+    return out
+
+
+# ---------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------
+
+
+def score(env: Env, idx: Sequence[int], *, full: Sequence[int] = (), with_fluency: Sequence[int] = ()
+          ) -> dict[str, list]:
+    """Scores of the current (edited) model: efficacy for every fact in ``idx``; paraphrase
+    and neighbourhood success for those in ``full``; entropy for those in ``with_fluency``."""
+    from ..evaluation import evaluate_records
+
+    full_set = set(full)
+    recs = [env.records[i] if i in full_set else replace(env.records[i], paraphrase_prompts=[],
+                                                          neighborhood_prompts=[]) for i in idx]
+    rows = evaluate_records(env.model, env.tokenizer, recs).records if recs else []
+    flu = _fluency_of(env.model, env.tokenizer, [env.records[i] for i in with_fluency], env.config)
+    out: dict[str, list] = {"es": [], "ps": [], "ns": [], "fluency": [], "fluency_pre": []}
+    for i, row in zip(idx, rows):
+        out["es"].append(row["efficacy"])
+        if i in full_set:
+            out["ps"].append(row["paraphrase_success"])
+            out["ns"].append(row["neighborhood_success"])
+    for i, f in zip(with_fluency, flu):
+        if f is not None and env.pre_fluency[i] is not None:
+            out["fluency"].append(f)
+            out["fluency_pre"].append(env.pre_fluency[i])
+    return out
+
+
+def summarise(parts: Sequence[dict[str, list]]) -> dict[str, Any]:
+    """Pool per-chunk score lists into means, Score and counts (facts per number)."""
+    from ..evaluation import harmonic_score
+
+    pooled = {k: [x for p in parts for x in p[k] if x is not None] for k in parts[0]} if parts else {}
+    m = {k: mean_or_none(v) for k, v in pooled.items()}
+    out = {"es": m.get("es"), "ps": m.get("ps"), "ns": m.get("ns"),
+           "n_es": len(pooled.get("es", [])), "n_full": len(pooled.get("ps", [])),
+           "fluency": m.get("fluency"), "fluency_pre": m.get("fluency_pre"), "n_fluency": len(pooled.get("fluency", []))}
+    out["score"] = harmonic_score(out["es"], out["ps"], out["ns"])
+    pre_f, post_f = out["fluency_pre"], out["fluency"]
+    out["fluency_change"] = None if not pre_f or post_f is None else (post_f - pre_f) / pre_f
+    return out
+
+
+def pre_scores(env: Env, idx: Sequence[int]) -> dict[str, Any]:
+    rows = [env.pre[i] for i in idx]
+    return summarise([{"es": [r["efficacy"] for r in rows], "ps": [r["paraphrase_success"] for r in rows],
+                       "ns": [r["neighborhood_success"] for r in rows],
+                       "fluency": [env.pre_fluency[i] for i in idx], "fluency_pre": [env.pre_fluency[i] for i in idx]}])
+
+
+def _diag(upd) -> dict[str, Any]:
+    d = upd.diagnostics
+    return {"n": d.n, "cond_G": d.cond_G, "cond_C": d.cond_C, "mu": d.mu, "mu_relative": d.mu_relative,
+            "ridge_fallback": d.ridge_fallback, "residual": d.residual,
+            "preservation_cost": d.preservation_cost, "seconds": d.seconds}
+
+
+# ---------------------------------------------------------------------------
+# 1. batch sweep
+# ---------------------------------------------------------------------------
+
+
+def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int) -> dict[str, Any]:
+    """Edit ``n_point`` facts in independent chunks of ``b`` (each on the unedited model)."""
+    cfg = env.config
+    facts = list(range(n_point))
+    full = set(facts[: cfg.eval_cap])
+    flu = set(facts[: cfg.fluency_prompts])
+    parts, diags = [], []
+    snap = WeightSnapshot(env.model, [env.layer])
+    for s in range(0, n_point, b):
+        chunk = facts[s : s + b]
+        try:
+            upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu)
+            diags.append(_diag(upd))
+            parts.append(score(env, chunk, full=[i for i in chunk if i in full],
+                               with_fluency=[i for i in chunk if i in flu]))
+        finally:
+            snap.restore()
+    return {**summarise(parts), "solves": diags}
+
+
+def batch_sweep(env: Env) -> dict[str, Any]:
+    cfg, n = env.config, len(env.records)
+    methods = {"emmet": None, "memit": env.memit_mu}
+    points = []
+    for b in [b for b in cfg.batch_sizes if b <= n]:
+        n_point = min(n, max(b, cfg.min_facts_per_point))
+        for method, mu in methods.items():
+            t0 = time.perf_counter()
+            res = _edit_chunks(env, method, mu, b, n_point)
+            res.update(method=method, batch_size=b, n_edited=n_point, mu_requested=mu,
+                       seconds_total=time.perf_counter() - t0,
+                       solve_seconds_per_batch=mean_or_none([d["seconds"] for d in res["solves"]]),
+                       cond_G_max=max(d["cond_G"] for d in res["solves"]),
+                       ridge_fallbacks=sum(d["ridge_fallback"] for d in res["solves"]))
+            points.append(res)
+            env.log(f"sweep {method} b={b}: ES {res['es']:.3f} PS {res['ps']} NS {res['ns']} "
+                    f"cond_G {res['cond_G_max']:.3g}")
+    return {"layer": env.layer, "points": points, "pre": pre_scores(env, range(n)),
+            "keys_values_seconds_per_fact": (env.facts.seconds_keys + env.facts.seconds_values) / max(n, 1)}
+
+
+# ---------------------------------------------------------------------------
+# 2. edit distribution disentangled
+# ---------------------------------------------------------------------------
+
+
+def distribution(env: Env) -> dict[str, Any]:
+    """Each solver with a single layer (precomputed keys/values) and with MEMIT's spread
+    (pmsolve.edit, which re-measures keys and residuals after each layer)."""
+    from ..editing import edit
+
+    idx = list(range(min(env.config.dist_facts, len(env.records))))
+    rows = []
+    for method, mu in (("rome", None), ("emmet", None), ("memit", env.memit_mu)):
+        b = 1 if method == "rome" else len(idx)
+        chunks = [idx[s : s + b] for s in range(0, len(idx), b)]
+        for dist in ("single", "spread"):
+            t0 = time.perf_counter()
+            parts, diags = [], []
+            for chunk in chunks:
+                if dist == "single":
+                    snap = WeightSnapshot(env.model, [env.layer])
+                    upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu)
+                    diags.append(_diag(upd))
+                    restore = snap.restore
+                else:
+                    res = edit(env.model, env.tokenizer, env.requests(chunk), method=method, layers=env.spread,
+                               distribution="memit", stats=env.factors, mu=mu, seed=env.config.seed,
+                               model_id=env.model_id)
+                    diags += [_diag(e.update) for e in res.edits]
+                    restore = res.restore
+                try:
+                    parts.append(score(env, chunk, full=chunk))
+                finally:
+                    restore()
+            row = {**summarise(parts), "method": method, "distribution": dist, "batch_size": b,
+                   "layers": [env.layer] if dist == "single" else env.spread, "n_facts": len(idx),
+                   "seconds": time.perf_counter() - t0, "cond_G_max": max(d["cond_G"] for d in diags),
+                   "ridge_fallbacks": sum(d["ridge_fallback"] for d in diags)}
+            rows.append(row)
+            env.log(f"distribution {method}/{dist}: ES {row['es']:.3f} PS {row['ps']:.3f} NS {row['ns']:.3f}")
+    return {"rows": rows, "pre": pre_scores(env, idx),
+            "note": "single-layer rows reuse keys/values computed once on the unedited model; spread rows run "
+                    "pmsolve.edit, whose v* is optimised at the last spread layer"}
+
+
+# ---------------------------------------------------------------------------
+# 3. stability
+# ---------------------------------------------------------------------------
+
+
+def _solve_only(env: Env, K: torch.Tensor, R: torch.Tensor, method: str, mu: float | None,
+                ridge: bool) -> dict[str, Any]:
+    """One solve with the default ridge fallback, or with none at all (μ as given, no
+    condition limit); returns diagnostics and ‖Δ‖_F, or the error raised."""
+    from ..solver import solve
+
+    f = env.factors[env.layer]
+    try:
+        with contextlib.ExitStack() as stack:
+            if not ridge:
+                stack.enter_context(settings.ridge_schedule(()))
+                stack.enter_context(settings.max_cond(math.inf))
+            upd = solve(f, K.to(f.device), R.to(f.device), method=method, mu=mu)
+    except (PMSolveError, torch.linalg.LinAlgError) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    # ‖Δ‖_F = ‖U Bᵀ‖_F via the n × n Gram matrices (no d_out × d_in product).
+    norm = float(torch.sqrt(torch.trace((upd.U.mT @ upd.U) @ (upd.B.mT @ upd.B)).clamp_min(0)))
+    return {**_diag(upd), "delta_norm": norm}
+
+
+def stability(env: Env) -> dict[str, Any]:
+    """cond(G) and the ridge per batch size on real facts; then batches with a repeated fact
+    (consistent duplicates: G singular) and near-duplicates, with and without the ridge."""
+    cfg, n = env.config, len(env.records)
+    rows = []
+    for b in [b for b in cfg.batch_sizes if b <= n]:
+        K, R = env.facts.select(range(b))
+        for ridge in (True, False):
+            rows.append({"case": "distinct facts", "batch_size": b, "ridge": ridge,
+                         **_solve_only(env, K, R, "emmet", None, ridge)})
+    b = max(x for x in cfg.batch_sizes if x <= n)
+    K, R = env.facts.select(range(b))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for eps in (0.0, 1e-6, 1e-3):
+        # The first 8 facts (at most half the batch) requested a second time, keys perturbed by eps.
+        dup = list(range(min(8, max(1, b // 2))))
+        noise = torch.randn(K.shape[0], len(dup), generator=gen, dtype=torch.float64)
+        Kd = K[:, dup] + eps * noise * K[:, dup].norm(dim=0) / noise.norm(dim=0)
+        K2, R2 = torch.cat([K, Kd], 1), torch.cat([R, R[:, dup]], 1)
+        for ridge in (True, False):
+            rows.append({"case": f"{len(dup)} facts repeated, keys perturbed by {eps:g} (relative)",
+                         "batch_size": K2.shape[1], "ridge": ridge, **_solve_only(env, K2, R2, "emmet", None, ridge)})
+    # Contradictory duplicates: the same keys asked for a different value.
+    K3, R3 = torch.cat([K, K[:, :1]], 1), torch.cat([R, -R[:, :1]], 1)
+    for method, mu in (("emmet", None), ("memit", env.memit_mu)):
+        rows.append({"case": "one fact repeated with a contradictory value", "batch_size": K3.shape[1],
+                     "ridge": True, "method": method, **_solve_only(env, K3, R3, method, mu, True)})
+    subjects = [r.subject for r in env.records[:b]]
+    return {"rows": rows, "repeated_subjects": len(subjects) - len(set(subjects)), "n": b,
+            "ridge_schedule": list(settings.get("ridge_schedule")), "max_cond": settings.get("max_cond")}
+
+
+# ---------------------------------------------------------------------------
+# 4. sequential
+# ---------------------------------------------------------------------------
+
+
+def sequential(env: Env) -> dict[str, Any]:
+    """EMMET batches into one model. Keys are exact (an edit of layer L's output projection
+    does not change its own inputs) and the current outputs are exact too,
+    h = h₀ + (W − W₀)k_bare; v* comes from the unedited model (RESULTS.md reports its drift)."""
+    cfg = env.config
+    n = min(cfg.seq_facts, len(env.records))
+    batches = [list(range(s, min(s + cfg.seq_batch, n))) for s in range(0, n, cfg.seq_batch)]
+    weight = _weight(env)
+    w0 = weight.detach().to(torch.float64).clone()
+    snap = WeightSnapshot(env.model, [env.layer])
+    steps = []
+    try:
+        for j, chunk in enumerate(batches, 1):
+            K, R = env.facts.select(chunk)
+            # Earlier edits moved this batch's current outputs by ΔW k_bare (bare-prompt keys).
+            R = R - _delta_w(env, weight, w0) @ env.facts.k_bare[chunk].T.to(torch.float64)
+            upd = apply_solve(env.model, env.layer, env.factors[env.layer], K, R, "emmet", None)
+            if j in cfg.seq_checkpoints or j == len(batches):
+                done = [i for c in batches[:j] for i in c]
+                sample = done[: cfg.eval_cap]
+                s = summarise([score(env, done, full=sample, with_fluency=done[: cfg.fluency_prompts])])
+                s_last = summarise([score(env, chunk)])
+                steps.append({**s, "batches": j, "n_edited": len(done), "es_latest_batch": s_last["es"],
+                              **{f"solve_{k}": v for k, v in _diag(upd).items()}})
+                env.log(f"sequential after {j} batches ({len(done)} facts): ES {s['es']:.3f} NS {s['ns']:.3f}")
+        drift = _v_drift(env, batches[-1])
+    finally:
+        snap.restore()
+    return {"batch_size": cfg.seq_batch, "steps": steps, "v_drift": drift, "pre": pre_scores(env, range(n))}
+
+
+def _weight(env: Env) -> torch.Tensor:
+    from ..models.adapters import adapter_for
+
+    return adapter_for(env.model).weight(env.layer)
+
+
+def _delta_w(env: Env, weight: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """W − W₀ in the out_in layout, fp64."""
+    from ..models.adapters import adapter_for
+
+    d = weight.detach().to(torch.float64) - w0
+    return d if adapter_for(env.model).layout == "out_in" else d.mT
+
+
+def _v_drift(env: Env, chunk: list[int]) -> dict[str, Any]:
+    """Re-optimise v* for the last batch on the edited model (before it was applied would
+    be the exact sequential algorithm): how far the cached v* is from it."""
+    from ..editing.keys import context_templates
+    from ..editing.requests import load_requests
+    from ..editing.values import optimize_values
+    from ..models.adapters import adapter_for
+
+    ctx = context_templates(env.model, env.tokenizer, seed=env.config.seed)
+    vr = optimize_values(env.model, adapter_for(env.model), env.tokenizer, load_requests(env.requests(chunk)), ctx,
+                         env.layer, seed=env.config.seed)
+    z_cached = env.facts.z[chunk]
+    delta_cached = z_cached - env.facts.h[chunk]
+    rel = ((vr.z.cpu() - z_cached).norm(dim=1) / delta_cached.norm(dim=1)).tolist()
+    return {"n": len(chunk), "relative_change_mean": mean_or_none(rel), "relative_change_max": max(rel),
+            "what": "‖z_fresh − z_cached‖ / ‖z_cached − h₀‖ for the last batch, z_fresh optimised on the model "
+                    "with all batches applied"}
+
+
+# ---------------------------------------------------------------------------
+# all
+# ---------------------------------------------------------------------------
+
+
+def run_all(env: Env, which: Sequence[str] = ("sweep", "distribution", "stability", "sequential")) -> dict[str, Any]:
+    """Run the named experiments; the result also describes the setup (config, layers, timings)."""
+    funcs = {"sweep": batch_sweep, "distribution": distribution, "stability": stability, "sequential": sequential}
+    out: dict[str, Any] = {}
+    for name in which:
+        t0 = time.perf_counter()
+        out[name] = funcs[name](env)
+        env.timings[name] = time.perf_counter() - t0
+    return {"config": asdict(env.config), "model": env.model_id, "layer": env.layer, "spread": env.spread,
+            "memit_mu": env.memit_mu, "n_facts": len(env.records), "torch_threads": torch.get_num_threads(),
+            "timings": dict(env.timings),
+            "factors": {str(k): {"cond_C": f.cond, "jitter_relative": f.jitter_relative}
+                        for k, f in env.factors.items()},
+            "v_steps_mean": mean_or_none(env.facts.steps), "v_converged": sum(env.facts.converged), **out}

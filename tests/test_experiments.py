@@ -1,0 +1,128 @@
+"""Experiments plumbing on tiny random models: the precomputed single-layer path equals
+pmsolve.edit, caches are used, sequential residuals are exact; `pmsolve profile` output."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from editing_fixtures import REQUESTS, model, stats, tokenizer
+
+import pmsolve
+from pmsolve.editing.requests import load_requests
+from pmsolve.editing.values import ValueConfig
+from pmsolve.experiments.precompute import WeightSnapshot, fact_tensors, solve_and_apply
+from pmsolve.models.adapters import adapter_for
+
+FAST = ValueConfig(steps=4)
+LAYER = 2
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with warnings.catch_warnings(), pmsolve.settings.backend("torch"):
+        warnings.simplefilter("ignore", pmsolve.NumericalWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tokenizer()
+    m = model("llama", len(tok))
+    return m, tok, stats(m, tok, [LAYER])[LAYER]
+
+
+@pytest.mark.parametrize("method", ["emmet", "memit"])
+def test_precomputed_single_layer_edit_equals_pmsolve_edit(tiny, method):
+    m, tok, C = tiny
+    reqs = load_requests(REQUESTS)
+    w0 = adapter_for(m).weight(LAYER).detach().clone()
+    res = pmsolve.edit(m, tok, reqs, method=method, layers=[LAYER], stats={LAYER: C}, preset=None,
+                       value_config=FAST, seed=3, mu=50.0 if method == "memit" else None)
+    w_edit = adapter_for(m).weight(LAYER).detach().clone()
+    res.restore()
+    facts = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST, seed=3)
+    snap = WeightSnapshot(m, [LAYER])
+    solve_and_apply(m, pmsolve.factorize(C), facts, range(len(reqs)), method, 50.0 if method == "memit" else None)
+    w_pre = adapter_for(m).weight(LAYER).detach().clone()
+    snap.restore()
+    assert torch.equal(adapter_for(m).weight(LAYER), w0)
+    change = (w_edit - w0).norm()
+    assert change > 0
+    assert (w_pre - w_edit).norm() <= 1e-4 * change
+
+
+def test_fact_tensors_cached_and_independent_of_batching(tiny, tmp_path):
+    m, tok, _ = tiny
+    reqs = load_requests(REQUESTS)
+    all3 = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST, cache_dir=tmp_path, chunk=2)
+    assert all3.seconds_values > 0
+    (path,) = tmp_path.glob("facts*-tiny-L2-*.pt")
+    again = fact_tensors(m, tok, reqs[::-1], LAYER, fingerprint="tiny", value_config=FAST, cache_dir=tmp_path)
+    assert again.seconds_values == 0 and again.seconds_keys == 0  # all from the cache
+    assert torch.equal(again.z, all3.z.flip(0))
+    alone = fact_tensors(m, tok, reqs[2:], LAYER, fingerprint="tiny", value_config=FAST)
+    # v* of a fact does not depend on the other facts of its batch
+    assert torch.allclose(alone.z[0], all3.z[2], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(alone.k[0], all3.k[2], atol=1e-5, rtol=1e-5)
+    path.write_bytes(b"truncated")  # a damaged cache is recomputed, not trusted
+    fixed = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST, cache_dir=tmp_path)
+    assert fixed.seconds_values > 0 and torch.allclose(fixed.z, all3.z, atol=1e-5)
+
+
+def test_sequential_residual_matches_remeasured_output(tiny):
+    """R − (W − W0)K_bare, used by the sequential experiment, equals z minus the edited model's output."""
+    from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
+
+    m, tok, C = tiny
+    reqs = load_requests(REQUESTS)
+    facts = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST)
+    ad = adapter_for(m)
+    w0 = ad.weight(LAYER).detach().to(torch.float64).clone()
+    snap = WeightSnapshot(m, [LAYER])
+    try:
+        solve_and_apply(m, pmsolve.factorize(C), facts, [0, 1], "emmet", None)
+        _, R = facts.select([2])
+        predicted = R - (ad.weight(LAYER).detach().to(torch.float64) - w0) @ facts.k_bare[2:].T.to(torch.float64)
+        ctx = context_templates(m, tok, seed=0)
+        _, h_now = compute_keys_and_outputs(m, ad, tok, reqs[2:], ctx, LAYER, LAYER)
+        measured = (facts.z[2:] - h_now.cpu()).T.to(torch.float64)
+        assert torch.allclose(predicted, measured, atol=1e-4 * float(measured.norm()))
+    finally:
+        snap.restore()
+
+
+def test_profile_dims_json(tmp_path, capsys):
+    from pmsolve.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["profile", "--d-in", "512", "--d-out", "256", "--n", "32", "--layers", "3", "--tokens", "10000000",
+                 "--max-d", "128", "--backend", "torch", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())
+    assert prof["mode"] == "dims" and prof["measured_dims"]["d_in"] == 128
+    stages = {s["name"]: s for s in prof["stages"]}
+    assert set(stages) == {"statistics", "factorisation", "keys", "values", "solve", "apply"}
+    for name in ("statistics", "factorisation", "solve", "apply"):
+        s = stages[name]
+        assert s["seconds"] > 0 and s["peak_bytes"] >= 0 and s["flops"] > 0
+        assert s["extrapolated_seconds"] > 0
+    # analytic bytes at the requested size: C and L in fp64 for the factorisation
+    assert stages["factorisation"]["extrapolated_bytes"] == 2 * 8 * 512 * 512
+    assert stages["statistics"]["flops"] == prof["measured_dims"]["tokens"] * 128 * 129
+    assert prof["conditioning"]["cond_C"] > 1 and prof["conditioning"]["residual"] < 1e-8
+    assert "EXTRAPOLATION" in " ".join(prof["notes"])
+    assert "EXTRAPOLATION" in capsys.readouterr().out  # the table and notes were printed too
+
+
+def test_peak_memory_sees_a_large_allocation():
+    from pmsolve.profiling import peak_memory
+
+    with peak_memory() as peak:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert 60 * 2**20 <= peak.bytes <= 200 * 2**20
+    with peak_memory() as small:
+        torch.ones(16)
+    assert small.bytes < 16 * 2**20
