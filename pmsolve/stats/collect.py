@@ -50,7 +50,8 @@ class CollectResult:
 
     stats: layer -> accumulator (C = stats[l].mean()); modules: layer -> module name;
     paths: layer -> cache file (when cache_dir was given); tokens: rows per layer;
-    seconds_forward / seconds_accumulate: time in the model vs in the hooks;
+    seconds: the whole pass; seconds_forward: in the model, hooks excluded; seconds_accumulate: in the
+    hooks (masking, finiteness check, accumulation); the rest is tokenisation, batching, checkpoints;
     convergence: per checkpoint interval, the relative Frobenius change of each layer's C.
     """
 
@@ -318,26 +319,29 @@ def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, 
     capture = _Capture(model, run.modules, run.accs)
     previous: dict[int, torch.Tensor] = {}
     since_checkpoint = 0
+    in_model = 0.0  # forward pass including the hooks
     bar = tqdm(total=cap, initial=run.tokens, unit="tok", desc="covariance", disable=not progress or rank != 0)
     t_start = time.perf_counter()
     try:
         for batch, consumed in _batches(_token_lists(tokenizer, texts, seq_len), batch_tokens):
-            if run.tokens >= cap:
-                break
             input_ids, mask = _pad(batch, pad_id)
             select = _select_first(mask, cap - run.tokens)
             capture.select, capture.batch_index = select, run.batches
+            t0 = time.perf_counter()
             try:
                 model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _StopForward:
                 pass
+            in_model += time.perf_counter() - t0
             n = int(select.sum())
             run.tokens += n
             run.position += consumed
             run.batches += 1
             since_checkpoint += n
             bar.update(n)
-            if since_checkpoint >= checkpoint_every and run.tokens < cap:
+            if run.tokens >= cap:
+                break
+            if since_checkpoint >= checkpoint_every:
                 since_checkpoint = 0
                 run.save_checkpoint()
                 changes = _relative_changes(run.accs, previous)
@@ -352,7 +356,7 @@ def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, 
         bar.close()
     result.seconds = time.perf_counter() - t_start
     result.seconds_accumulate = capture.seconds
-    result.seconds_forward = result.seconds - capture.seconds
+    result.seconds_forward = in_model - capture.seconds
 
 
 def collect_stats(
