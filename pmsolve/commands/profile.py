@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.d_in is None):
         print("pmsolve profile: give either --model or --d-in (with --d-out, --n, --layers)", file=sys.stderr)
         return 2
-    with settings.backend(None if args.backend == "auto" else args.backend):
+    # "auto" keeps the process-wide choice (pmsolve.settings.backend) instead of resetting it.
+    with settings.backend(args.backend) if args.backend != "auto" else contextlib.nullcontext():
         prof = _profile_dims(args) if args.d_in is not None else _profile_model(args)
     out = prof.as_dict()
     if args.json_out == "-":
