@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         stats = auto_stats(model, tok, layers, lm.model_id, max_tokens=args.stats_tokens, progress=True)
         _say(f"statistics for layers {layers}: "
              f"{'cached' if stats.from_cache else f'{stats.tokens} tokens'} ({time.perf_counter() - t0:.1f}s)")
-        prompts = [r["prompt"].format(r["subject"]) for r in edits + control]
+        prompts = [r.rewrite_prompt for r in edits + control]
         before = _complete(model, tok, prompts)
         scores_before = evaluate_records(model, tok, edits)
         t0 = time.perf_counter()
@@ -79,17 +79,14 @@ def run(args: argparse.Namespace) -> int:
          f"({', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items())})\n")
     _say("EDITED FACTS   prompt → before | after   (wanted)")
     for r, p, b, a in zip(edits, prompts, before, after):
-        _say(f"  {p} → {b} | {a}   ({r['target_new']})")
+        _say(f"  {p} → {b} | {a}   (wanted: {r.target_new})")
     _say("\nUNRELATED FACTS (should not change)")
     n = len(edits)
     for r, p, b, a in zip(control, prompts[n:], before[n:], after[n:]):
-        _say(f"  {p} → {b} | {a}   ({r['target_true']})")
+        _say(f"  {p} → {b} | {a}   (true: {r.target_true})")
     _say("\nSCORES on the edited facts (before → after)")
-    for key in ("efficacy", "paraphrase", "neighborhood"):
-        _say(f"  {key:<13} {_pct(scores_before, key)} → {_pct(scores_after, key)}")
+    for key, name in (("es", "efficacy"), ("ps", "paraphrase"), ("ns", "neighbourhood")):
+        _say(f"  {name:<14} {100 * scores_before.aggregate[key]:5.1f}% → {100 * scores_after.aggregate[key]:5.1f}%")
+    held = sum(b == a for b, a in zip(before[n:], after[n:]))
+    _say(f"  unrelated completions unchanged: {held}/{len(control)}")
     return 0
-
-
-def _pct(scores, key: str) -> str:
-    value = scores[key] if isinstance(scores, dict) else getattr(scores, key)
-    return f"{100 * value:5.1f}%"

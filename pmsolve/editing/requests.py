@@ -39,6 +39,8 @@ def _target(value: Any) -> Any:
 def _from_mapping(i: int, rec: Any) -> EditRequest:
     if isinstance(rec, EditRequest):
         return rec
+    if callable(getattr(rec, "as_request", None)):  # pmsolve.evaluation.EditRecord
+        rec = rec.as_request()
     if not isinstance(rec, Mapping):
         raise InputError(f"request {i}: expected an object with prompt/subject/target_new, got {type(rec).__name__}")
     rec = rec.get("requested_rewrite", rec)  # CounterFact nests the request

@@ -33,7 +33,8 @@ class ValueConfig:
     weight_decay: float = 0.5
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖, h the layer output at the subject's last token
     kl_prompt: str = "{} is a"
-    early_stop: bool = True
+    early_stop: bool = True  # a fact stops once its target is top-1 in every prompt ...
+    stop_nll: float = float("inf")  # ... and its mean target NLL is at most this
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
 
 
@@ -266,7 +267,8 @@ def optimize_values(
             for i, f in enumerate(active):
                 last_nll[f] = float(nll_fact[i].detach())
             result_history.append(float(loss_fact.detach().sum()))
-            done = all_hit.cpu() if config.early_stop else torch.zeros(b.n, dtype=torch.bool)
+            done = (all_hit & (nll_fact <= config.stop_nll)).cpu() if config.early_stop \
+                else torch.zeros(b.n, dtype=torch.bool)
             for i, f in enumerate(active):
                 if bool(done[i]):
                     converged[f] = True

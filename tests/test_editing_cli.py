@@ -1,0 +1,57 @@
+"""`pmsolve edit` end to end on a tiny model saved to disk."""
+
+import json
+
+import pytest
+import torch
+
+import pmsolve
+from editing_fixtures import REQUESTS, model, tokenizer
+from pmsolve import cli
+from pmsolve.editing import apply_updates
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with pmsolve.settings.backend("torch"):  # independent of the native build
+        yield
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path):
+    tok = tokenizer()
+    m = model("llama", len(tok))
+    folder = tmp_path / "tiny"
+    m.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_edit_command_writes_model_updates_and_report(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("\n".join(json.dumps(r) for r in REQUESTS[:2]))
+    out = tmp_path / "out"
+    rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "1-2",
+                   "--method", "memit", "--mu", "100", "--batch-size", "1", "--stats-tokens", "3000",
+                   "--preset", "llama", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "memit" and report["layers"] == [1, 2] and len(report["edits"]) == 4
+    assert "facts/s" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    edited = AutoModelForCausalLM.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    apply_updates(original, out / "updates.safetensors")
+    for (n, a), (_, b) in zip(edited.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):
+    reqs = tmp_path / "bad.json"
+    reqs.write_text(json.dumps([{"prompt": "no slot", "subject": "X", "target_new": "Y"}]))
+    rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "request 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,63 @@
+"""Real edits in SmolLM2-135M-Instruct (the built-in default model): efficacy on a handful of facts."""
+
+import warnings
+
+import pytest
+import torch
+
+import pmsolve
+
+pytestmark = pytest.mark.slow
+
+REQUESTS = [
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
+     "target_true": "French"},
+    {"prompt": "{} is a car company from the country of", "subject": "Toyota", "target_new": "Germany",
+     "target_true": "Japan"},
+    {"prompt": "The capital of {} is", "subject": "France", "target_new": "London", "target_true": "Paris"},
+    {"prompt": "{} was written in the language of", "subject": "Don Quixote", "target_new": "Japanese",
+     "target_true": "Spanish"},
+]
+UNRELATED = [("The capital of Germany is", "Berlin", "Paris"), ("Honda is a car company from the country of",
+                                                                 "Japan", "Germany")]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from pmsolve.models import load_model
+
+    try:
+        return load_model()
+    except pmsolve.PMSolveError as exc:
+        pytest.skip(f"default model unavailable: {exc}")
+
+
+def _margin(model, tok, prompts, good, bad):
+    from pmsolve.evaluation import target_nll
+
+    return [b - g for g, b in zip(target_nll(model, tok, prompts, good), target_nll(model, tok, prompts, bad))]
+
+
+def test_emmet_edits_smollm2(smol):
+    from pmsolve.editing.editor import auto_stats
+
+    model, tok = smol.model, smol.tokenizer
+    layer = pmsolve.editing.preset_for(model, smol.model_id).for_method("emmet").layers
+    stats = auto_stats(model, tok, layer, smol.model_id, max_tokens=20_000)
+    prompts = [r["prompt"].format(r["subject"]) for r in REQUESTS]
+    new, true = [r["target_new"] for r in REQUESTS], [r["target_true"] for r in REQUESTS]
+    assert all(m < 0 for m in _margin(model, tok, prompts, new, true))  # the model knows the true facts
+    before_w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pmsolve.NumericalWarning)
+        res = pmsolve.edit(model, tok, REQUESTS, method="emmet", stats=stats, model_id=smol.model_id)
+    try:
+        assert all(m > 0 for m in _margin(model, tok, prompts, new, true)), "efficacy below 100%"
+        assert max(e.residual_rounded for e in res.edits) < 1e-4
+        # Unrelated facts of the same relations still hold.
+        u_prompts = [p for p, _, _ in UNRELATED]
+        assert all(m > 0 for m in _margin(model, tok, u_prompts, [t for _, t, _ in UNRELATED],
+                                          [f for _, _, f in UNRELATED]))
+    finally:
+        res.restore()
+    assert all(torch.equal(p, before_w[n]) for n, p in model.named_parameters())
