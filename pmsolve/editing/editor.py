@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,7 @@ def edit(
     templates: Templates | dict[str, str] | None = None,
     model_id: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    value_cache: MutableMapping[Any, Any] | None = None,
 ) -> EditResult:
     """Edit ``requests`` into ``model`` in place and return what was done.
 
@@ -288,6 +289,11 @@ def edit(
         seed: makes the context templates and the v* optimisation reproducible.
         model_id: checked against metadata carried by the statistics.
         progress: called as ``progress(stage, done, total)``.
+        value_cache: a dict the caller keeps: v* of facts found in it is not optimised
+            again, new ones are added. v* depends only on the fact, the model, the seed and
+            the value settings (the batched optimiser is per fact), so one cache serves any
+            number of edits of the *same unedited model* (comparing solvers, batch sizes);
+            do not carry it across edits that change the model.
 
     Raises:
         InputError, CacheError: bad requests, layers, statistics (before any weight changes).
@@ -317,7 +323,7 @@ def edit(
             if progress:
                 progress("batch", b, len(batches))
             edits += _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
-                                 ctx, seed, originals, clock, values, progress)
+                                 ctx, seed, originals, clock, values, progress, value_cache)
     except BaseException:
         _restore(model, originals)
         raise
@@ -327,7 +333,7 @@ def edit(
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
-                originals, clock, values, progress) -> list[LayerEdit]:
+                originals, clock, values, progress, value_cache=None) -> list[LayerEdit]:
     last = layers[-1]
     kp = key_prompts(tokenizer, batch, ctx)
     bare = [i for i, t in enumerate(kp.template) if t == 0]
@@ -341,7 +347,7 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
         return keys, cur
 
     with clock("values"):
-        vr: ValueResult = optimize_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed=seed)
+        vr = _batch_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed, value_cache)
     values += [{"batch": b, "subject": r.subject, "steps": s, "converged": c, "nll": nll}
                for r, s, c, nll in zip(batch, vr.steps, vr.converged, vr.nll)]
     weights = [1.0]
@@ -368,6 +374,24 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
         if progress:
             progress("layer", i + 1, len(layers))
     return out
+
+
+def _batch_values(model, adapter, tokenizer, batch, ctx, layer, vcfg, seed, cache) -> ValueResult:
+    """v* for the batch, optimising only the facts not already in ``cache`` (see edit())."""
+    if cache is None:
+        return optimize_values(model, adapter, tokenizer, batch, ctx, layer, vcfg, seed=seed)
+
+    def key(r: EditRequest) -> tuple:
+        return (layer, seed, vcfg, tuple(ctx), r.prompt, r.subject, r.target_new)
+
+    todo = list({key(r): r for r in batch if key(r) not in cache}.values())
+    if todo:
+        vr = optimize_values(model, adapter, tokenizer, todo, ctx, layer, vcfg, seed=seed)
+        for i, r in enumerate(todo):
+            cache[key(r)] = (vr.z[i], vr.delta[i], vr.h[i], vr.steps[i], vr.converged[i], vr.nll[i])
+    z, delta, h, steps, converged, nll = zip(*(cache[key(r)] for r in batch))
+    return ValueResult(z=torch.stack(z), delta=torch.stack(delta), h=torch.stack(h), steps=list(steps),
+                       converged=list(converged), nll=list(nll))
 
 
 def _sensitivity(factor: Factor, keys: torch.Tensor) -> float:
