@@ -126,3 +126,26 @@ def test_peak_memory_sees_a_large_allocation():
     with peak_memory() as small:
         torch.ones(16)
     assert small.bytes < 16 * 2**20
+
+
+def test_edit_value_cache_reuses_v_star(tiny, monkeypatch):
+    """pmsolve.edit(value_cache=...) optimises each fact's v* once and gives the same edit."""
+    import pmsolve.editing.editor as editor
+
+    m, tok, C = tiny
+    calls = []
+    real = editor.optimize_values
+    monkeypatch.setattr(editor, "optimize_values", lambda *a, **k: (calls.append(len(a[3])), real(*a, **k))[1])
+    kw = dict(layers=[1, LAYER], distribution="memit", stats={1: stats(m, tok, [1])[1], LAYER: C}, preset=None,
+              value_config=FAST)
+    plain = pmsolve.edit(m, tok, REQUESTS, method="emmet", **kw)
+    w_plain = adapter_for(m).weight(LAYER).detach().clone()
+    plain.restore()
+    cache: dict = {}
+    first = pmsolve.edit(m, tok, REQUESTS, method="emmet", value_cache=cache, **kw)
+    w_cached = adapter_for(m).weight(LAYER).detach().clone()
+    first.restore()
+    for r in REQUESTS:  # ROME, one fact per solve: every v* comes from the cache
+        pmsolve.edit(m, tok, [r], method="rome", value_cache=cache, **kw).restore()
+    assert calls == [3, 3]
+    assert torch.equal(w_cached, w_plain)
