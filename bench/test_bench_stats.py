@@ -104,6 +104,7 @@ def errors(d: int, pool_blocks: int, reps: int) -> dict:
             done = (r + 1) / reps
             checkpoints.append({"tokens": ours.count, "native": _rel(ours.sum(), truth * done),
                                 "reference": _rel(ref, truth * done)})
+            print(f"d={d}", checkpoints[-1], file=sys.stderr, flush=True)
     return {"d": d, "tokens": ours.count, "native": checkpoints[-1]["native"],
             "reference": checkpoints[-1]["reference"], "by_tokens": checkpoints,
             "tokens_per_s_native": ours.count / t_ours, "tokens_per_s_reference": ours.count / t_ref}
@@ -121,6 +122,7 @@ def end_to_end(layers=(4, 5, 6, 7, 8), max_tokens: int = 60_000) -> dict:
                             checkpoint_every=max_tokens // 4)
         out[backend] = {"tokens": res.tokens, "seconds": res.seconds, "tokens_per_s": res.tokens_per_second,
                         "seconds_forward": res.seconds_forward, "seconds_accumulate": res.seconds_accumulate,
+                        "seconds_other": res.seconds - res.seconds_forward - res.seconds_accumulate,
                         "last_rel_change": res.convergence[-1]["rel_change"] if res.convergence else None}
     return out
 

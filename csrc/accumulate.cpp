@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "blas.h"
@@ -67,6 +68,24 @@ void parallel_rows(int64_t d, F f) {
   for (auto& t : pool) t.join();
 }
 
+// Index of the first NaN/Inf among n values (all-ones exponent), or -1. Integer tests on
+// the raw bits vectorise, so this pass costs a few ms where torch.isfinite costs 100s.
+int64_t first_nonfinite(const void* data, size_t n, RowFormat fmt) {
+  if (fmt == RowFormat::f32) {
+    const uint32_t* u = static_cast<const uint32_t*>(data);
+    bool bad = false;
+    for (size_t i = 0; i < n; ++i) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+    if (!bad) return -1;
+    for (size_t i = 0; i < n; ++i)
+      if ((u[i] & 0x7f800000u) == 0x7f800000u) return static_cast<int64_t>(i);
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(data);
+  const uint16_t mask = fmt == RowFormat::bf16 ? 0x7f80u : 0x7c00u;
+  for (size_t i = 0; i < n; ++i)
+    if ((h[i] & mask) == mask) return static_cast<int64_t>(i);
+  return -1;
+}
+
 }  // namespace
 
 CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows)
@@ -77,6 +96,9 @@ CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int
 }
 
 void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
+  // Checked before anything is added, so a rejected update leaves the state untouched.
+  const int64_t bad = first_nonfinite(data, static_cast<size_t>(rows) * d_, fmt);
+  if (bad >= 0) throw std::domain_error("non-finite value (NaN/Inf) in row " + std::to_string(bad / d_));
   size_t elem = fmt == RowFormat::f32 ? 4 : 2;
   const char* p = static_cast<const char*>(data);
   for (int64_t r = 0; r < rows; r += chunk_) {
@@ -176,12 +198,6 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
 void CovAccumulator::gram_parts_f32(int64_t rows, int parts) {
   const blas_int n = static_cast<blas_int>(d_);
   const size_t dd = mat_.size();
-  if (parts == 1) {
-    BlasThreads single(1);
-    scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(rows), 1.0f, rows32_.data(), n,
-                      0.0f, prod32_.data(), n);
-    return;
-  }
   BlasThreads single(1);
   auto part = [&](int p) {
     const int64_t r0 = rows * p / parts, r1 = rows * (p + 1) / parts;

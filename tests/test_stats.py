@@ -130,12 +130,17 @@ def test_bad_updates(backend):
         acc.update(torch.zeros(3, 7))
     with pytest.raises(InputError, match="floating"):
         acc.update(torch.zeros(3, 8, dtype=torch.long))
-    bad = torch.zeros(4, 8)
-    bad[2, 5] = float("nan")
-    with pytest.raises(InputError, match="row 2"):
-        acc.update(bad)
     with pytest.raises(InputError, match="no rows"):
         acc.mean()
+    good = mlp_like(10, 8)
+    acc.update(good)
+    for dtype, bad_value in ((torch.float32, float("nan")), (torch.bfloat16, float("inf")), (torch.float16, -float("inf"))):
+        bad = torch.ones(4, 8, dtype=dtype)
+        bad[2, 5] = bad_value
+        with pytest.raises(InputError, match="NaN or Inf.*row 2"):
+            acc.update(bad)
+    assert acc.count == 10 and torch.equal(acc.sum(), CA(8, backend="torch").merge(acc).sum())  # nothing added
+    assert rel(acc.sum(), truth(good)) < 1e-6
     for kwargs in ({"dtype_products": "bf16"}, {"backend": "gpu"}, {"chunk_rows": 0}):
         with pytest.raises(InputError):
             CA(8, **kwargs)

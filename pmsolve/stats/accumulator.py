@@ -40,6 +40,9 @@ class _TorchEngine:
         self.mean = torch.zeros(d, dtype=torch.float64, device=device) if centered else None
 
     def update(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            row = int((~torch.isfinite(x)).any(1).nonzero()[0])
+            raise InputError(f"keys contain NaN or Inf (row {row} of {x.shape[0]})")
         x = x.to(self.mat.device, torch.float32)
         for i in range(0, x.shape[0], self.chunk_rows):
             self._chunk(x[i : i + self.chunk_rows])
@@ -96,11 +99,17 @@ class _NativeEngine:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.to("cpu")
-        if x.dtype in (torch.bfloat16, torch.float16):
-            fmt = "bf16" if x.dtype == torch.bfloat16 else "f16"
-            self.acc.update(x.contiguous().view(torch.int16).numpy(), fmt)
-        else:
-            self.acc.update(x.to(torch.float32).contiguous().numpy(), "f32")
+        try:  # the native side checks finiteness (much faster than torch.isfinite on CPU)
+            if x.dtype in (torch.bfloat16, torch.float16):
+                fmt = "bf16" if x.dtype == torch.bfloat16 else "f16"
+                self.acc.update(x.contiguous().view(torch.int16).numpy(), fmt)
+            else:
+                self.acc.update(x.to(torch.float32).contiguous().numpy(), "f32")
+        except ValueError as exc:
+            if str(exc).startswith("non-finite"):
+                raise InputError(f"keys contain NaN or Inf ({str(exc)[len('non-finite value (NaN/Inf) in '):]} of "
+                                 f"{x.shape[0]})") from None
+            raise
 
     def fold(self, n_b: int, mean_b: torch.Tensor | None, mat_b: torch.Tensor) -> None:
         other = type(self.acc)(self.acc.d, fp64_products=True, centered=self.centered)
@@ -209,9 +218,6 @@ class CovarianceAccumulator:
         x = keys.detach().reshape(-1, self.d)
         if x.shape[0] == 0:
             return
-        if not bool(torch.isfinite(x).all()):
-            row = int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise InputError(f"keys contain NaN or Inf (first in row {row} of {x.shape[0]})")
         self._engine_for(x.device).update(x)
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:

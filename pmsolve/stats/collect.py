@@ -186,13 +186,15 @@ class _Capture:
                     f"{self.modules[layer]} received input of shape {tuple(x.shape)}; expected "
                     f"[batch, seq, d] matching the attention mask {tuple(self.select.shape)}"
                 )
-            rows = x[self.select.to(x.device)]
-            if not bool(torch.isfinite(rows).all()):
+            try:  # the accumulator checks finiteness before adding anything
+                self.accs[layer].update(x[self.select.to(x.device)])
+            except InputError as exc:
+                if "NaN or Inf" not in str(exc):
+                    raise
                 raise NumericalError(
                     f"non-finite activation (NaN/Inf) at layer {layer} ({self.modules[layer]}) in batch "
-                    f"{self.batch_index}: the model overflows on this text (try a wider dtype)"
-                )
-            self.accs[layer].update(rows)
+                    f"{self.batch_index}: {exc}; the model overflows on this text (try a wider dtype)"
+                ) from None
             self.seconds += time.perf_counter() - t0
             if layer == self.deepest:
                 raise _StopForward
