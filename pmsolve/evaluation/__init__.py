@@ -1,0 +1,49 @@
+"""Evaluation of edits: CounterFact-style scores, zsRE accuracy, fluency; record loaders.
+
+    from pmsolve.evaluation import load_builtin_facts, evaluate_records
+    records = load_builtin_facts(limit=20)
+    report = evaluate_records(model, tokenizer, records)
+    print(report.summary())
+"""
+
+from .metrics import (
+    EvalReport,
+    TargetScore,
+    evaluate_records,
+    generate_greedy,
+    generation_entropy,
+    harmonic_score,
+    ngram_entropy,
+    score_targets,
+    target_nll,
+    target_top1_accuracy,
+)
+from .records import (
+    EditRecord,
+    Neighbor,
+    RecordError,
+    detect_format,
+    load_builtin_facts,
+    load_records,
+    parse_records,
+)
+
+__all__ = [
+    "EditRecord",
+    "EvalReport",
+    "Neighbor",
+    "RecordError",
+    "TargetScore",
+    "detect_format",
+    "evaluate_records",
+    "generate_greedy",
+    "generation_entropy",
+    "harmonic_score",
+    "load_builtin_facts",
+    "load_records",
+    "ngram_entropy",
+    "parse_records",
+    "score_targets",
+    "target_nll",
+    "target_top1_accuracy",
+]
