@@ -67,6 +67,9 @@ def test_local_folder_roundtrip(tmp_path, smollm):
     assert lm.model_id == tmp_path.name
     assert lm.model.dtype == torch.bfloat16
     assert not lm.model.training
+    # device_map goes through accelerate; weights must land where asked.
+    placed = load_model(str(tmp_path), device_map="cpu").model
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
