@@ -149,3 +149,59 @@ def test_edit_value_cache_reuses_v_star(tiny, monkeypatch):
         pmsolve.edit(m, tok, [r], method="rome", value_cache=cache, **kw).restore()
     assert calls == [3, 3]
     assert torch.equal(w_cached, w_plain)
+
+
+def test_quick_experiments_write_results_and_figures(tmp_path):
+    """`pmsolve experiments --quick` end to end on a tiny 9-layer Llama (the llama preset's layers)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pmsolve.cli import main
+    from pmsolve.models.loading import ensure_default_converted
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_converted())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=9,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    colours = ["red", "blue", "green", "black", "white", "pink", "grey", "brown", "gold", "teal"]
+    names = ["Ada", "Bo", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo"]
+    recs = [{"prompt": "The colour of {} is", "subject": f"{n} Quill", "target_true": colours[i],
+             "target_new": colours[(i + 3) % 10], "paraphrase_prompts": [f"{n} Quill's colour is"],
+             "neighborhood_prompts": [{"prompt": f"The colour of {names[i - 1]} Quill is",
+                                       "target": colours[i - 1]}],
+             "generation_prompts": [f"{n} Quill is"]} for i, n in enumerate(names)]
+    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    (tmp_path / "corpus.txt").write_text("Ada Quill likes red. Bo Quill likes blue and green. " * 200)
+    docs = tmp_path / "docs"
+    args = ["experiments", "--quick", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "facts.jsonl"),
+            "--docs", str(docs), "--cache-dir", str(tmp_path / "cache"), "--corpus", str(tmp_path / "corpus.txt")]
+    assert main(args) == 0
+    res = json.loads((docs / "results.json").read_text())
+    assert res["n_facts"] == 8 and res["layer"] == 5 and res["spread"] == [4, 5, 6, 7, 8]
+    sweep = res["sweep"]["points"]
+    assert [(p["method"], p["batch_size"]) for p in sweep] == [(m, b) for b in (1, 4, 8) for m in ("emmet", "memit")]
+    for p in sweep:
+        assert p["n_edited"] == max(4, p["batch_size"]) and p["n_es"] == p["n_edited"]
+        assert 0 <= p["es"] <= 1 and p["cond_G_max"] >= 1
+    assert {(r["method"], r["distribution"]) for r in res["distribution"]["rows"]} == {
+        (m, d) for m in ("rome", "emmet", "memit") for d in ("single", "spread")}
+    stab = res["stability"]["rows"]
+    exact_dup = [r for r in stab if "perturbed by 0 " in r["case"]]
+    (bare,) = [r for r in exact_dup if not r["ridge"]]
+    assert "error" in bare or bare["cond_G"] > 1e12  # singular G without a ridge: fails or is garbage ...
+    (rescued,) = [r for r in exact_dup if r["ridge"]]
+    assert rescued["ridge_fallback"] and rescued["cond_G"] <= res["stability"]["max_cond"]  # ... the ridge fixes it
+    contradictory = {r["method"]: r for r in stab if "contradictory" in r["case"]}
+    assert "ConflictingConstraintsError" in contradictory["emmet"]["error"] and "error" not in contradictory["memit"]
+    assert [s["n_edited"] for s in res["sequential"]["steps"]] == [4, 8]
+    md = (docs / "RESULTS.md").read_text()
+    for fig in ("sweep_scores", "sweep_solver", "distribution", "stability", "sequential"):
+        assert (docs / "figures" / f"{fig}.png").stat().st_size > 1000
+        assert f"figures/{fig}.png" in md
+    # a second run reuses the cached keys/values and baseline and reproduces the numbers (seeded)
+    assert main(args + ["--only", "sweep"]) == 0
+    again = json.loads((docs / "results.json").read_text())
+    assert again["timings"]["keys_values"] < res["timings"]["keys_values"]
+    assert [p["es"] for p in again["sweep"]["points"]] == [p["es"] for p in sweep]
+    assert "sequential" in again  # kept from the first run

@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiments", help="run the experiments and write docs/RESULTS.md with figures",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or id (default: built-in SmolLM2)")
+    p.add_argument("--data", default=None, help="records file (default: the built-in facts)")
+    p.add_argument("--corpus", default=None, help="text/JSONL corpus for the statistics (default: offline)")
     p.add_argument("--docs", default="docs", help="where RESULTS.md, results.json and figures/ go")
     p.add_argument("--cache-dir", default=None, help="cache for statistics, keys/values, baselines")
     p.add_argument("--quick", action="store_true", help="a reduced run (few facts, short generations)")
@@ -50,12 +52,12 @@ def _previous(path: Path, config: dict) -> dict:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return old if old.get("config") == config else {}
+    return old if old.get("config") == json.loads(json.dumps(config)) else {}  # tuples were stored as lists
 
 
 def run(args: argparse.Namespace) -> int:
     from ..editing.keys import cache_dir
-    from ..evaluation.records import load_builtin_facts
+    from ..evaluation.records import load_builtin_facts, load_records
     from ..experiments import report, runner
     from ..experiments.common import write_json
     from ..models import load_model
@@ -70,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     docs = Path(args.docs)
     lm = load_model(args.model)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    env = runner.setup(lm.model, lm.tokenizer, lm.model_id, load_builtin_facts(), cfg,
-                       Path(args.cache_dir) if args.cache_dir else cache_dir(), log=log)
+    records = load_records(args.data) if args.data else load_builtin_facts()
+    env = runner.setup(lm.model, lm.tokenizer, lm.model_id, records, cfg,
+                       Path(args.cache_dir) if args.cache_dir else cache_dir(), corpus=args.corpus, log=log)
     res = _previous(docs / "results.json", asdict(cfg))
     old_timings = res.get("timings", {})
     command = "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(

@@ -168,7 +168,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"{res['spread']}, MEMIT λ = {_f(res['memit_mu'], 'g')} (preset)",
         f"- facts: {res['n_facts']} sampled with seed {res['config']['seed']} from the built-in set "
         "(facts the unedited model gets right, `pmsolve/data/facts.jsonl`)",
-        f"- statistics: offline default corpus, {res['config']['stats_tokens']} tokens per layer; "
+        f"- statistics: {res['corpus']}; "
         "factor conditioning per layer: " + ", ".join(
             f"L{k} cond(C) {_f(v['cond_C'], '.2g')} (jitter {_f(v['jitter_relative'], '.0e')})"
             for k, v in res["factors"].items()),
@@ -212,6 +212,18 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         "![solver](figures/sweep_solver.png)",
         "",
     ]
+    lam = sw.get("lambda") or []
+    if lam:
+        lines += [
+            f"MEMIT's λ at batch {lam[0]['batch_size']} (ES on all {lam[0]['n_es']} facts, PS/NS on "
+            f"{lam[0]['n_full']}): residual = ‖ΔK − R‖/‖R‖, i.e. how far MEMIT is from an equality solve.",
+            "",
+            _table(["λ", "ES", "PS", "NS", "Score", "residual", "tr(ΔCΔᵀ)", "cond(G+λI)"],
+                   [[_f(r["mu"], "g"), _pct(r["es"]), _pct(r["ps"]), _pct(r["ns"]), _f(r["score"], ".1f"),
+                     _f(r["residual"], ".1e"), _f(r["preservation_cost"], ".3g"), _f(r["cond_G"], ".2e")]
+                    for r in lam]),
+            "",
+        ]
     lines += _targets(sw)
     return lines
 

@@ -41,12 +41,16 @@ class Config:
     seq_facts: int = 256             # facts edited one batch after another in experiment 4
     seq_batch: int = 32
     seq_checkpoints: tuple[int, ...] = (1, 2, 4, 8)  # after how many batches everything is re-scored
+    seq_eval_cap: int = 32           # PS/NS on at most this many of the edited facts per checkpoint
+    drift_facts: int = 16            # facts whose v* is re-optimised on the sequentially edited model
+    memit_lambdas: tuple[float, ...] = (1.0, 1e2, 1e3, 1.5e4, 1e5)
     stats_tokens: int = 100_000
     seed: int = 0
 
 
 QUICK = Config(n_facts=8, batch_sizes=(1, 4, 8), min_facts_per_point=4, eval_cap=8, fluency_prompts=2,
-               max_new_tokens=8, dist_facts=2, seq_facts=8, seq_batch=4, seq_checkpoints=(1, 2), stats_tokens=4000)
+               max_new_tokens=8, dist_facts=2, seq_facts=8, seq_batch=4, seq_checkpoints=(1, 2), seq_eval_cap=4,
+               drift_facts=2, memit_lambdas=(1.0, 1e4), stats_tokens=4000)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Env:
     pre: list[dict[str, Any]]        # unedited per-record scores
     pre_fluency: list[float]         # unedited entropy of each record's first generation prompt
     config: Config
+    corpus: str
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
@@ -75,8 +80,8 @@ class Env:
 # ---------------------------------------------------------------------------
 
 
-def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, cache_dir: Path,
-          log: Callable[[str], None] = print) -> Env:
+def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, cache_dir: Path, *,
+          corpus: str | None = None, log: Callable[[str], None] = print) -> Env:
     """Sample facts, collect/load statistics, factor them, precompute keys/values and baselines."""
     from ..editing.presets import preset_for
     from ..editing.requests import load_requests
@@ -91,11 +96,11 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     timings: dict[str, float] = {}
     fp = weights_fingerprint(model)
     t0 = time.perf_counter()
-    stats = collect_stats(model, tokenizer, sorted({layer, *spread}), None, max_tokens=config.stats_tokens,
+    stats = collect_stats(model, tokenizer, sorted({layer, *spread}), corpus, max_tokens=config.stats_tokens,
                           cache_dir=cache_dir / "stats", model_id=model_id, progress=False)
     factors = factors_for(stats, sorted({layer, *spread}))
     timings["statistics_and_factors"] = time.perf_counter() - t0
-    log(f"statistics: {stats.tokens} tokens, layers {sorted(factors)} ({'cached' if stats.from_cache else 'computed'})")
+    log(f"statistics: {stats.tokens} tokens of {corpus or 'the offline default corpus'}, layers {sorted(factors)} ({'cached' if stats.from_cache else 'computed'})")
     t0 = time.perf_counter()
     reqs = load_requests([r.as_request() for r in sample])
     facts = fact_tensors(model, tokenizer, reqs, layer, fingerprint=fp, seed=config.seed,
@@ -109,7 +114,12 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     timings["baseline"] = time.perf_counter() - t0
     log(f"baseline: {'cache hit' if hit else 'computed'} for {len(sample)} facts")
     return Env(model, tokenizer, model_id, sample, layer, spread, preset.for_method("memit").mu, factors, facts,
-               base["scores"], base["fluency"], config, timings, log)
+               base["scores"], base["fluency"], config, stats_corpus_id(stats, corpus), timings, log)
+
+
+def stats_corpus_id(stats, corpus: str | None) -> str:
+    """What the statistics were computed on, for the report."""
+    return f"{corpus or 'offline default corpus'} ({stats.tokens} tokens per layer)"
 
 
 def _baseline(model, tokenizer, records, config: Config) -> dict[str, Any]:
@@ -193,12 +203,13 @@ def _diag(upd) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int) -> dict[str, Any]:
-    """Edit ``n_point`` facts in independent chunks of ``b`` (each on the unedited model)."""
-    cfg = env.config
+def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, full_cap: int,
+                 fluency_cap: int) -> dict[str, Any]:
+    """Edit ``n_point`` facts in independent chunks of ``b`` (each on the unedited model);
+    ES on all, PS/NS on the first ``full_cap``, fluency on the first ``fluency_cap``."""
     facts = list(range(n_point))
-    full = set(facts[: cfg.eval_cap])
-    flu = set(facts[: cfg.fluency_prompts])
+    full = set(facts[:full_cap])
+    flu = set(facts[:fluency_cap])
     parts, diags = [], []
     snap = WeightSnapshot(env.model, [env.layer])
     for s in range(0, n_point, b):
@@ -221,7 +232,7 @@ def batch_sweep(env: Env) -> dict[str, Any]:
         n_point = min(n, max(b, cfg.min_facts_per_point))
         for method, mu in methods.items():
             t0 = time.perf_counter()
-            res = _edit_chunks(env, method, mu, b, n_point)
+            res = _edit_chunks(env, method, mu, b, n_point, cfg.eval_cap, cfg.fluency_prompts)
             res.update(method=method, batch_size=b, n_edited=n_point, mu_requested=mu,
                        seconds_total=time.perf_counter() - t0,
                        solve_seconds_per_batch=mean_or_none([d["seconds"] for d in res["solves"]]),
@@ -230,8 +241,23 @@ def batch_sweep(env: Env) -> dict[str, Any]:
             points.append(res)
             env.log(f"sweep {method} b={b}: ES {res['es']:.3f} PS {res['ps']} NS {res['ns']} "
                     f"cond_G {res['cond_G_max']:.3g}")
-    return {"layer": env.layer, "points": points, "pre": pre_scores(env, range(n)),
+    return {"layer": env.layer, "points": points, "lambda": _lambda_sweep(env), "pre": pre_scores(env, range(n)),
             "keys_values_seconds_per_fact": (env.facts.seconds_keys + env.facts.seconds_values) / max(n, 1)}
+
+
+def _lambda_sweep(env: Env) -> list[dict[str, Any]]:
+    """MEMIT's λ at one batch size: with C the mean second moment, diag G is of order d, so
+    small λ makes MEMIT an equality solve (DESIGN.md §2); ES on the batch, PS/NS on a quarter."""
+    cfg = env.config
+    b = min(len(env.records), 64)
+    rows = []
+    for mu in cfg.memit_lambdas:
+        res = _edit_chunks(env, "memit", mu, b, b, max(1, b // 4), 0)
+        rows.append({**{k: v for k, v in res.items() if k != "solves"}, "mu": mu, "batch_size": b,
+                     "preservation_cost": res["solves"][0]["preservation_cost"],
+                     "residual": res["solves"][0]["residual"], "cond_G": res["solves"][0]["cond_G"]})
+        env.log(f"MEMIT λ={mu:g} b={b}: ES {rows[-1]['es']:.3f} residual {rows[-1]['residual']:.2e}")
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +272,7 @@ def distribution(env: Env) -> dict[str, Any]:
 
     idx = list(range(min(env.config.dist_facts, len(env.records))))
     rows = []
+    spread_values: dict = {}  # v* at the last spread layer, shared by the three solvers
     for method, mu in (("rome", None), ("emmet", None), ("memit", env.memit_mu)):
         b = 1 if method == "rome" else len(idx)
         chunks = [idx[s : s + b] for s in range(0, len(idx), b)]
@@ -261,7 +288,7 @@ def distribution(env: Env) -> dict[str, Any]:
                 else:
                     res = edit(env.model, env.tokenizer, env.requests(chunk), method=method, layers=env.spread,
                                distribution="memit", stats=env.factors, mu=mu, seed=env.config.seed,
-                               model_id=env.model_id)
+                               model_id=env.model_id, value_cache=spread_values)
                     diags += [_diag(e.update) for e in res.edits]
                     restore = res.restore
                 try:
@@ -276,7 +303,8 @@ def distribution(env: Env) -> dict[str, Any]:
             env.log(f"distribution {method}/{dist}: ES {row['es']:.3f} PS {row['ps']:.3f} NS {row['ns']:.3f}")
     return {"rows": rows, "pre": pre_scores(env, idx),
             "note": "single-layer rows reuse keys/values computed once on the unedited model; spread rows run "
-                    "pmsolve.edit, whose v* is optimised at the last spread layer"}
+                    "pmsolve.edit, with v* optimised once per fact at the last spread layer and shared by the "
+                    "three solvers (value_cache)"}
 
 
 # ---------------------------------------------------------------------------
@@ -360,13 +388,13 @@ def sequential(env: Env) -> dict[str, Any]:
             upd = apply_solve(env.model, env.layer, env.factors[env.layer], K, R, "emmet", None)
             if j in cfg.seq_checkpoints or j == len(batches):
                 done = [i for c in batches[:j] for i in c]
-                sample = done[: cfg.eval_cap]
+                sample = done[: cfg.seq_eval_cap]
                 s = summarise([score(env, done, full=sample, with_fluency=done[: cfg.fluency_prompts])])
                 s_last = summarise([score(env, chunk)])
                 steps.append({**s, "batches": j, "n_edited": len(done), "es_latest_batch": s_last["es"],
                               **{f"solve_{k}": v for k, v in _diag(upd).items()}})
                 env.log(f"sequential after {j} batches ({len(done)} facts): ES {s['es']:.3f} NS {s['ns']:.3f}")
-        drift = _v_drift(env, batches[-1])
+        drift = _v_drift(env, batches[-1][: cfg.drift_facts])
     finally:
         snap.restore()
     return {"batch_size": cfg.seq_batch, "steps": steps, "v_drift": drift, "pre": pre_scores(env, range(n))}
@@ -419,7 +447,7 @@ def run_all(env: Env, which: Sequence[str] = ("sweep", "distribution", "stabilit
         out[name] = funcs[name](env)
         env.timings[name] = time.perf_counter() - t0
     return {"config": asdict(env.config), "model": env.model_id, "layer": env.layer, "spread": env.spread,
-            "memit_mu": env.memit_mu, "n_facts": len(env.records), "torch_threads": torch.get_num_threads(),
+            "memit_mu": env.memit_mu, "n_facts": len(env.records), "corpus": env.corpus, "torch_threads": torch.get_num_threads(),
             "timings": dict(env.timings),
             "factors": {str(k): {"cond_C": f.cond, "jitter_relative": f.jitter_relative}
                         for k, f in env.factors.items()},

@@ -1,0 +1,166 @@
+"""`pmsolve eval` on a tiny random Llama (SmolLM2's tokenizer) with made-up records:
+outputs, malformed records, baseline cache, partial results after a crash and resume."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import pmsolve
+from pmsolve.cli import main
+from pmsolve.commands import evaluate as ev
+
+
+def _rec(subject, true, new, neighbour, n_true):
+    return {"prompt": "The favourite colour of {} is", "subject": subject, "target_true": true, "target_new": new,
+            "paraphrase_prompts": [f"{subject} likes the colour"],
+            "neighborhood_prompts": [{"prompt": f"The favourite colour of {neighbour} is", "target": n_true}],
+            "generation_prompts": [f"{subject} is"]}
+
+
+RECORDS = [
+    _rec("Ada Quill", "red", "blue", "Bo Lark", "green"),
+    _rec("Cy Moss", "green", "red", "Ada Quill", "red"),
+    {**_rec("Dee Fern", "blue", "green", "Cy Moss", "green"), "prompt": "The favourite colour of Eve Pine is"},
+    _rec("Fay Reed", "black", "white", "Dee Fern", "blue"),
+    {**_rec("Gus Oak", "white", "black", "Fay Reed", "black"), "target_new": ""},
+    _rec("Hal Ivy", "pink", "grey", "Gus Oak", "white"),
+]
+BAD = {2: "does not occur", 4: "target_new"}
+TEXT = "The sky is blue and the grass is green. Ada likes red; Cy likes blue. " * 40
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with warnings.catch_warnings(), pmsolve.settings.backend("torch"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pmsolve.models.loading import ensure_default_converted
+
+    root = tmp_path_factory.mktemp("evalcli")
+    tok = AutoTokenizer.from_pretrained(ensure_default_converted())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    (root / "corpus.txt").write_text(TEXT)
+    return root
+
+
+def _args(files, out, *extra):
+    return ["eval", "--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--layers", "1",
+            "--batch-size", "2", "--stats-tokens", "500", "--corpus", str(files / "corpus.txt"),
+            "--max-new-tokens", "4", "--cache-dir", str(files / "cache"), "--out", str(out), *extra]
+
+
+def _lines(out):
+    return [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_malformed_records_reported_with_index_and_rejected(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "r")) == 2  # --on-error raise is the default
+    errors = json.loads((tmp_path / "r" / "errors.json").read_text())["malformed"]
+    assert {e["index"]: e["error"] for e in errors}.keys() == BAD.keys()
+    for e in errors:
+        assert BAD[e["index"]] in e["error"]
+    assert "record 2" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "records.jsonl").exists()  # rejected before any model work
+
+
+def test_run_skip_malformed_then_baseline_cache_hit(files, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(_args(files, out, "--on-error", "skip")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["n_records"] == 4 and summary["n_malformed"] == 2
+    lines = _lines(out)
+    assert [ln["index"] for ln in lines] == [0, 1, 3, 5]
+    assert [ln["batch"] for ln in lines] == [0, 0, 1, 1]
+    for ln in lines:
+        for when in ("pre", "post"):
+            assert ln[when]["efficacy"] in (0.0, 1.0) and ln[when]["fluency"] >= 0
+    es = [ln["post"]["efficacy"] for ln in lines]
+    assert summary["post"]["efficacy"] == pytest.approx(sum(es) / 4)
+    first = [ln["edit"] for ln in lines if ln["edit"]]
+    assert len(first) == 2 and all(e["layers"][0]["layer"] == 1 for e in first)
+    assert "baseline: computed" in capsys.readouterr().err
+    (cached,) = (files / "cache" / "eval-baselines").glob("*.json")
+    stamp = cached.stat().st_mtime_ns
+    assert main(_args(files, tmp_path / "b", "--on-error", "skip", "--limit", "3")) == 0
+    assert "baseline: cache hit" not in capsys.readouterr().err  # other records: another key
+    assert main(_args(files, tmp_path / "c", "--on-error", "skip")) == 0
+    assert "baseline: cache hit" in capsys.readouterr().err
+    assert cached.stat().st_mtime_ns == stamp
+    again = _lines(tmp_path / "c")
+    assert [ln["pre"] for ln in again] == [ln["pre"] for ln in lines]
+
+
+def test_crash_keeps_partial_results_and_rerun_resumes(files, tmp_path, monkeypatch):
+    out = tmp_path / "crash"
+    real = ev._edit_and_score
+    calls = []
+
+    def dies_on_second_batch(lm, args, batch, layers, factors):
+        calls.append([i for i, _ in batch])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a killed long run looks like from inside
+        return real(lm, args, batch, layers, factors)
+
+    monkeypatch.setattr(ev, "_edit_and_score", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(files, out, "--on-error", "skip"))
+    assert [ln["index"] for ln in _lines(out)] == [0, 1]
+    partial = json.loads((out / "summary.json").read_text())
+    assert partial["complete"] is False and partial["n_records"] == 2
+
+    calls.clear()
+    monkeypatch.setattr(ev, "_edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
+    assert main(_args(files, out, "--on-error", "skip")) == 0
+    assert len(calls) == 1  # only the unfinished batch ran
+    assert [ln["index"] for ln in _lines(out)] == [0, 1, 3, 5]
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
+def test_failing_batch_skipped_and_reported(files, tmp_path, monkeypatch):
+    real = ev._edit_and_score
+
+    def conflict_in_first(lm, args, batch, layers, factors):
+        if batch[0][0] == 0:
+            raise pmsolve.ConflictingConstraintsError("made-up conflict", columns=[[0, 1]])
+        return real(lm, args, batch, layers, factors)
+
+    monkeypatch.setattr(ev, "_edit_and_score", conflict_in_first)
+    out = tmp_path / "f"
+    assert main(_args(files, out, "--on-error", "skip")) == 1
+    failed = json.loads((out / "errors.json").read_text())["failed_batches"]
+    assert failed == [{"batch": 0, "indices": [0, 1], "error": "made-up conflict"}]
+    assert [ln["index"] for ln in _lines(out)] == [3, 5]
+    assert json.loads((out / "summary.json").read_text())["n_failed_records"] == 2
+
+
+def test_profile_model_mode_fields(files, tmp_path):
+    """`pmsolve profile --model` measures every stage on a real (tiny) model."""
+    reqs = tmp_path / "reqs.json"
+    reqs.write_text(json.dumps([{k: r[k] for k in ("prompt", "subject", "target_new", "target_true")}
+                                for r in (RECORDS[0], RECORDS[1])]))
+    out = tmp_path / "prof.json"
+    assert main(["profile", "--model", str(files / "model"), "--layers", "0,1", "--requests", str(reqs),
+                 "--tokens", "300", "--corpus", str(files / "corpus.txt"), "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())
+    assert prof["mode"] == "model" and prof["dims"]["n"] == 2 and prof["dims"]["layers"] == [0, 1]
+    stages = {s["name"]: s for s in prof["stages"]}
+    assert list(stages) == ["statistics", "factorisation", "keys", "values", "solve", "apply"]
+    assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in stages.values())
+    for layer in ("0", "1"):
+        c = prof["conditioning"][layer]
+        assert c["cond_C"] >= 1 and c["cond_G"] >= 1 and c["residual"] < 1e-6
