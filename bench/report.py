@@ -1,8 +1,9 @@
 """Turn a pytest-benchmark JSON of bench/test_bench_solver.py into the tables of bench/RESULTS.md.
 
-    python bench/report.py bench/results.json [bench/RESULTS.md]
+    python bench/report.py bench/results.json [bench/RESULTS.md [TAG]]
 
-Only the text between the GENERATED markers is replaced; the prose around it is kept.
+Only the text between the GENERATED markers (of TAG, when given: one file can hold
+several runs) is replaced; the prose around it is kept. Missing markers are appended.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-BEGIN, END = "<!-- BEGIN GENERATED (bench/report.py) -->", "<!-- END GENERATED -->"
+def _markers(tag: str) -> tuple[str, str]:
+    label = f" {tag}" if tag else ""
+    return f"<!-- BEGIN GENERATED{label} (bench/report.py) -->", f"<!-- END GENERATED{label} -->"
 MiB = 1 << 20
 
 
@@ -175,12 +178,15 @@ def targets(benchmarks: list[dict]) -> list[str]:
 def main() -> None:
     src = Path(sys.argv[1])
     dst = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("RESULTS.md")
+    begin, end = _markers(sys.argv[3] if len(sys.argv) > 3 else "")
     data = json.loads(src.read_text())
     b = data["benchmarks"]
-    body = "\n".join([BEGIN, "", *environment(data), *targets(b), *solve_tables(b), *factorize_tables(b), END])
-    text = dst.read_text() if dst.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    body = "\n".join([begin, "", *environment(data), *targets(b), *solve_tables(b), *factorize_tables(b), end])
+    text = dst.read_text() if dst.exists() else "# Benchmark results\n"
+    if begin not in text:
+        text = f"{text.rstrip()}\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     dst.write_text(head + body + tail)
     print(f"wrote {dst}")
 

@@ -77,8 +77,9 @@ blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   double* a22 = a21 + n1;
   scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, n2, n1, 1.0, a, lda, a21,
                     lda);
-  // GEMMT (lower triangle of a GEMM) rather than SYRK: same flops, and OpenBLAS
-  // runs it 5–30 % faster on two threads here (bench/RESULTS.md).
+  // GEMMT (lower triangle of a GEMM) rather than SYRK: same flops, and OpenBLAS 0.3.34
+  // ran the whole factorisation 4–9 % faster with it at d = 6400 and ~30 % at d = 4096
+  // on two threads here (bench/cholesky_variants.cpp; bench/RESULTS.md, "Tuning").
   scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasTrans, n2, n1, -1.0, a21, lda, a21, lda, 1.0, a22,
                      lda);
   const blas_int info = cholesky_lower(a22, n2, lda, cutoff);

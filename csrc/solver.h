@@ -14,8 +14,9 @@
 
 namespace pmsolve {
 
-// Diagonal block size below which the recursive Cholesky calls LAPACK
-// (bench/RESULTS.md: 96–192 are equivalent at d = 1536…6400, 64 and 256 slower).
+// Diagonal block size below which the recursive Cholesky calls LAPACK dpotrf.
+// From bench/cholesky_variants.cpp at d = 6400 on a lightly loaded machine: 96–192
+// within noise of each other, 64 and 256 slower (bench/RESULTS.md, "Tuning").
 constexpr blas_int kCholeskyCutoff = 128;
 
 enum class DType { f32, f64 };
