@@ -104,6 +104,10 @@ def test_builtin_facts_are_complete():
         assert len(r.paraphrase_prompts) == 2 and len(r.generation_prompts) == 2
         assert len(r.neighborhood_prompts) == 5
     assert [r.subject for r in load_builtin_facts(limit=3)] == [r.subject for r in facts[:3]]
+    # Round-robin order: a small prefix already mixes relations.
+    assert len({r.relation for r in facts[:10]}) == 10
+    capitals = load_builtin_facts(relations=["capital_of"])
+    assert capitals and {r.relation for r in capitals} == {"capital_of"}
 
 
 # --- metric identities on a tiny random model --------------------------------------------

@@ -249,7 +249,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     out = []
     device = _input_device(model)
     for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[start:start + batch_size]]
+        texts = prompts[start:start + batch_size]
+        chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in texts]
         width = max(map(len, chunk))
         # Left padding so every row's last real token sits at the end, where generation continues.
         ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(c)) + c for c in chunk])
@@ -258,7 +259,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=_pad_id(tokenizer))
-        for prompt, row in zip(prompts[start:start + batch_size], gen[:, width:]):
+        for prompt, row in zip(texts, gen[:, width:]):
             out.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
     return out
 

@@ -91,7 +91,7 @@ def _texts(raw: dict, key: str) -> list[str]:
 
 
 def _template(prompt: str, subject: str) -> str:
-    """A prompt with "{}" for the subject; full prompts get the subject's first occurrence replaced."""
+    """The prompt with "{}" for the subject (in a full prompt, its first occurrence)."""
     if "{}" in prompt:
         if prompt.count("{}") != 1:
             raise ValueError(f"prompt {prompt!r} has more than one '{{}}'")
@@ -187,7 +187,8 @@ class _BadLine:
 
 # --- public loaders -----------------------------------------------------------------------
 
-def parse_records(raw_records: Sequence, fmt: str = "auto") -> tuple[list[EditRecord], list[RecordError]]:
+def parse_records(raw_records: Sequence,
+                  fmt: str = "auto") -> tuple[list[EditRecord], list[RecordError]]:
     """Parse raw dicts; return the good records and an error (with index) per bad one."""
     if fmt != "auto" and fmt not in FORMATS:
         raise InputError(f"unknown record format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
@@ -248,8 +249,12 @@ def load_records(source: str | Path | Iterable, fmt: str = "auto",
     return records
 
 
-def load_builtin_facts(limit: int | None = None, relations: Iterable[str] | None = None) -> list[EditRecord]:
-    """pmsolve's own fact set (facts the unedited SmolLM2-135M-Instruct gets right; see FACTS.md)."""
+def load_builtin_facts(limit: int | None = None,
+                       relations: Iterable[str] | None = None) -> list[EditRecord]:
+    """pmsolve's own facts, all known to the unedited SmolLM2-135M-Instruct (see FACTS.md).
+
+    Ordered round-robin over relations, so `limit=n` gives a mix of relations.
+    """
     records = load_records(BUILTIN_FACTS, fmt="builtin")
     if relations is not None:
         wanted = set(relations)
