@@ -61,7 +61,8 @@ def test_fact_tensors_cached_and_independent_of_batching(tiny, tmp_path):
     assert all3.seconds_values > 0
     (path,) = tmp_path.glob("facts*-tiny-L2-*.pt")
     again = fact_tensors(m, tok, reqs[::-1], LAYER, fingerprint="tiny", value_config=FAST, cache_dir=tmp_path)
-    assert again.seconds_values == 0 and again.seconds_keys == 0  # all from the cache
+    assert again.seconds_values == 0 and again.seconds_keys == 0  # all from the cache ...
+    assert again.seconds_per_fact == pytest.approx(all3.seconds_per_fact)  # ... which remembers their cost
     assert torch.equal(again.z, all3.z.flip(0))
     alone = fact_tensors(m, tok, reqs[2:], LAYER, fingerprint="tiny", value_config=FAST)
     # v* of a fact does not depend on the other facts of its batch

@@ -55,6 +55,15 @@ def _previous(path: Path, config: dict) -> dict:
     return old if old.get("config") == json.loads(json.dumps(config)) else {}  # tuples were stored as lists
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (options that change results only)."""
+    opts = [("model", args.model), ("data", args.data), ("corpus", args.corpus), ("facts", args.facts),
+            ("seq_facts", args.seq_facts), ("dist_facts", args.dist_facts), ("stats_tokens", args.stats_tokens),
+            ("seed", args.seed or None)]
+    return "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in opts if v is not None)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..editing.keys import cache_dir
     from ..evaluation.records import load_builtin_facts, load_records
@@ -77,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
                        Path(args.cache_dir) if args.cache_dir else cache_dir(), corpus=args.corpus, log=log)
     res = _previous(docs / "results.json", asdict(cfg))
     old_timings = res.get("timings", {})
-    command = "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (("facts", args.facts), ("seq_facts", args.seq_facts),
-                                                     ("dist_facts", args.dist_facts),
-                                                     ("stats_tokens", args.stats_tokens)) if v is not None)
+    command = _command(args)
     for name in which:  # results and the report are rewritten after each experiment: a crash keeps the rest
         res.update(runner.run_all(env, [name]))
         res["timings"] = {**old_timings, **env.timings}

@@ -39,7 +39,7 @@ from ..editing.values import ValueConfig, optimize_values
 from ..models.adapters import adapter_for
 from ..solver import Factor, Update, solve
 
-_FORMAT = 2  # in the cache file name: bump when the stored fields change
+_FORMAT = 3  # in the cache file name: bump when the stored fields change
 
 
 def fact_key(req: EditRequest) -> str:
@@ -59,8 +59,9 @@ class FactTensors:
     z: torch.Tensor
     steps: list[int]
     converged: list[bool]
-    seconds_keys: float
+    seconds_keys: float              # spent in this call (0 when everything was cached)
     seconds_values: float
+    seconds_per_fact: float          # keys + values per fact when they were computed (cached or not)
 
     def select(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K (d_in × b) and R = Z − H (d_out × b) in fp64 for the facts ``idx``."""
@@ -123,7 +124,8 @@ def fact_tensors(
         t_keys, t_values = t_keys + t1 - t0, t_values + t2 - t1
         for i, r in enumerate(part):
             entries[fact_key(r)] = {"k": k[i].cpu(), "k_bare": k_bare[i].cpu(), "h": vr.h[i].cpu(), "z": vr.z[i].cpu(),
-                                    "steps": vr.steps[i], "converged": vr.converged[i]}
+                                    "steps": vr.steps[i], "converged": vr.converged[i],
+                                    "seconds": (t2 - t0) / len(part)}
         if path:
             _save(path, entries)
         if progress:
@@ -140,6 +142,7 @@ def fact_tensors(
         converged=[bool(e["converged"]) for e in rows],
         seconds_keys=t_keys,
         seconds_values=t_values,
+        seconds_per_fact=sum(float(e["seconds"]) for e in rows) / max(len(rows), 1),
     )
 
 

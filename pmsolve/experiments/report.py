@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,10 @@ def markdown(res: dict[str, Any], command: str) -> str:
             f"L{k} cond(C) {_f(v['cond_C'], '.2g')} (jitter {_f(v['jitter_relative'], '.0e')})"
             for k, v in res["factors"].items()),
         f"- v*: mean {_f(res['v_steps_mean'], '.1f')} optimisation steps per fact; {res['v_converged']}/"
-        f"{res['n_facts']} reached the target as top-1 on every prompt before the step limit",
-        f"- machine: {platform.processor() or platform.machine()}, torch threads {res['torch_threads']}; "
-        "wall times per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items()),
+        f"{res['n_facts']} met the early-stop rule before the step limit; settings (the preset's): "
+        + ", ".join(f"{k} {v}" for k, v in res["value_config"].items()),
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {res['torch_threads']}; "
+        "wall times of the last invocation per stage (s; cached setup stages take ~0): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items()),
         "- ES/PS/NS: share of prompts where the new target beats the old one (rewrite prompt, paraphrases) or "
         "the neighbour keeps its answer; Score = harmonic mean × 100; fluency = weighted bi/trigram entropy of "
         f"{res['config']['max_new_tokens']}-token greedy generations, change relative to the unedited model "
@@ -202,7 +204,7 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         "batches smaller than the minimum are repeated over consecutive facts. *facts* = edited facts; "
         "*n* = facts behind ES / PS+NS / fluency (full scoring is capped per point to bound CPU time; the "
         "capped facts are the first ones of the seeded sample). Keys and values were computed once per fact "
-        f"({_f(sw['keys_values_seconds_per_fact'], '.1f')} s per fact, new facts only) and reused by every solve. "
+        f"({_f(sw['keys_values_seconds_per_fact'], '.1f')} s per fact when computed) and reused by every solve. "
         f"Unedited: ES {_pct(pre['es'])}, PS {_pct(pre['ps'])}, NS {_pct(pre['ns'])}.",
         "",
         _table(["method", "batch", "facts", "n", "ES", "PS", "NS", "Score", "fluency Δ %", "cond(G+μI)",
