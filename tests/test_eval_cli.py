@@ -164,3 +164,10 @@ def test_profile_model_mode_fields(files, tmp_path):
     for layer in ("0", "1"):
         c = prof["conditioning"][layer]
         assert c["cond_C"] >= 1 and c["cond_G"] >= 1 and c["residual"] < 1e-6
+
+
+def test_bad_batch_settings_rejected_before_work(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "x", "--method", "rome")) == 2  # ROME edits one fact per solve
+    assert main(_args(files, tmp_path / "y", "--batch-size", "0")) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="malformed records / failing batches: stop (default) or report and skip")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N valid records")
     p.add_argument("--max-new-tokens", type=int, default=100, help="generation length for fluency (0: skip)")
+    p.add_argument("--generations", type=int, default=1,
+                   help="generation prompts per record used for fluency (default 1; each costs a generation)")
     p.add_argument("--cache-dir", default=None, help="baseline/statistics cache (default: the pmsolve cache)")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR has a matching run")
     p.set_defaults(func=run)
@@ -80,32 +82,33 @@ def load_indexed(data: str | None, fmt: str) -> tuple[list[tuple[int, Any]], lis
 # ---------------------------------------------------------------------------
 
 
-def score(model, tokenizer, records: list, max_new_tokens: int) -> list[dict[str, Any]]:
-    """Per record: the evaluation scores and the mean generation entropy of its generation prompts."""
+def score(model, tokenizer, records: list, max_new_tokens: int, generations: int) -> list[dict[str, Any]]:
+    """Per record: the evaluation scores and the mean generation entropy of its first
+    ``generations`` generation prompts."""
     from ..evaluation import evaluate_records
     from ..experiments.common import fluency, mean_or_none
 
     rows = evaluate_records(model, tokenizer, records).records
-    if max_new_tokens <= 0:
+    if max_new_tokens <= 0 or generations <= 0:
         return [dict(r, fluency=None) for r in rows]
-    owners = [i for i, r in enumerate(records) for _ in r.generation_prompts]
-    ent = fluency(model, tokenizer, [p for r in records for p in r.generation_prompts],
+    owners = [i for i, r in enumerate(records) for _ in r.generation_prompts[:generations]]
+    ent = fluency(model, tokenizer, [p for r in records for p in r.generation_prompts[:generations]],
                   max_new_tokens=max_new_tokens)
     per = [[e for o, e in zip(owners, ent) if o == i] for i in range(len(records))]
     return [dict(r, fluency=mean_or_none(f)) for r, f in zip(rows, per)]
 
 
 def baseline(model, tokenizer, indexed: list[tuple[int, Any]], cache_dir: Path, max_new_tokens: int,
-             fingerprint: str) -> tuple[dict[int, dict[str, Any]], bool, Path]:
+             generations: int, fingerprint: str) -> tuple[dict[int, dict[str, Any]], bool, Path]:
     """Pre-edit scores per record index, cached by weights fingerprint + records + settings."""
     from ..experiments.common import cached_json, content_hash
 
     key = content_hash({"records": [(i, r.to_dict()) for i, r in indexed], "max_new_tokens": max_new_tokens,
-                        "version": _EVAL_VERSION})
+                        "generations": generations, "version": _EVAL_VERSION})
     path = cache_dir / "eval-baselines" / f"{fingerprint}-{key}.json"
 
     def compute() -> dict[str, Any]:
-        rows = score(model, tokenizer, [r for _, r in indexed], max_new_tokens)
+        rows = score(model, tokenizer, [r for _, r in indexed], max_new_tokens, generations)
         return {str(i): row for (i, _), row in zip(indexed, rows)}
 
     data, hit = cached_json(path, compute)
@@ -147,7 +150,7 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "records_hash": content_hash([(i, r.to_dict()) for i, r in indexed]), "method": args.method,
             "layers": layers, "distribution": args.distribution, "mu": args.mu, "batch_size": args.batch_size,
             "seed": args.seed, "stats_tokens": args.stats_tokens, "corpus": args.corpus,
-            "max_new_tokens": args.max_new_tokens, "preset": args.preset}
+            "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset}
 
 
 def _resume(out: Path, config: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
@@ -177,12 +180,16 @@ def _edit_and_score(lm, args, batch, layers, factors) -> tuple[list[dict[str, An
                   distribution=args.distribution, stats=factors, mu=args.mu, seed=args.seed, preset=args.preset,
                   model_id=lm.model_id)
     try:
-        return score(lm.model, lm.tokenizer, [r for _, r in batch], args.max_new_tokens), _edit_summary(result)
+        post = score(lm.model, lm.tokenizer, [r for _, r in batch], args.max_new_tokens, args.generations)
+        return post, _edit_summary(result)
     finally:
         result.restore()
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or (args.method == "rome" and args.batch_size != 1):
+        print(f"pmsolve eval: --batch-size must be ≥ 1 (and 1 for ROME), got {args.batch_size}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -230,7 +237,8 @@ def _run(args, out: Path, indexed, malformed) -> int:
     done = _resume(out, config, args.no_resume)
     write_json(out / "run.json", config)
     t0 = time.perf_counter()
-    pre, hit, path = baseline(lm.model, lm.tokenizer, indexed, cache_dir, args.max_new_tokens, fingerprint)
+    pre, hit, path = baseline(lm.model, lm.tokenizer, indexed, cache_dir, args.max_new_tokens, args.generations,
+                              fingerprint)
     print(f"pre-edit baseline: {'cache hit' if hit else 'computed'} ({path}, {time.perf_counter() - t0:.1f}s)",
           file=sys.stderr)
     stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,

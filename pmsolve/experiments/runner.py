@@ -127,7 +127,9 @@ def _baseline(model, tokenizer, records, config: Config) -> dict[str, Any]:
     from ..evaluation import evaluate_records
 
     scores = evaluate_records(model, tokenizer, records).records
-    return {"scores": scores, "fluency": _fluency_of(model, tokenizer, records, config)}
+    # Fluency is only ever measured on the first facts of the sample (Config.fluency_prompts).
+    head = _fluency_of(model, tokenizer, records[: config.fluency_prompts], config)
+    return {"scores": scores, "fluency": head + [None] * (len(records) - len(head))}
 
 
 def _fluency_of(model, tokenizer, records, config: Config) -> list[float | None]:
