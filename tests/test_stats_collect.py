@@ -217,9 +217,14 @@ def test_cache_is_verified(tmp_path, corpus):
 def test_convergence_report_and_early_stop(corpus):
     model = tiny_llama()
     res = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=256,
-                        checkpoint_every=300, progress=False)
+                        checkpoint_every=300, report_condition=True, progress=False)
     changes = [c["rel_change"][0] for c in res.convergence]
     assert len(changes) >= 3 and changes[-1] < changes[0]
+    C = res.stats[0].mean()
+    assert all(1 < c["cond"][0] < float("inf") for c in res.convergence)
+    # The last checkpoint's C is close to the final one; the estimate is within the usual factor of the truth.
+    true_cond = float(torch.linalg.cond(C, 1))
+    assert true_cond / 10 < res.convergence[-1]["cond"][0] < true_cond * 10
     stop = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=256,
                          checkpoint_every=300, stop_tol=changes[1] * 1.01, progress=False)
     assert stop.stopped_early and stop.tokens < res.tokens
@@ -281,7 +286,7 @@ def test_corpora(tmp_path):
     off = offline_default()
     first = [t for _, t in zip(range(50), off.texts())]
     assert first == [t for _, t in zip(range(50), open_corpus(None).texts())]  # deterministic
-    assert off.id.startswith("offline-pydocs:py") and sum(len(t) for t in first) > 20_000
+    assert off.id.startswith("offline-pydocs/2:py") and sum(len(t) for t in first) > 20_000
 
 
 def test_saved_hf_dataset(tmp_path):

@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--module-template", default=None, help="rewrite module name with {} for the layer")
     p.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between checkpoints")
     p.add_argument("--stop-tol", type=float, default=None, help="stop once C changes less than this per checkpoint")
+    p.add_argument("--report-condition", action="store_true", help="condition estimate of C at each checkpoint")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--npz", action="store_true", help="also write reference-layout .npz files (mom2.mom2/mom2.count)")
     p.add_argument("--out", required=True, help="cache folder")
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model_id=loaded.model_id,
         centered=args.centered,
         stop_tol=args.stop_tol,
+        report_condition=args.report_condition,
     )
     if args.npz:
         for layer, acc in res.stats.items():
@@ -72,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
         "seconds_forward": round(res.seconds_forward, 2),
         "seconds_accumulate": round(res.seconds_accumulate, 2),
         "files": {layer: str(p) for layer, p in res.paths.items()},
-        "last_relative_change": res.convergence[-1]["rel_change"] if res.convergence else None,
+        "convergence": res.convergence,
     }, indent=2))
     return 0

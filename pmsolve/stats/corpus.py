@@ -15,7 +15,8 @@ CPython installation, read without importing anything:
      ~0.46 M characters), in sorted topic order;
   2. docstrings of at least 200 characters from the standard library's ``.py``
      sources (modules, classes, functions; tests excluded), ~1.3 M characters,
-     in sorted path order.
+     in sorted path order;
+interleaved (one topic per 30 docstrings) so that short runs see both.
 About 0.4 M tokens with a Llama-style tokenizer. It is technical English about
 programming with code fragments mixed in: fine for smoke tests, for checking
 that a pipeline runs, and for a rough C on machines with no data, but far
@@ -140,17 +141,22 @@ def _stdlib_docstrings() -> Iterator[str]:
 
 
 def _offline_texts() -> Iterator[str]:
+    """Reference topics and docstrings interleaved (one topic per 30 docstrings, about their size
+    ratio), so that a short run already sees both kinds of text."""
     from pydoc_data.topics import topics
 
-    for key in sorted(topics):
-        yield topics[key]
-    yield from _stdlib_docstrings()
+    reference = (topics[key] for key in sorted(topics))
+    for i, doc in enumerate(_stdlib_docstrings()):
+        if i % 30 == 0:
+            yield from (t for t in [next(reference, None)] if t)
+        yield doc
+    yield from reference
 
 
 def offline_default() -> Corpus:
     v = sys.version_info
     return Corpus(
-        f"offline-pydocs:py{v.major}.{v.minor}.{v.micro}",
+        f"offline-pydocs/2:py{v.major}.{v.minor}.{v.micro}",
         "Python reference topics and standard-library docstrings (offline default; see pmsolve.stats.corpus)",
         _offline_texts,
     )
