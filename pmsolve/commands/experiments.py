@@ -16,6 +16,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .edit import parse_layers
+
 EXPERIMENTS = ("sweep", "distribution", "stability", "sequential")
 
 
@@ -33,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-facts", type=int, default=None, help="facts in the sequential experiment")
     p.add_argument("--dist-facts", type=int, default=None, help="facts in the distribution experiment")
     p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer")
+    p.add_argument("--layer", type=int, default=None, help="single edit layer (default: the EMMET preset's)")
+    p.add_argument("--spread", type=parse_layers, default=None, help="MEMIT's layers, e.g. 4-8 (default: preset)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -42,7 +46,8 @@ def _config(args):
 
     cfg = QUICK if args.quick else Config()
     over = {"n_facts": args.facts, "seq_facts": args.seq_facts, "dist_facts": args.dist_facts,
-            "stats_tokens": args.stats_tokens}
+            "stats_tokens": args.stats_tokens, "layer": args.layer,
+            "spread": tuple(args.spread) if args.spread else None}
     return replace(cfg, seed=args.seed, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -59,6 +64,7 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (options that change results only)."""
     opts = [("model", args.model), ("data", args.data), ("corpus", args.corpus), ("facts", args.facts),
             ("seq_facts", args.seq_facts), ("dist_facts", args.dist_facts), ("stats_tokens", args.stats_tokens),
+            ("layer", args.layer), ("spread", ",".join(map(str, args.spread)) if args.spread else None),
             ("seed", args.seed or None)]
     return "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in opts if v is not None)

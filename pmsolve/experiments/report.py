@@ -165,8 +165,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"Regenerate with `{command}` (everything below, including the figures, comes from that run; "
         "seeded: the same command gives the same facts, keys, values and edits).",
         "",
-        f"- model: `{res['model']}`; single edit layer {res['layer']} (EMMET preset), MEMIT spread layers "
-        f"{res['spread']}, MEMIT λ = {_f(res['memit_mu'], 'g')} (preset)",
+        f"- model: `{res['model']}`; single edit layer {res['layer']}, MEMIT spread layers "
+        f"{res['spread']} (the presets' unless the command names them), MEMIT λ = {_f(res['memit_mu'], 'g')} "
+        "(preset)",
         f"- facts: {res['n_facts']} sampled with seed {res['config']['seed']} from the built-in set "
         "(facts the unedited model gets right, `pmsolve/data/facts.jsonl`)",
         f"- statistics: {res['corpus']}; "

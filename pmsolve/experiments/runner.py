@@ -44,6 +44,8 @@ class Config:
     seq_eval_cap: int = 32           # PS/NS on at most this many of the edited facts per checkpoint
     drift_facts: int = 16            # facts whose v* is re-optimised on the sequentially edited model
     memit_lambdas: tuple[float, ...] = (1.0, 1e2, 1e3, 1.5e4, 1e5)
+    layer: int | None = None         # single edit layer (None: the EMMET preset's)
+    spread: tuple[int, ...] | None = None  # MEMIT's layers (None: the MEMIT preset's)
     stats_tokens: int = 50_000       # per layer; bounded by the CPU budget of a full run
     seed: int = 0
 
@@ -92,8 +94,8 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     rng = random.Random(config.seed)
     sample = rng.sample(list(records), min(config.n_facts, len(records)))
     preset = preset_for(model)
-    layer = preset.for_method("emmet").layers[-1]
-    spread = list(preset.for_method("memit").layers)
+    layer = config.layer if config.layer is not None else preset.for_method("emmet").layers[-1]
+    spread = list(config.spread or preset.for_method("memit").layers)
     timings: dict[str, float] = {}
     fp = weights_fingerprint(model)
     t0 = time.perf_counter()
@@ -209,10 +211,10 @@ def _diag(upd) -> dict[str, Any]:
 def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, full_cap: int,
                  fluency_cap: int) -> dict[str, Any]:
     """Edit ``n_point`` facts in independent chunks of ``b`` (each on the unedited model);
-    ES on all, PS/NS on the first ``full_cap``, fluency on the first ``fluency_cap``."""
+    ES on all, PS/NS on the first ``full_cap``, fluency on the first chunk's first ``fluency_cap``."""
     facts = list(range(n_point))
     full = set(facts[:full_cap])
-    flu = set(facts[:fluency_cap])
+    flu = set(facts[: min(fluency_cap, b)])  # first chunk only: one batched generation per point
     parts, diags = [], []
     snap = WeightSnapshot(env.model, [env.layer])
     for s in range(0, n_point, b):
