@@ -34,9 +34,10 @@ from pmsolve.stats import collect_stats
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 
-def facts(n: int, skip: int = 0, stride: int = 3) -> list:
-    """n built-in facts spread over relations (every stride-th record, after skip)."""
+def facts(n: int, skip: int = 0) -> list:
+    """n built-in facts spread evenly over the file (it is grouped by relation), shifted by skip."""
     recs = load_builtin_facts()
+    stride = max(1, len(recs) // n)
     picked = recs[skip::stride][:n]
     if len(picked) < n:
         raise SystemExit(f"only {len(picked)} built-in facts available for n={n}, skip={skip}")
@@ -60,12 +61,12 @@ def run_edit(model, tok, recs, stats, **kw) -> tuple[dict, object]:
 
 
 def sweep(args, model, tok, stats) -> list[dict]:
-    recs = facts(args.n, skip=1, stride=7)
+    recs = facts(args.n, skip=7)  # not the facts of the targets run
     base = scores(model, tok, recs)
     print(json.dumps({"unedited": base}), flush=True)
     rows = []
     configs = [("emmet", [layer], None, "single") for layer in args.single] + \
-              [("memit", ls, args.mu, "memit") for ls in args.sets]
+              [(args.set_method, ls, args.mu if args.set_method == "memit" else None, "memit") for ls in args.sets]
     for method, layers, mu, dist in configs:
         for stop in args.stop_nll:
             cfg = ValueConfig(stop_nll=stop)
@@ -94,7 +95,7 @@ def per_fact_baseline(model, tok, recs, stats, **kw) -> dict:
 
 
 def targets(args, model, tok, stats) -> dict:
-    recs = facts(args.n, skip=0, stride=3)
+    recs = facts(args.n, skip=0)
     base = scores(model, tok, recs)
     print(json.dumps({"unedited": base}), flush=True)
     out = {"unedited": base, "runs": []}
@@ -128,8 +129,9 @@ def main() -> None:
     p.add_argument("what", choices=["sweep", "targets"])
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--single", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10])
-    p.add_argument("--sets", type=json.loads, nargs="*", default=[[2, 3, 4, 5], [3, 4, 5, 6], [4, 5, 6, 7, 8]])
+    p.add_argument("--sets", type=json.loads, nargs="*", default=[[3, 4, 5, 6], [4, 5, 6, 7, 8]])
     p.add_argument("--mu", type=float, default=1e4)
+    p.add_argument("--set-method", default="memit", choices=["memit", "emmet"])
     p.add_argument("--stop-nll", type=float, nargs="*", default=[float("inf")])
     p.add_argument("--emmet-layers", type=json.loads, default=[4])
     p.add_argument("--memit-layers", type=json.loads, default=[3, 4, 5, 6])
