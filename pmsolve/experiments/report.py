@@ -215,6 +215,11 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         "![solver](figures/sweep_solver.png)",
         "",
     ]
+    failed = [(p["method"], p["batch_size"], e) for p in sw["points"] for e in p.get("errors", [])]
+    if failed:
+        lines += ["Batches that could not be edited (not scored):", ""]
+        lines += [f"- {m} batch {b}, facts {e['facts'][0]}–{e['facts'][-1]}: {e['error'][:200]}" for m, b, e in failed]
+        lines.append("")
     lam = sw.get("lambda") or []
     if lam:
         lines += [

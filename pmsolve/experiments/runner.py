@@ -103,7 +103,8 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
                           cache_dir=cache_dir / "stats", model_id=model_id, progress=False)
     factors = factors_for(stats, sorted({layer, *spread}))
     timings["statistics_and_factors"] = time.perf_counter() - t0
-    log(f"statistics: {stats.tokens} tokens of {corpus or 'the offline default corpus'}, layers {sorted(factors)} ({'cached' if stats.from_cache else 'computed'})")
+    log(f"statistics: {stats_corpus_id(stats, corpus)}, layers {sorted(factors)}, "
+        f"{'cached' if stats.from_cache else 'computed'}")
     t0 = time.perf_counter()
     reqs = load_requests([r.as_request() for r in sample])
     facts = fact_tensors(model, tokenizer, reqs, layer, fingerprint=fp, seed=config.seed, value_config=preset.values,
@@ -111,7 +112,8 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
                          progress=lambda d, n: log(f"keys/values: {d}/{n} new facts"))
     timings["keys_values"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    key = content_hash({"records": [r.to_dict() for r in sample], "tokens": config.max_new_tokens})
+    key = content_hash({"records": [r.to_dict() for r in sample], "tokens": config.max_new_tokens,
+                        "fluency_prompts": config.fluency_prompts})
     base, hit = cached_json(cache_dir / "experiments" / f"baseline-{fp}-{key}.json",
                             lambda: _baseline(model, tokenizer, sample, config))
     timings["baseline"] = time.perf_counter() - t0
@@ -215,18 +217,22 @@ def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, 
     facts = list(range(n_point))
     full = set(facts[:full_cap])
     flu = set(facts[: min(fluency_cap, b)])  # first chunk only: one batched generation per point
-    parts, diags = [], []
+    parts, diags, errors = [], [], []
     snap = WeightSnapshot(env.model, [env.layer])
     for s in range(0, n_point, b):
         chunk = facts[s : s + b]
         try:
             upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu)
+        except PMSolveError as exc:  # e.g. contradictory equality constraints: reported, not scored
+            errors.append({"facts": chunk, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        try:
             diags.append(_diag(upd))
             parts.append(score(env, chunk, full=[i for i in chunk if i in full],
                                with_fluency=[i for i in chunk if i in flu]))
         finally:
             snap.restore()
-    return {**summarise(parts), "solves": diags}
+    return {**summarise(parts), "solves": diags, "errors": errors}
 
 
 def batch_sweep(env: Env) -> dict[str, Any]:
@@ -241,11 +247,11 @@ def batch_sweep(env: Env) -> dict[str, Any]:
             res.update(method=method, batch_size=b, n_edited=n_point, mu_requested=mu,
                        seconds_total=time.perf_counter() - t0,
                        solve_seconds_per_batch=mean_or_none([d["seconds"] for d in res["solves"]]),
-                       cond_G_max=max(d["cond_G"] for d in res["solves"]),
+                       cond_G_max=max((d["cond_G"] for d in res["solves"]), default=None),
                        ridge_fallbacks=sum(d["ridge_fallback"] for d in res["solves"]))
             points.append(res)
-            env.log(f"sweep {method} b={b}: ES {res['es']:.3f} PS {res['ps']} NS {res['ns']} "
-                    f"cond_G {res['cond_G_max']:.3g}")
+            env.log(f"sweep {method} b={b}: ES {res['es']} PS {res['ps']} NS {res['ns']} cond_G {res['cond_G_max']} "
+                    f"failed batches {len(res['errors'])}")
     return {"layer": env.layer, "points": points, "lambda": _lambda_sweep(env), "pre": pre_scores(env, range(n)),
             "keys_values_seconds_per_fact": env.facts.seconds_per_fact}
 
@@ -261,7 +267,7 @@ def _lambda_sweep(env: Env) -> list[dict[str, Any]]:
         rows.append({**{k: v for k, v in res.items() if k != "solves"}, "mu": mu, "batch_size": b,
                      "preservation_cost": res["solves"][0]["preservation_cost"],
                      "residual": res["solves"][0]["residual"], "cond_G": res["solves"][0]["cond_G"]})
-        env.log(f"MEMIT λ={mu:g} b={b}: ES {rows[-1]['es']:.3f} residual {rows[-1]['residual']:.2e}")
+        env.log(f"MEMIT λ={mu:g} b={b}: ES {rows[-1]['es']} residual {rows[-1]['residual']}")
     return rows
 
 
@@ -305,7 +311,7 @@ def distribution(env: Env) -> dict[str, Any]:
                    "seconds": time.perf_counter() - t0, "cond_G_max": max(d["cond_G"] for d in diags),
                    "ridge_fallbacks": sum(d["ridge_fallback"] for d in diags)}
             rows.append(row)
-            env.log(f"distribution {method}/{dist}: ES {row['es']:.3f} PS {row['ps']:.3f} NS {row['ns']:.3f}")
+            env.log(f"distribution {method}/{dist}: ES {row['es']} PS {row['ps']} NS {row['ns']}")
     return {"rows": rows, "pre": pre_scores(env, idx),
             "note": "single-layer rows reuse keys/values computed once on the unedited model; spread rows run "
                     "pmsolve.edit, with v* optimised once per fact at the last spread layer and shared by the "
@@ -398,7 +404,7 @@ def sequential(env: Env) -> dict[str, Any]:
                 s_last = summarise([score(env, chunk)])
                 steps.append({**s, "batches": j, "n_edited": len(done), "es_latest_batch": s_last["es"],
                               **{f"solve_{k}": v for k, v in _diag(upd).items()}})
-                env.log(f"sequential after {j} batches ({len(done)} facts): ES {s['es']:.3f} NS {s['ns']:.3f}")
+                env.log(f"sequential after {j} batches ({len(done)} facts): ES {s['es']} NS {s['ns']}")
         drift = _v_drift(env, batches[-1][: cfg.drift_facts])
     finally:
         snap.restore()
