@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .edit import parse_layers
 
-EXPERIMENTS = ("sweep", "distribution", "stability", "sequential")
+EXPERIMENTS = ("sweep", "stability", "distribution", "sequential")  # run in this order
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

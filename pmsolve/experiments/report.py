@@ -177,7 +177,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"- v*: mean {_f(res['v_steps_mean'], '.1f')} optimisation steps per fact; {res['v_converged']}/"
         f"{res['n_facts']} met the early-stop rule before the step limit; settings (the preset's): "
         + ", ".join(f"{k} {v}" for k, v in res["value_config"].items()),
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {res['torch_threads']}; "
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {res['torch_threads']}, solver "
+        f"backend `{res['backend']}`; "
         "wall times of the last invocation per stage (s; cached setup stages take ~0): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items()),
         "- ES/PS/NS: share of prompts where the new target beats the old one (rewrite prompt, paraphrases) or "
         "the neighbour keeps its answer; Score = harmonic mean × 100; fluency = weighted bi/trigram entropy of "

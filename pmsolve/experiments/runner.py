@@ -461,6 +461,7 @@ def run_all(env: Env, which: Sequence[str] = ("sweep", "distribution", "stabilit
             "memit_mu": env.memit_mu, "n_facts": len(env.records), "corpus": env.corpus,
             "value_config": asdict(env.value_config), "torch_threads": torch.get_num_threads(),
             "timings": dict(env.timings),
+            "backend": env.factors[env.layer].backend,
             "factors": {str(k): {"cond_C": f.cond, "jitter_relative": f.jitter_relative}
                         for k, f in env.factors.items()},
             "v_steps_mean": mean_or_none(env.facts.steps), "v_converged": sum(env.facts.converged), **out}
