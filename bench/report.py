@@ -35,7 +35,7 @@ def environment(data: dict) -> list[str]:
         for t in p.get("threadpools", [])
     )
     return [
-        "### Machine and run",
+        "#### Machine and run",
         "",
         f"- run: {data['datetime']} (commit {data.get('commit_info', {}).get('id', '?')[:10]}"
         f"{', dirty tree' if data.get('commit_info', {}).get('dirty') else ''})",
@@ -53,8 +53,10 @@ def environment(data: dict) -> list[str]:
 def solve_tables(benchmarks: list[dict]) -> list[str]:
     inv = {b["extra_info"]["d"]: b for b in _by_test(benchmarks, "test_emmet_reference_inverse")}
     rows = sorted(_by_test(benchmarks, "test_solve_vs_references"), key=lambda b: (b["extra_info"]["d"], b["extra_info"]["n"]))
+    if not rows:
+        return []
     out = [
-        "### (a) solve vs the reference formulas (fp64, medians, seconds)",
+        "#### (a) solve vs the reference formulas (fp64, medians, seconds)",
         "",
         "MEMIT: `pmsolve.solve(method='memit', mu=15000)` vs `torch.linalg.solve(λC + KKᵀ, K)`.",
         "",
@@ -107,8 +109,10 @@ def solve_tables(benchmarks: list[dict]) -> list[str]:
 
 def factorize_tables(benchmarks: list[dict]) -> list[str]:
     rows = sorted(_by_test(benchmarks, "test_factorize_vs_libraries"), key=lambda b: b["extra_info"]["d"])
+    if not rows:
+        return []
     out = [
-        "### (b) factorize vs the libraries (GFLOP/s = (d³/3) / median time)",
+        "#### (b) factorize vs the libraries (GFLOP/s = (d³/3) / median time)",
         "",
         "`native kernel` is `_C.cholesky_jittered` (copy of the lower triangle + recursive Cholesky); "
         "`pmsolve.factorize` adds validation (finite, symmetric, 1-norm), the jitter schedule and the dpocon "
@@ -149,7 +153,7 @@ def factorize_tables(benchmarks: list[dict]) -> list[str]:
 
 
 def targets(benchmarks: list[dict]) -> list[str]:
-    out = ["### Targets (computed from this run)", ""]
+    out = ["#### Targets (computed from this run)", ""]
     solve = [b["extra_info"] for b in _by_test(benchmarks, "test_solve_vs_references")]
     big = [e for e in solve if e["d"] == 6400 and e["n"] <= 256]
     if big:
