@@ -306,3 +306,19 @@ def test_requests_from_files(tmp_path):
     bad.write_text(json.dumps(REQUESTS[0]) + "\n{oops\n")
     with pytest.raises(InputError, match="bad.jsonl:2"):
         load_requests(bad)
+
+
+def test_presets_load_and_match(tok):
+    from pmsolve.editing import list_presets, load_preset, preset_for
+
+    names = list_presets()
+    assert {"gpt2-xl", "gpt-j", "llama", "smollm2-135m-instruct"} <= set(names)
+    for name in names:
+        p = load_preset(name)
+        assert p.notes and all(s.layers for s in p.methods.values())
+    m = model("llama", len(tok))
+    assert preset_for(m, "SmolLM2-135M-Instruct-Q4_1").name == "smollm2-135m-instruct"
+    assert preset_for(m).name == "llama"  # by model_type
+    assert preset_for(model("gptj", len(tok))).name == "gpt-j"
+    with pytest.raises(InputError, match="no preset"):
+        load_preset("nonexistent")
