@@ -91,8 +91,11 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     from ..stats import collect_stats, weights_fingerprint
     from .common import cached_json, content_hash
 
-    rng = random.Random(config.seed)
-    sample = rng.sample(list(records), min(config.n_facts, len(records)))
+    # A seeded shuffle, then a prefix: a smaller n_facts gives the first facts of a larger one,
+    # so cached keys/values and baselines carry over between run sizes.
+    order = list(records)
+    random.Random(config.seed).shuffle(order)
+    sample = order[: config.n_facts]
     preset = preset_for(model)
     layer = config.layer if config.layer is not None else preset.for_method("emmet").layers[-1]
     spread = list(config.spread or preset.for_method("memit").layers)
