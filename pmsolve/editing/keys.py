@@ -151,6 +151,14 @@ def hooks(handles_factory) -> Iterator[None]:
             h.remove()
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a no-grad forward once the activations it needs are recorded."""
+
+
+def _stop(module, inputs, output):
+    raise _StopForward
+
+
 @dataclass
 class Captured:
     """Per row: the rewrite-module inputs at the lookup position for each key layer, and the
@@ -192,9 +200,11 @@ def capture(
             for layer in output_layers:
                 hs.append(adapter.layer(layer).register_forward_hook(
                     lambda m, inp, out, layer=layer: outs[layer].append(pick(layer_hidden(out)))))
+            # Nothing after the deepest captured layer is needed: stop the forward there.
+            hs.append(adapter.layer(max([*key_layers, *output_layers])).register_forward_hook(_stop))
             return hs
 
-        with hooks(make):
+        with hooks(make), contextlib.suppress(_StopForward):
             model(input_ids=ids, attention_mask=mask)
     return Captured(
         keys={k: torch.cat(v) for k, v in keys.items()},
