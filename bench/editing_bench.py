@@ -26,7 +26,6 @@ import torch
 
 import pmsolve
 from pmsolve.editing import ValueConfig, edit
-from pmsolve.editing.editor import resolve_settings  # noqa: F401  (documented entry for layer defaults)
 from pmsolve.evaluation import evaluate_records, load_builtin_facts
 from pmsolve.models import load_model
 from pmsolve.stats import collect_stats
