@@ -233,18 +233,18 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
                     for r in lam]),
             "",
         ]
-    lines += _targets(sw)
+    lines += _targets(sw, res["n_facts"])
     return lines
 
 
-def _targets(sw: dict[str, Any]) -> list[str]:
+def _targets(sw: dict[str, Any], n_facts: int) -> list[str]:
     def point(method: str, b: int) -> dict[str, Any] | None:
         return next((p for p in sw["points"] if p["method"] == method and p["batch_size"] == b), None)
 
     out = ["Targets:", ""]
     p = point("emmet", 256)
     if p is None:
-        out.append("- EMMET at batch 256: not run (fewer than 256 facts in this run).")
+        out.append(f"- EMMET at batch 256: not run (this run sampled {n_facts} facts; see `--facts`).")
     else:
         ok = p["es"] is not None and p["es"] >= 0.9
         out.append(f"- EMMET at batch 256: ES {_pct(p['es'])} % over {p['n_es']} facts (target ≥ 90 %: "

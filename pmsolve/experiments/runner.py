@@ -238,11 +238,17 @@ def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, 
     return {**summarise(parts), "solves": diags, "errors": errors}
 
 
+def _batch_sizes(cfg: Config, n: int) -> list[int]:
+    """The configured batch sizes that fit in n facts, plus n itself when a larger one did not fit."""
+    sizes = [b for b in cfg.batch_sizes if b <= n]
+    return sizes + [n] if n < max(cfg.batch_sizes) and n not in sizes else sizes
+
+
 def batch_sweep(env: Env) -> dict[str, Any]:
     cfg, n = env.config, len(env.records)
     methods = {"emmet": None, "memit": env.memit_mu}
     points = []
-    for b in [b for b in cfg.batch_sizes if b <= n]:
+    for b in _batch_sizes(cfg, n):
         n_point = min(n, max(b, cfg.min_facts_per_point))
         for method, mu in methods.items():
             t0 = time.perf_counter()
@@ -351,12 +357,12 @@ def stability(env: Env) -> dict[str, Any]:
     (consistent duplicates: G singular) and near-duplicates, with and without the ridge."""
     cfg, n = env.config, len(env.records)
     rows = []
-    for b in [b for b in cfg.batch_sizes if b <= n]:
+    for b in _batch_sizes(cfg, n):
         K, R = env.facts.select(range(b))
         for ridge in (True, False):
             rows.append({"case": "distinct facts", "batch_size": b, "ridge": ridge,
                          **_solve_only(env, K, R, "emmet", None, ridge)})
-    b = max(x for x in cfg.batch_sizes if x <= n)
+    b = _batch_sizes(cfg, n)[-1]
     K, R = env.facts.select(range(b))
     gen = torch.Generator().manual_seed(cfg.seed)
     for eps in (0.0, 1e-6, 1e-3):
