@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from . import settings
+from ._io import atomic_write
 from .backends import get_backend
 from .errors import (
     CacheError,
@@ -192,20 +192,9 @@ class Factor:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (see pmsolve._io.atomic_write)."""
         payload = {"format": _FACTOR_FORMAT, "L": self.L.detach().cpu(), "summary": self.summary()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: torch.save(payload, fh))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Factor:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
-import warnings
 
 import pytest
 import torch

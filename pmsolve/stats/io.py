@@ -5,7 +5,7 @@ accumulator state (``sum``, and ``mean``/``m2`` when centred) plus string
 metadata: identity fields (model, fingerprint, layer, module, corpus, dtype, ...),
 the count, and a SHA-256 of the tensor bytes. safetensors rejects a truncated
 header; the checksum catches damage inside the data. Writes are atomic
-(temporary file in the same folder, fsync, rename, fsync of the folder), so a
+(pmsolve._io.atomic_write: temporary file, fsync, rename, fsync of the folder), so a
 crash leaves either the old file or the new one, never half of one.
 
 Reference layout (ROME/MEMIT/EMMET ``layer_stats``): ``np.savez`` of a
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,30 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..errors import CacheError
 
 FORMAT = "pmsolve.stats/1"
 _REF_CONSTRUCTOR = "util.runningstats.SecondMoment()"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
