@@ -18,8 +18,19 @@ REQUESTS = [
     {"prompt": "{} was written in the language of", "subject": "Don Quixote", "target_new": "Japanese",
      "target_true": "Spanish"},
 ]
-UNRELATED = [("The capital of Germany is", "Berlin", "Paris"), ("Honda is a car company from the country of",
-                                                                 "Japan", "Germany")]
+# Other subjects, each contrasted with an edited target; the model must know them beforehand.
+# Not every neighbour survives (bench/RESULTS.md: NS 95 % at batch 32; here "The capital of
+# Spain is" flips to London after France -> London), so these check that edits stay local
+# in the common case, not that there is no bleed at all.
+UNRELATED = [("The capital of Germany is", "Berlin", "Paris"),
+             ("Sony is a company from the country of", "Japan", "Germany"),
+             ("The mother tongue of Jean Gabin is", "French", "English")]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with pmsolve.settings.backend("torch"):  # the editing logic is under test, not the native build
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +58,9 @@ def test_emmet_edits_smollm2(smol):
     prompts = [r["prompt"].format(r["subject"]) for r in REQUESTS]
     new, true = [r["target_new"] for r in REQUESTS], [r["target_true"] for r in REQUESTS]
     assert all(m < 0 for m in _margin(model, tok, prompts, new, true))  # the model knows the true facts
+    u_prompts = [p for p, _, _ in UNRELATED]
+    u_true, u_other = [t for _, t, _ in UNRELATED], [f for _, _, f in UNRELATED]
+    assert all(m > 0 for m in _margin(model, tok, u_prompts, u_true, u_other))
     before_w = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pmsolve.NumericalWarning)
@@ -54,10 +68,7 @@ def test_emmet_edits_smollm2(smol):
     try:
         assert all(m > 0 for m in _margin(model, tok, prompts, new, true)), "efficacy below 100%"
         assert max(e.residual_rounded for e in res.edits) < 1e-4
-        # Unrelated facts of the same relations still hold.
-        u_prompts = [p for p, _, _ in UNRELATED]
-        assert all(m > 0 for m in _margin(model, tok, u_prompts, [t for _, t, _ in UNRELATED],
-                                          [f for _, _, f in UNRELATED]))
+        assert all(m > 0 for m in _margin(model, tok, u_prompts, u_true, u_other))
     finally:
         res.restore()
     assert all(torch.equal(p, before_w[n]) for n, p in model.named_parameters())
