@@ -25,6 +25,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
     os.replace(tmp, path)
 
 
