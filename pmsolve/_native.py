@@ -83,12 +83,14 @@ def require_native() -> ModuleType:
     return mod
 
 
-def warn_unavailable_once() -> None:
+def warn_unavailable_once(reason: str | None = None) -> None:
+    """One NativeUnavailableWarning per process: the module is missing, or (``reason``) unusable."""
     global _warned
-    if native() is None and not _warned:
+    reason = reason or (_reason if native() is None else None)
+    if reason and not _warned:
         _warned = True
         warnings.warn(
-            f"pmsolve: native backend unavailable, using the pure-torch backend: {_reason}",
+            f"pmsolve: native backend unavailable, using the pure-torch backend: {reason}",
             NativeUnavailableWarning,
             stacklevel=3,
         )

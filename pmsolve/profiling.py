@@ -50,6 +50,25 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def _pin_glibc_mmap_threshold() -> None:
+    """Make large blocks come from fresh mmap pages again.
+
+    glibc raises its mmap threshold after a large block is freed, and later large blocks
+    are then carved from heap pages that are already resident: they never raise VmHWM and
+    a stage would show a peak of 0. Pinning the threshold (128 KiB, glibc's initial value)
+    turns that dynamic behaviour off for the process.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement falls back to what RSS shows
+        pass
+
+
 def _can_reset_hwm() -> bool:
     try:
         _CLEAR_REFS.write_text("5")
@@ -84,6 +103,8 @@ def peak_memory(device: torch.device | str = "cpu") -> Iterator[Peak]:
         peak.bytes = torch.cuda.max_memory_allocated(device) - start
         return
     if _can_reset_hwm():
+        _pin_glibc_mmap_threshold()
+        _CLEAR_REFS.write_text("5")
         start = _status_kib("VmRSS")
         yield peak
         peak.bytes = max(0, _status_kib("VmHWM") - start) * 1024

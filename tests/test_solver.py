@@ -504,3 +504,22 @@ def test_missing_native_module_falls_back_to_torch_with_one_warning(tmp_path):
     first, message = out.stdout.splitlines()[:2]
     assert first == "1 torch torch ['torch']"
     assert "cannot be loaded" in message and "pip install -e ." in message
+
+
+def test_outdated_native_build_is_not_picked(monkeypatch):
+    """A loadable _C that lacks the solver kernels (a stale build) falls back to torch with a reason."""
+    import types
+
+    from pmsolve import backends
+    from pmsolve.backends.cpu import CpuBackend
+
+    stale = types.ModuleType("pmsolve._C")
+    stale.__file__ = "/old/_C.so"
+    with pytest.raises(pmsolve.BackendUnavailableError, match="outdated build"):
+        CpuBackend(stale)
+    monkeypatch.setattr(backends, "native", lambda: stale)
+    monkeypatch.delitem(backends._instances, "cpu", raising=False)
+    monkeypatch.setattr(pmsolve._native, "_warned", False)
+    with pytest.warns(pmsolve.errors.NativeUnavailableWarning, match="outdated build"):
+        be = backends.get_backend("auto", torch.device("cpu"))
+    assert be.name == "torch"

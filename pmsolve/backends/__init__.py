@@ -66,8 +66,8 @@ def get_backend(name: str | None, device: torch.device) -> SolverBackend:
             return _instances["torch"]
         try:
             return _native_backend(wanted)
-        except (BackendUnavailableError, ImportError):
-            warn_unavailable_once()
+        except (BackendUnavailableError, ImportError) as exc:
+            warn_unavailable_once(str(exc))
             return _instances["torch"]
     if name not in ("cpu", "cuda"):
         raise InputError(f"unknown backend {name!r}; choose 'auto', 'cpu', 'cuda' or 'torch'")

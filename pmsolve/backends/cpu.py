@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import BackendUnavailableError, InputError
 from .base import CholeskyResult, PMSolution
 
 _F64 = 8
@@ -38,7 +38,16 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
+    REQUIRED = ("cholesky_jittered", "cond_estimate", "pm_solve", "blas_get_num_threads", "blas_set_num_threads")
+
     def __init__(self, module: ModuleType) -> None:
+        missing = [f for f in self.REQUIRED if not hasattr(module, f)]
+        if missing:
+            # A stale build (e.g. an old in-tree _C*.so) must not be picked and then crash mid-solve.
+            raise BackendUnavailableError(
+                f"{getattr(module, '__file__', 'pmsolve._C')} lacks {missing}: it is an outdated build; "
+                "rebuild with `pip install -e .`"
+            )
         self._C = module
 
     def _sync_threads(self) -> None:
