@@ -15,9 +15,12 @@
 namespace pmsolve {
 
 // Diagonal block size below which the recursive Cholesky calls LAPACK dpotrf.
-// From bench/cholesky_variants.cpp at d = 6400 on a lightly loaded machine: 96–192
-// within noise of each other, 64 and 256 slower (bench/RESULTS.md, "Tuning").
-constexpr blas_int kCholeskyCutoff = 128;
+// On the idle machine (06:58 UTC run, bench/RESULTS.md "quiet"), OpenBLAS's own
+// threaded dpotrf ran at 119 GFLOP/s at d = 6400 against 84 for the recursion cut
+// at 128; cut at 1024 the two tie at every d measured (1536, 4096, 6400). Under heavy
+// load the small cutoff had looked better (the "Tuning" table), but that load was
+// other engineers' jobs, not the users' situation.
+constexpr blas_int kCholeskyCutoff = 1024;
 
 enum class DType { f32, f64 };
 
