@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..models.adapters import Adapter
 from .keys import hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
