@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import Any
+
+from .._io import atomic_write
 
 
 def content_hash(obj: Any) -> str:
@@ -20,13 +21,7 @@ def content_hash(obj: Any) -> str:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write atomically: readers (and a crash) see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def cached_json(path: Path, compute: Callable[[], Any]) -> tuple[Any, bool]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from ..editing.keys import average_by_owner, capture, context_templates, key_prompts, pad_id
 from ..editing.requests import EditRequest
 from ..editing.values import ValueConfig, optimize_values
@@ -83,11 +83,7 @@ def _load(path: Path) -> dict[str, dict]:
 
 def _save(path: Path, entries: dict[str, dict]) -> None:
     """Atomic write: a crash mid-save leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(entries, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(entries, fh))
 
 
 def fact_tensors(
