@@ -23,21 +23,11 @@ from typing import Any
 import torch
 
 from ..errors import CacheError, InputError, NumericalError
+from ..models.adapters import KNOWN as _ARCHITECTURES
 from .accumulator import CovarianceAccumulator
 from .corpus import Corpus, open_corpus, shard
 from .io import atomic_write, check_metadata, decode_states, encode_states
 
-# Rewrite-module templates by config.model_type. TODO(adapters): use
-# pmsolve.models.adapters once it has landed, so that both agree on one table.
-_REWRITE_TEMPLATES = {
-    "gpt2": "transformer.h.{}.mlp.c_proj",
-    "gptj": "transformer.h.{}.mlp.fc_out",
-    "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
-    "llama": "model.layers.{}.mlp.down_proj",
-    "mistral": "model.layers.{}.mlp.down_proj",
-    "qwen2": "model.layers.{}.mlp.down_proj",
-    "qwen3": "model.layers.{}.mlp.down_proj",
-}
 _CACHE_FORMAT_FIELDS = ("model_id", "weights_fingerprint", "corpus_id", "dtype", "centered", "max_tokens", "seq_len")
 
 
@@ -84,12 +74,12 @@ def rewrite_template(model: torch.nn.Module, module_template: str | None = None)
             raise InputError(f"module_template must contain '{{}}' for the layer index, got {module_template!r}")
         return module_template
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _REWRITE_TEMPLATES:
+    if model_type not in _ARCHITECTURES:
         raise InputError(
             f"no known rewrite module for model_type {model_type!r}; pass module_template, "
-            f"e.g. 'model.layers.{{}}.mlp.down_proj' (known: {sorted(_REWRITE_TEMPLATES)})"
+            f"e.g. 'model.layers.{{}}.mlp.down_proj' (known: {sorted(_ARCHITECTURES)})"
         )
-    return _REWRITE_TEMPLATES[model_type]
+    return _ARCHITECTURES[model_type].rewrite
 
 
 def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
