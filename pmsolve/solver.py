@@ -64,6 +64,11 @@ def _row_blocks(x: torch.Tensor) -> range:
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
+    # A finite sum proves every entry finite (NaN and ±Inf propagate through a sum), in one
+    # read and without a boolean temporary; only a non-finite sum (bad entries, or an
+    # overflow of the sum itself) pays for the scan that locates the first bad entry.
+    if math.isfinite(float(x.sum(dtype=torch.float64))):
+        return
     step = _row_blocks(x).step
     for i in _row_blocks(x):
         finite = torch.isfinite(x[i : i + step])
@@ -468,11 +473,17 @@ def solve(
     mu0 = _resolve_mu(method, mu, n, factor.d)
     be = get_backend(backend, K.device)
     max_cond = settings.get("max_cond")
-    # Ridge schedule is relative to mean(diag G); G is only known inside the backend, so
-    # estimate its scale from the keys first: diag(G)_i = ‖L⁻¹ k_i‖², bounded via the factor.
-    g_scale = _g_scale_estimate(factor, K)
-    ridges = [mu0] + [mu0 + r * g_scale for r in settings.get("ridge_schedule")]
-    sol = be.pm_solve(factor.L, K, ridges, max_cond)
+    # The ridge schedule is relative to mean(diag G), which is known only once G is. The
+    # requested μ almost always works, so try it alone first and pay for a second solve
+    # (with the exact scale from that G) only when it fails, instead of estimating the
+    # scale up front with an extra pass over the d × d factor on every call.
+    sol = be.pm_solve(factor.L, K, [mu0], max_cond)
+    g_scale = _g_scale(sol.G)
+    ridges = [mu0]
+    if sol.mu_index < 0:
+        ridges = [mu0] + [mu0 + r * g_scale for r in settings.get("ridge_schedule")]
+        sol = be.pm_solve(factor.L, K, ridges[1:], max_cond)
+        sol.mu_index = sol.mu_index + 1 if sol.mu_index >= 0 else -1
     if sol.mu_index < 0 or sol.B is None:
         _raise_singular(method, sol.G, R, max_cond, ridges)
     mu_used = ridges[sol.mu_index]
@@ -497,11 +508,9 @@ def solve(
     return Update(U=U, B=sol.B, diagnostics=diag)
 
 
-def _g_scale_estimate(factor: Factor, K: torch.Tensor) -> float:
-    """mean(diag G) = mean ‖L⁻¹k_i‖², estimated from a few columns (O(d²) per column)."""
-    cols = K[:, : min(K.shape[1], 8)]
-    z = torch.linalg.solve_triangular(factor.L, cols, upper=False)
-    s = float((z * z).sum(0).mean())
+def _g_scale(G: torch.Tensor) -> float:
+    """mean(diag G) = mean ‖L⁻¹k_i‖², the unit of the ridge schedule (1 for an all-zero G)."""
+    s = float(torch.diagonal(G).mean())
     return s if s > 0 else 1.0
 
 
