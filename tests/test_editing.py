@@ -322,3 +322,40 @@ def test_presets_load_and_match(tok):
     assert preset_for(model("gptj", len(tok))).name == "gpt-j"
     with pytest.raises(InputError, match="no preset"):
         load_preset("nonexistent")
+
+
+def test_start_key_constrains_the_bare_prompt_too(tok):
+    """Facts whose prompt starts with the subject get a second column: the bare prompt's key,
+    sent to the same residual as the template average (EMMET: both exactly)."""
+    from pmsolve.editing.keys import capture, key_prompts, pad_id
+
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    ad = adapter_for(m)
+    reqs = load_requests(REQUESTS)
+    starts = [i for i, r in enumerate(reqs) if r.prompt.startswith("{}")]
+    assert starts == [1, 2]
+    off = _edit(m, tok, C, requests=REQUESTS, method="emmet", start_key=False)
+    assert off.edits[0].update.diagnostics.n == 3
+    off.restore()
+    ctx = context_templates(m, tok)
+    kp = key_prompts(tok, reqs, ctx)
+    bare_rows = [r for r, t in enumerate(kp.template) if t == 0]
+    cap = capture(m, ad, [kp.rows[r] for r in bare_rows], [kp.lookup[r] for r in bare_rows], pad_id(tok),
+                  key_layers=[2])
+    k_bare = cap.keys[2][starts]
+    with torch.no_grad():
+        before = ad.rewrite(2)(k_bare).double()
+    res = _edit(m, tok, C, requests=REQUESTS, method="emmet", start_key=True)
+    (e,) = res.edits
+    assert e.update.diagnostics.n == 5
+    R = e.update.U.T  # columns: 3 averaged keys, then the 2 bare keys
+    assert torch.equal(R[3:], R[starts])  # same residual as the fact's averaged key
+    with torch.no_grad():
+        after = ad.rewrite(2)(k_bare).double()
+    rel = float((after - before - R[3:]).norm() / R[3:].norm())
+    assert rel < 1e-4, rel  # fp32 weights, as in test_equality_edit_maps_keys_to_values
+    res.restore()
+    # ROME keeps one fact per solve; with a start key it is the n = 2 equality solve.
+    rome = _edit(m, tok, C, requests=REQUESTS[1:2], method="rome", start_key=True)
+    assert rome.edits[0].update.diagnostics.n == 2 and rome.edits[0].update.diagnostics.method == "emmet"

@@ -34,6 +34,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="tokens for the covariance statistics when not cached (default 100000)")
     p.add_argument("--corpus", default=None, help="text/JSONL file or hf:name for statistics (default: offline)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-key", default="preset", choices=["preset", "on", "off"],
+                   help="also constrain the bare prompt's key for subject-first prompts (default: the preset's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         stats = _stats(args, lm, templates, auto_stats)
         result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
                       distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
-                      seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb)
+                      seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb,
+                      start_key={"preset": None, "on": True, "off": False}[args.start_key])
         bar.close()
         after = margins(lm.model, lm.tokenizer, requests)
     except (PMSolveError, OSError, json.JSONDecodeError) as exc:

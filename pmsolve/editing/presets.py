@@ -19,6 +19,7 @@ class MethodSettings:
     layers: list[int]
     mu: float | None
     distribution: str
+    start_key: bool = False  # see pmsolve.edit(start_key=...)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def _parse(data: dict[str, Any], source: str) -> Preset:
     try:
         known = {f.name for f in fields(ValueConfig)}
         values = ValueConfig(**{k: v for k, v in data.get("values", {}).items() if k in known})
-        methods = {m: MethodSettings(list(s["layers"]), s.get("mu"), s.get("distribution", "memit"))
+        methods = {m: MethodSettings(list(s["layers"]), s.get("mu"), s.get("distribution", "memit"),
+                                     bool(s.get("start_key", False)))
                    for m, s in data["methods"].items()}
         return Preset(data["name"], methods, values, data.get("match", {}), data.get("notes", ""))
     except (KeyError, TypeError) as exc:
