@@ -2,6 +2,8 @@
 
     python bench/editing_bench.py sweep      # choose layers: edit success per candidate layer set
     python bench/editing_bench.py targets    # 32 facts, EMMET and MEMIT (λ sweep), throughput
+    python bench/editing_bench.py configs --configs '[{"method": "emmet", "layers": [2],
+        "value_config": {"stop_nll": 0.05}, "start_key": false}, ...]'   # any edit() settings
 
 Statistics come from pmsolve.stats.collect_stats on the offline default corpus, cached
 (--stats-cache), and are computed before anything is timed. Throughput is facts per
@@ -123,9 +125,30 @@ def targets(args, model, tok, stats) -> dict:
     return out
 
 
+def configs(args, model, tok, stats) -> list[dict]:
+    """Each config is a dict of pmsolve.edit keyword arguments, scored on the targets' facts;
+    v* is shared between configs that optimise it the same way (value_cache)."""
+    recs = facts(args.n, skip=0)
+    base = scores(model, tok, recs)
+    print(json.dumps({"unedited": base}), flush=True)
+    rows, cache = [], {}
+    for cfg in args.configs:
+        kw = dict(cfg)
+        kw["value_config"] = ValueConfig(**kw.get("value_config", {}))
+        info, res = run_edit(model, tok, recs, stats, model_id=args.model_id, value_cache=cache, **kw)
+        after = scores(model, tok, recs)
+        res.restore()
+        row = {"config": cfg, **after, "ns_drop": base["ns"] - after["ns"],
+               **{k: info[k] for k in ("wall_s", "v_steps_mean", "v_converged")}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["sweep", "targets"])
+    p.add_argument("what", choices=["sweep", "targets", "configs"])
+    p.add_argument("--configs", type=json.loads, default=[], help="JSON list of edit() keyword dicts")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--single", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10])
     p.add_argument("--sets", type=json.loads, nargs="*", default=[[3, 4, 5, 6], [4, 5, 6, 7, 8]])
@@ -147,14 +170,15 @@ def main() -> None:
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
     args.model_id = lm.model_id
-    layers = sorted(set(args.single + [x for s in args.sets for x in s] + args.emmet_layers + args.memit_layers))
+    layers = sorted(set(args.single + [x for s in args.sets for x in s] + args.emmet_layers + args.memit_layers
+                        + [x for c in args.configs for x in c.get("layers", [])]))
     t0 = time.perf_counter()
     stats = collect_stats(model, tok, layers, None, max_tokens=args.stats_tokens, cache_dir=args.stats_cache,
                           model_id=lm.model_id, progress=False)
     print(json.dumps({"stats_s": time.perf_counter() - t0, "tokens": stats.tokens, "cached": stats.from_cache,
                       "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                       "load": os.getloadavg()}), flush=True)
-    result = sweep(args, model, tok, stats) if args.what == "sweep" else targets(args, model, tok, stats)
+    result = {"sweep": sweep, "targets": targets, "configs": configs}[args.what](args, model, tok, stats)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
