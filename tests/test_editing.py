@@ -159,7 +159,7 @@ def test_batched_values_equal_per_fact(tok):
     ad = adapter_for(m)
     ctx = context_templates(m, tok)
     reqs = load_requests(REQUESTS)
-    cfg = ValueConfig(steps=6, early_stop=False)
+    cfg = ValueConfig(steps=6, early_stop=False, autocast=None)  # fp32 whatever the CPU
     both = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
     assert both.forward_passes == cfg.steps + 1
     for i, r in enumerate(reqs):
@@ -362,19 +362,35 @@ def test_start_key_constrains_the_bare_prompt_too(tok):
 
 
 def test_values_under_bf16_autocast(tok):
-    """autocast="bf16" optimises the same δ up to bf16 rounding of the forward/backward:
+    """autocast="bf16" with eager attention (the CPU defaults where AMX exists) optimises the
+    same δ as fp32 with the model's own attention, up to bf16 rounding of the forward/backward:
     h (and so z = h + δ) is still computed in the model's dtype, and the first Adam steps,
     which move each coordinate by about lr·sign(g), agree except where g is tiny."""
     m = model("llama", len(tok))
     ad = adapter_for(m)
     ctx = context_templates(m, tok)
     reqs = load_requests(REQUESTS)
-    cfg = ValueConfig(steps=4, early_stop=False)
-    ref = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
-    amp = optimize_values(m, ad, tok, reqs, ctx, 2, ValueConfig(steps=4, early_stop=False, autocast="bf16"))
+    ref = optimize_values(m, ad, tok, reqs, ctx, 2, ValueConfig(steps=4, early_stop=False, autocast=None,
+                                                                 attention=None))
+    impl = m.config._attn_implementation
+    amp = optimize_values(m, ad, tok, reqs, ctx, 2, ValueConfig(steps=4, early_stop=False, autocast="bf16",
+                                                                 attention="eager"))
+    assert m.config._attn_implementation == impl  # switched for the optimisation only
     assert amp.z.dtype == ref.z.dtype == torch.float32 and bool(torch.isfinite(amp.z).all())
     assert torch.equal(amp.h, ref.h)
     cos = torch.nn.functional.cosine_similarity(amp.delta, ref.delta, dim=1)
     assert bool((cos > 0.99).all()), cos  # measured: 1.0000 for all three facts
     with pytest.raises(InputError, match="autocast"):
         optimize_values(m, ad, tok, reqs, ctx, 2, ValueConfig(steps=1, autocast="fp8"))
+    assert m.config._attn_implementation == impl  # restored after an error too
+
+
+def test_auto_precision_follows_the_hardware():
+    from pmsolve.editing.values import _autocast, fast_bf16
+
+    cpu = torch.device("cpu")
+    with _autocast("auto", cpu)():
+        got = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    assert got == (torch.bfloat16 if fast_bf16(cpu) else None)
+    with _autocast(None, cpu)():
+        assert not torch.is_autocast_enabled("cpu")

@@ -36,10 +36,14 @@ class ValueConfig:
     early_stop: bool = True  # a fact stops once its target is top-1 in every prompt ...
     stop_nll: float = float("inf")  # ... and its mean target NLL is at most this
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
-    # "bf16": run the optimisation's forward/backward under torch.autocast in bfloat16
-    # (h, and so z = h + δ, stay in the model's dtype). Worth it where bf16 matmuls are
-    # fast: GPUs, and CPUs with AMX (2.7x per step on SmolLM2 here, bench/RESULTS.md).
-    autocast: str | None = None
+    # "bf16"/"fp16": run the optimisation's forward/backward under torch.autocast (h, and so
+    # z = h + δ, stay in the model's dtype). "auto": bf16 where bf16 matmuls are fast (CUDA
+    # with bf16 support, CPUs with AMX), else None. Same edit quality on SmolLM2, measured.
+    autocast: str | None = "auto"
+    # Attention implementation during the optimisation. "auto": "eager" on CPU, where for
+    # these short rows it beat SDPA (whose bf16 backward is slow there), the model's own
+    # elsewhere; None: always the model's own. Restored afterwards.
+    attention: str | None = "auto"
 
 
 @dataclass
@@ -239,9 +243,10 @@ def optimize_values(
     result_history: list[float] = []
     passes = 0
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    with _frozen(model):
-        h0 = _initial_outputs(model, adapter, rows, layer, n, pad)
+    with _frozen(model), contextlib.ExitStack() as stack:
+        h0 = _initial_outputs(model, adapter, rows, layer, n, pad)  # as the edit will see it
         max_norm = config.clamp * h0.norm(dim=1)
+        stack.enter_context(_attention(model, config.attention, in_dev))
         amp = _autocast(config.autocast, in_dev)
         with amp():
             cache = _PrefixCache(model, rows, pad, in_dev) if config.prefix_cache and max(rows.lookup) > 0 else None
@@ -305,14 +310,49 @@ def optimize_values(
     )
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast on ``device`` (CUDA with bf16, or a CPU with AMX tiles)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe()) if probe is not None else False
+    return False
+
+
 def _autocast(kind: str | None, device: torch.device):
     """A context-manager factory: torch.autocast for ``kind`` on ``device``, or a no-op."""
+    if kind == "auto":
+        kind = "bf16" if fast_bf16(device) else None
     if kind is None:
         return contextlib.nullcontext
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if kind not in dtypes:
-        raise InputError(f"ValueConfig.autocast must be None, 'bf16' or 'fp16', got {kind!r}")
+        raise InputError(f"ValueConfig.autocast must be 'auto', None, 'bf16' or 'fp16', got {kind!r}")
     return lambda: torch.autocast(device.type, dtype=dtypes[kind])
+
+
+@contextlib.contextmanager
+def _attention(model, impl: str | None, device: torch.device):
+    """The model's attention implementation set to ``impl`` ("auto": eager on CPU) for the
+    duration; models that cannot switch keep theirs."""
+    if impl == "auto":
+        impl = "eager" if device.type == "cpu" else None
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if impl is None or before is None or before == impl or switch is None:
+        yield
+        return
+    try:
+        switch(impl)
+    except (ValueError, ImportError, AttributeError):  # not supported by this architecture
+        yield
+        return
+    try:
+        yield
+    finally:
+        switch(before)
 
 
 def _per_fact_mean_of_row_means(x: torch.Tensor, row: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
