@@ -58,33 +58,44 @@ void solve_left(LowerFactor L, bool transpose, Mat Z) {
 
 }  // namespace
 
-PMResult pm_solve(LowerFactor L, Mat K, const double* mus, int n_mus, double max_cond, PMOutputs out) {
-  const blas_int d = K.rows, n = K.cols;
-  Mat Z = out.B;
-  copy_rows(K, Z);
-  solve_left(L, false, Z);
+PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
+  // Z is d × n, or its transpose (n × d) when `transposed`: the layout torch's triangular
+  // solves return, taken as it is.
+  const blas_int d = transposed ? Z.cols : Z.rows, n = transposed ? Z.rows : Z.cols;
   // SYRK guarantees an exactly symmetric, positive semi-definite G (up to rounding in its entries).
-  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, d, 1.0, Z.data, Z.ld, 0.0, out.G.data, out.G.ld);
-  mirror_lower(out.G);
-  const double anorm_g = one_norm(out.G);
+  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, transposed ? CblasNoTrans : CblasTrans, n, d, 1.0, Z.data, Z.ld, 0.0,
+                    G.data, G.ld);
+  mirror_lower(G);
+  const double anorm_g = one_norm(G);
 
   PMResult res{-1, std::numeric_limits<double>::infinity()};
   for (int k = 0; k < n_mus; ++k) {
-    load_ridged(out.G, out.M, mus[k]);
-    if (cholesky_lower(out.M.data, n, out.M.ld) != 0) continue;
-    const double cond = cond_estimate({out.M.data, n, out.M.ld, false}, anorm_g + std::abs(mus[k]));
+    load_ridged(G, M, mus[k]);
+    if (cholesky_lower(M.data, n, M.ld) != 0) continue;
+    const double cond = cond_estimate({M.data, n, M.ld, false}, anorm_g + std::abs(mus[k]));
     if (cond <= max_cond) {
       res = {k, cond};
       break;
     }
   }
   if (res.mu_index < 0) return res;
-  // B = L⁻ᵀ Z M⁻ᵀ M⁻¹, in place: (G + μI)⁻¹ = M⁻ᵀ M⁻¹ applied from the right, then L⁻ᵀ from the left.
-  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, d, n, 1.0, out.M.data, out.M.ld,
-                    Z.data, Z.ld);
-  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, d, n, 1.0, out.M.data,
-                    out.M.ld, Z.data, Z.ld);
-  solve_left(L, true, Z);
+  // Z (G + μI)⁻¹ = Z M⁻ᵀ M⁻¹ (from the right), or (G + μI)⁻¹ Zᵀ = M⁻ᵀ M⁻¹ Zᵀ (from the left).
+  const CBLAS_SIDE side = transposed ? CblasLeft : CblasRight;
+  const CBLAS_TRANSPOSE first = transposed ? CblasNoTrans : CblasTrans;
+  const CBLAS_TRANSPOSE second = transposed ? CblasTrans : CblasNoTrans;
+  scipy_cblas_dtrsm(CblasRowMajor, side, CblasLower, first, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data, M.ld, Z.data,
+                    Z.ld);
+  scipy_cblas_dtrsm(CblasRowMajor, side, CblasLower, second, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data, M.ld, Z.data,
+                    Z.ld);
+  return res;
+}
+
+PMResult pm_solve(LowerFactor L, Mat K, const double* mus, int n_mus, double max_cond, PMOutputs out) {
+  Mat Z = out.B;
+  copy_rows(K, Z);
+  solve_left(L, false, Z);
+  const PMResult res = pm_whitened(Z, false, mus, n_mus, max_cond, out.G, out.M);
+  if (res.mu_index >= 0) solve_left(L, true, Z);  // B = L⁻ᵀ Z (G + μI)⁻¹
   return res;
 }
 

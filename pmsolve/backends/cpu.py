@@ -38,7 +38,8 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("cholesky_jittered", "cond_estimate", "pm_solve", "blas_get_num_threads", "blas_set_num_threads")
+    REQUIRED = ("cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "blas_get_num_threads",
+                "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
         missing = [f for f in self.REQUIRED if not hasattr(module, f)]
@@ -76,21 +77,29 @@ class CpuBackend:
         return float(self._C.cond_estimate(_factor_view(L).numpy(), float(anorm)))
 
     def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
+        """The two d × d triangular solves run in torch, the n × n work here (pm_whitened).
+
+        Why torch: its x86 wheels solve triangular systems with MKL, which measured 1.7x
+        (n = 256) to 6x (n = 1) faster than OpenBLAS's dtrsm at d = 6400 on the Intel machine
+        of bench/RESULTS.md; the Gram matrix, the ridge loop with its LAPACK condition
+        estimates and the n-sized solves stay native (``_C.pm_solve`` keeps the all-OpenBLAS
+        path). Both solves read L in place, whichever its storage order.
+        """
         self._sync_threads()
-        Lc, Kc = _factor_view(L), _f64_contiguous(K)
-        d, n = Kc.shape
-        copies = sum(x.numel() * _F64 for x, y in ((Lc, L), (Kc, K)) if x.data_ptr() != y.data_ptr())
-        B, G, M, k, cond = self._C.pm_solve(Lc.numpy(), Kc.numpy(), [float(m) for m in mus], float(max_cond))
-        # d × n (Z, then B in place), G and M (n × n), dpocon's 3n doubles and n int32s.
-        workspace = d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n + copies
-        return PMSolution(
-            B=None if B is None else torch.from_numpy(B),
-            G=torch.from_numpy(G),
-            M=None if M is None else torch.from_numpy(M),
-            mu_index=int(k),
-            cond=float(cond),
-            workspace_bytes=workspace,
-        )
+        L = L.detach().to(device="cpu", dtype=torch.float64)
+        K = K.detach().to(device="cpu", dtype=torch.float64)
+        Z = torch.linalg.solve_triangular(L, K, upper=False)
+        d, n = Z.shape
+        # MKL returns Z column-major: hand over its row-major transpose instead of copying.
+        Zt = Z.mT if Z.mT.is_contiguous() else Z.mT.contiguous()
+        G, M, k, cond = self._C.pm_whitened(Zt.numpy(), [float(m) for m in mus], float(max_cond), transposed=True)
+        G = torch.from_numpy(G)
+        # Z (d × n), then B (d × n), G and M (n × n), dpocon's 3n doubles and n int32s.
+        workspace = 2 * d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n
+        if k < 0:
+            return PMSolution(None, G, None, -1, float(cond), workspace)
+        B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True)
+        return PMSolution(B, G, torch.from_numpy(M), int(k), float(cond), workspace)
 
 
 def _f64_contiguous(x: torch.Tensor) -> torch.Tensor:
