@@ -1,4 +1,5 @@
-"""The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp).
+"""The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
+except the two d × d triangular solves of a solve, which go through torch (see pm_solve).
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
@@ -100,10 +101,6 @@ class CpuBackend:
             return PMSolution(None, G, None, -1, float(cond), workspace)
         B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True)
         return PMSolution(B, G, torch.from_numpy(M), int(k), float(cond), workspace)
-
-
-def _f64_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(device="cpu", dtype=torch.float64).contiguous()
 
 
 def _factor_view(L: torch.Tensor) -> torch.Tensor:
