@@ -171,3 +171,17 @@ def test_bad_batch_settings_rejected_before_work(files, tmp_path, capsys):
     assert main(_args(files, tmp_path / "y", "--batch-size", "0")) == 2
     assert "--batch-size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_info_reports_backends_and_the_v_star_precision(capsys):
+    import json
+
+    from pmsolve.cli import main
+    from pmsolve.editing.values import fast_bf16
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "torch" in info["backends"]
+    assert info["v_star_precision_cpu"] == ("bf16 autocast (AMX)" if fast_bf16(torch.device("cpu")) else "model dtype")
+    if "cpu" in info["backends"]:  # the native module loaded, so OpenBLAS got our thread timeout (or the user's)
+        assert info["openblas_thread_timeout"] is not None

@@ -14,10 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    import os
+
     import pmsolve
     from pmsolve._native import native
+    from pmsolve.editing.values import fast_bf16
 
     mod = native()
+    cpu_bf16 = fast_bf16(torch.device("cpu"))
     info = {
         "pmsolve": pmsolve.__version__,
         "torch": torch.__version__,
@@ -25,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
         "backends": pmsolve.available_backends(),
         "native_unavailable_reason": pmsolve.native_unavailable_reason(),
         "blas": mod.blas_config() if mod else None,
+        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "cuda_available": torch.cuda.is_available(),
+        # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
+        "v_star_precision_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     print(json.dumps(info, indent=2))
     return 0
