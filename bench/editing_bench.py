@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,11 +83,15 @@ def sweep(args, model, tok, stats) -> list[dict]:
     return rows
 
 
+def _model_precision(cfg: ValueConfig) -> ValueConfig:
+    """``cfg`` with v* in the model's own dtype and attention implementation (no autocast)."""
+    return replace(cfg, autocast=None, attention=None)
+
+
 def per_fact_baseline(model, tok, recs, stats, **kw) -> dict:
     """One fact at a time, v* as the reference computes it: full prompts every step, in the
     model's dtype (fp32) with its own attention implementation."""
-    cfg = ValueConfig(**{**kw.pop("value_config").__dict__, "prefix_cache": False, "autocast": None,
-                         "attention": None})
+    cfg = replace(_model_precision(kw.pop("value_config")), prefix_cache=False)
     t0 = time.perf_counter()
     results = []
     for r in recs:
@@ -119,7 +124,7 @@ def targets(args, model, tok, stats) -> dict:
                        model_id=args.model_id)
     res.restore()
     # The same batched edit in fp32 with the model's attention: what batching alone buys.
-    fp32 = ValueConfig(**{**cfg.__dict__, "autocast": None, "attention": None})
+    fp32 = _model_precision(cfg)
     b32, res = run_edit(model, tok, recs, stats, method="emmet", layers=args.emmet_layers, value_config=fp32,
                         model_id=args.model_id)
     res.restore()

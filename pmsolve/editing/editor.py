@@ -343,7 +343,7 @@ def edit(
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
-                originals, clock, values, progress, value_cache=None, start_key=True) -> list[LayerEdit]:
+                originals, clock, values, progress, value_cache=None, start_key=False) -> list[LayerEdit]:
     last = layers[-1]
     kp = key_prompts(tokenizer, batch, ctx)
     bare = [i for i, t in enumerate(kp.template) if t == 0]
