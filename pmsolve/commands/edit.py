@@ -23,8 +23,20 @@ def parse_layers(text: str) -> list[int]:
     return out
 
 
+def add_document_start(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--document-start", default="auto", metavar="auto|none|TOKEN",
+                   help="token every prompt starts with (default auto: <|endoftext|> or BOS when the "
+                        "tokenizer adds none; none: the tokenizer as shipped)")
+
+
+def document_start(args: argparse.Namespace) -> str | None:
+    value = getattr(args, "document_start", "auto")
+    return None if value == "none" else value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or Hugging Face id (default: built-in SmolLM2)")
+    add_document_start(p)
     p.add_argument("--method", default="emmet", choices=["emmet", "memit", "rome"])
     p.add_argument("--layers", type=parse_layers, default=None, help="e.g. 5 or 3-8 (default: the preset's)")
     p.add_argument("--distribution", default=None, choices=["single", "memit", "balanced"])
@@ -57,7 +69,7 @@ def load(args: argparse.Namespace):
     from ..models import load_model
 
     return load_model(args.model, dtype=getattr(torch, args.dtype),
-                      device_map=getattr(args, "device_map", None))
+                      device_map=getattr(args, "device_map", None), document_start=document_start(args))
 
 
 def progress_bar(total_batches: int):
@@ -116,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = result.report()
     report["model"] = lm.model_id
+    report["document_start"] = lm.document_start
     report["margins"] = [{"subject": r.subject, "before": b, "after": a}
                          for r, b, a in zip(requests, before, after)]
     result.save_updates(out / "updates.safetensors")

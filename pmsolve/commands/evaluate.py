@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PMSolveError
+from ..models.document_start import document_start_tag
 
 _EVAL_VERSION = 1  # bump when what a baseline contains changes
 
@@ -104,7 +105,8 @@ def baseline(model, tokenizer, indexed: list[tuple[int, Any]], cache_dir: Path, 
     from ..experiments.common import cached_json, content_hash
 
     key = content_hash({"records": [(i, r.to_dict()) for i, r in indexed], "max_new_tokens": max_new_tokens,
-                        "generations": generations, "version": _EVAL_VERSION})
+                        "generations": generations, "version": _EVAL_VERSION,
+                        "document_start": document_start_tag(tokenizer)})
     path = cache_dir / "eval-baselines" / f"{fingerprint}-{key}.json"
 
     def compute() -> dict[str, Any]:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .edit import parse_layers
+from .edit import add_document_start, document_start, parse_layers
 
 EXPERIMENTS = ("sweep", "stability", "distribution", "sequential")  # run in this order
 
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiments", help="run the experiments and write docs/RESULTS.md with figures",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or id (default: built-in SmolLM2)")
+    add_document_start(p)
     p.add_argument("--data", default=None, help="records file (default: the built-in facts)")
     p.add_argument("--corpus", default=None, help="text/JSONL corpus for the statistics (default: offline)")
     p.add_argument("--docs", default="docs", help="where RESULTS.md, results.json and figures/ go")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = _config(args)
     docs = Path(args.docs)
-    lm = load_model(args.model)
+    lm = load_model(args.model, document_start=document_start(args))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     records = load_records(args.data) if args.data else load_builtin_facts()
     env = runner.setup(lm.model, lm.tokenizer, lm.model_id, records, cfg,

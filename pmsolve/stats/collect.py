@@ -24,6 +24,7 @@ import torch
 
 from ..errors import CacheError, InputError, NumericalError
 from ..models.adapters import KNOWN as _ARCHITECTURES
+from ..models.document_start import document_start_tag
 from .accumulator import CovarianceAccumulator
 from .corpus import Corpus, open_corpus, shard
 from .io import atomic_write, check_metadata, decode_states, encode_states
@@ -452,7 +453,10 @@ def collect_stats(
         "seq_len": seq_len,
     }
     folder = Path(cache_dir) / _slug(common["model_id"]) / _slug(corpus.id) if cache_dir is not None else None
-    tag = f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok"
+    start = document_start_tag(tokenizer)  # statistics of texts that start with a token differ
+    if start:
+        common["document_start"] = start
+    tag = f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok{'.' + start if start else ''}"
     paths = {l: folder / f"{m}.{tag}.safetensors" for l, m in modules.items()} if folder else {}
 
     result = CollectResult(stats={}, modules=modules, paths=paths)
