@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import pmsolve
-from pmsolve.editing import ValueConfig, edit
+from pmsolve.editing import ValueConfig, edit, preset_for
 from pmsolve.evaluation import evaluate_records, load_builtin_facts
 from pmsolve.models import load_model
 from pmsolve.stats import collect_stats
@@ -70,7 +70,7 @@ def sweep(args, model, tok, stats) -> list[dict]:
     configs = [("emmet", [layer], None, "single") for layer in args.single] + \
               [(args.set_method, ls, args.mu if args.set_method == "memit" else None, "memit") for ls in args.sets]
     for method, layers, mu, dist in configs:
-        for stop in args.stop_nll:
+        for stop in args.stop_nll or [float("inf")]:
             cfg = ValueConfig(stop_nll=stop)
             info, res = run_edit(model, tok, recs, stats, method=method, layers=layers, mu=mu,
                                  distribution=dist, value_config=cfg, model_id=args.model_id)
@@ -103,13 +103,17 @@ def per_fact_baseline(model, tok, recs, stats, **kw) -> dict:
 
 
 def targets(args, model, tok, stats) -> dict:
+    """The issue's targets with the model's preset (each setting can be overridden)."""
     recs = facts(args.n, skip=0)
     base = scores(model, tok, recs)
     print(json.dumps({"unedited": base}), flush=True)
     out = {"unedited": base, "runs": []}
-    cfg = ValueConfig(stop_nll=args.stop_nll[0])
-    runs = [("emmet", args.emmet_layers, None, None)] + [("memit", args.memit_layers, lam, "memit")
-                                                          for lam in args.lambdas]
+    preset = preset_for(model, args.model_id)
+    cfg = preset.values if args.stop_nll is None else replace(preset.values, stop_nll=args.stop_nll[0])
+    emmet = preset.for_method("emmet")
+    emmet_layers, emmet_dist = args.emmet_layers or emmet.layers, args.emmet_distribution or emmet.distribution
+    runs = [("emmet", emmet_layers, None, emmet_dist)] + [("memit", args.memit_layers, lam, None)
+                                                           for lam in args.lambdas]
     for method, layers, mu, dist in runs:
         info, res = run_edit(model, tok, recs, stats, method=method, layers=layers, mu=mu,
                              distribution=dist, value_config=cfg, model_id=args.model_id)
@@ -120,16 +124,16 @@ def targets(args, model, tok, stats) -> dict:
         print(json.dumps(row), flush=True)
     # Throughput: batched EMMET (above) vs one fact at a time, on a subset for the slow baseline.
     sub = recs[: args.baseline_n]
-    b1, res = run_edit(model, tok, sub, stats, method="emmet", layers=args.emmet_layers, value_config=cfg,
-                       model_id=args.model_id)
+    b1, res = run_edit(model, tok, sub, stats, method="emmet", layers=emmet_layers, distribution=emmet_dist,
+                       value_config=cfg, model_id=args.model_id)
     res.restore()
     # The same batched edit in fp32 with the model's attention: what batching alone buys.
     fp32 = _model_precision(cfg)
-    b32, res = run_edit(model, tok, recs, stats, method="emmet", layers=args.emmet_layers, value_config=fp32,
-                        model_id=args.model_id)
+    b32, res = run_edit(model, tok, recs, stats, method="emmet", layers=emmet_layers, distribution=emmet_dist,
+                        value_config=fp32, model_id=args.model_id)
     res.restore()
-    ours_1 = per_fact_baseline(model, tok, sub, stats, method="emmet", layers=args.emmet_layers,
-                               value_config=ValueConfig(**{**cfg.__dict__}), model_id=args.model_id)
+    ours_1 = per_fact_baseline(model, tok, sub, stats, method="emmet", layers=emmet_layers,
+                               distribution=emmet_dist, value_config=cfg, model_id=args.model_id)
     out["throughput"] = {"batched_32": out["runs"][0]["facts_per_s"], "batched_subset": b1["facts_per_s"],
                          "batched_32_fp32_model_attention": b32["facts_per_s"],
                          "baseline_one_at_a_time": ours_1["facts_per_s"], "baseline_n": len(sub)}
@@ -169,10 +173,12 @@ def main() -> None:
     p.add_argument("--sets", type=json.loads, nargs="*", default=[[3, 4, 5, 6], [4, 5, 6, 7, 8]])
     p.add_argument("--mu", type=float, default=1e4)
     p.add_argument("--set-method", default="memit", choices=["memit", "emmet"])
-    p.add_argument("--stop-nll", type=float, nargs="*", default=[float("inf")])
-    p.add_argument("--emmet-layers", type=json.loads, default=[4])
-    p.add_argument("--memit-layers", type=json.loads, default=[3, 4, 5, 6])
-    p.add_argument("--lambdas", type=float, nargs="*", default=[1e3, 1e4, 3e4])
+    p.add_argument("--stop-nll", type=float, nargs="*", default=None,
+                   help="sweep: v* stop values (default inf); targets: override the preset's")
+    p.add_argument("--emmet-layers", type=json.loads, default=None, help="targets: default the preset's")
+    p.add_argument("--emmet-distribution", default=None, help="targets: default the preset's")
+    p.add_argument("--memit-layers", type=json.loads, default=None, help="targets: default the preset's")
+    p.add_argument("--lambdas", type=float, nargs="*", default=[None], help="targets: default the preset's")
     p.add_argument("--baseline-n", type=int, default=8)
     p.add_argument("--stats-tokens", type=int, default=50_000)
     p.add_argument("--stats-cache", default=str(Path.home() / ".cache" / "pmsolve" / "stats"))
@@ -186,7 +192,10 @@ def main() -> None:
     lm = load_model(document_start=None if args.document_start == "none" else args.document_start)
     model, tok = lm.model, lm.tokenizer
     args.model_id = lm.model_id
-    layers = sorted(set(args.single + [x for s in args.sets for x in s] + args.emmet_layers + args.memit_layers
+    preset = preset_for(model, lm.model_id)
+    layers = sorted(set(args.single + [x for s in args.sets for x in s]
+                        + (args.emmet_layers or preset.for_method("emmet").layers)
+                        + (args.memit_layers or preset.for_method("memit").layers)
                         + [x for c in args.configs for x in c.get("layers", [])]))
     t0 = time.perf_counter()
     stats = collect_stats(model, tok, layers, None, max_tokens=args.stats_tokens, cache_dir=args.stats_cache,
