@@ -57,33 +57,45 @@ def blas_report() -> dict:
     }
 
 
-def throughput(d: int, rounds: int = 5) -> dict:
+def reference_update(mom2: torch.Tensor, x: torch.Tensor) -> None:
+    """The reference formula: fp32 running sum of aᵀa (bf16 activations cast to fp32 first)."""
+    a = x.float()
+    mom2 += a.T @ a
+
+
+def throughput(d: int, rounds: int = 5, dtype: torch.dtype = torch.float32) -> dict:
     """Median seconds per BATCH-token update, ours vs the reference, alternating."""
-    x = mlp_like(BATCH, d, seed=d)
+    x = mlp_like(BATCH, d, seed=d).to(dtype)
     ours = CovarianceAccumulator(d, backend="native")
     ref = torch.zeros(d, d)
     ours.update(x)  # warm-up: allocations, BLAS threads
-    ref += x.T @ x
+    reference_update(ref, x)
     t_ours, t_ref = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
         ours.update(x)
         t_ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ref += x.T @ x
+        reference_update(ref, x)
         t_ref.append(time.perf_counter() - t0)
     so, sr = statistics.median(t_ours), statistics.median(t_ref)
-    return {"d": d, "tokens_per_s_native": BATCH / so, "tokens_per_s_reference": BATCH / sr, "speedup": sr / so,
+    return {"d": d, "input": str(dtype).removeprefix("torch."), "amx": _amx(dtype),
+            "tokens_per_s_native": BATCH / so, "tokens_per_s_reference": BATCH / sr, "speedup": sr / so,
             "speedups_per_round": [r / o for r, o in zip(t_ref, t_ours)]}
+
+
+def _amx(dtype: torch.dtype) -> bool:
+    """Whether the native accumulator takes the AMX kernel for this input type."""
+    return dtype == torch.bfloat16 and native().amx_bf16()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a.double() - b) / torch.linalg.matrix_norm(b))
 
 
-def errors(d: int, pool_blocks: int, reps: int) -> dict:
+def errors(d: int, pool_blocks: int, reps: int, dtype: torch.dtype = torch.float32) -> dict:
     """Errors of the native accumulator and the reference fp32 running sum vs fp64, after pool_blocks·reps batches."""
-    pool = [mlp_like(BATCH, d, seed=100 + i) for i in range(pool_blocks)]
+    pool = [mlp_like(BATCH, d, seed=100 + i).to(dtype) for i in range(pool_blocks)]
     truth = torch.zeros(d, d, dtype=torch.float64)
     for x in pool:
         xd = x.double()
@@ -98,14 +110,15 @@ def errors(d: int, pool_blocks: int, reps: int) -> dict:
             t0 = time.perf_counter()
             ours.update(x)
             t1 = time.perf_counter()
-            ref += x.T @ x
+            reference_update(ref, x)
             t_ours, t_ref = t_ours + t1 - t0, t_ref + time.perf_counter() - t1
         if (r + 1) & r == 0 or r == reps - 1:  # powers of two, and the end
             done = (r + 1) / reps
             checkpoints.append({"tokens": ours.count, "native": _rel(ours.sum(), truth * done),
                                 "reference": _rel(ref, truth * done)})
             print(f"d={d}", checkpoints[-1], file=sys.stderr, flush=True)
-    return {"d": d, "tokens": ours.count, "native": checkpoints[-1]["native"],
+    return {"d": d, "input": str(dtype).removeprefix("torch."), "amx": _amx(dtype), "tokens": ours.count,
+            "native": checkpoints[-1]["native"],
             "reference": checkpoints[-1]["reference"], "by_tokens": checkpoints,
             "tokens_per_s_native": ours.count / t_ours, "tokens_per_s_reference": ours.count / t_ref}
 
@@ -130,16 +143,18 @@ def end_to_end(layers=(4, 5, 6, 7, 8), max_tokens: int = 60_000) -> dict:
 # -- pytest-benchmark entry points ---------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [1536, 6400])
 @pytest.mark.parametrize("impl", ["native", "reference"])
-def test_bench_accumulate(benchmark, impl, d):
-    x = mlp_like(BATCH, d, seed=d)
+def test_bench_accumulate(benchmark, impl, d, dtype):
+    x = mlp_like(BATCH, d, seed=d).to(dtype)
     if impl == "native":
         acc = CovarianceAccumulator(d, backend="native")
         benchmark.pedantic(acc.update, args=(x,), rounds=3, warmup_rounds=1)
+        benchmark.extra_info["amx"] = _amx(dtype)
     else:
         mom2 = torch.zeros(d, d)
-        benchmark.pedantic(lambda: mom2.add_(x.T @ x), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(reference_update, args=(mom2, x), rounds=3, warmup_rounds=1)
     benchmark.extra_info["tokens_per_round"] = BATCH
 
 
@@ -156,9 +171,15 @@ def test_error_after_4m_tokens():
 
 
 def main() -> None:
-    report = {"blas": blas_report(), "throughput": [throughput(1536, rounds=7), throughput(6400, rounds=3)]}
+    report = {"blas": blas_report(), "throughput": [throughput(1536, rounds=7), throughput(6400, rounds=3),
+                                                    throughput(1536, rounds=7, dtype=torch.bfloat16),
+                                                    throughput(6400, rounds=3, dtype=torch.bfloat16)]}
     print(json.dumps(report, indent=1), flush=True)
-    report["errors"] = [errors(1536, pool_blocks=16, reps=64), errors(6400, pool_blocks=8, reps=1)]
+    if "--throughput-only" in sys.argv:
+        return
+    report["errors"] = [errors(1536, pool_blocks=16, reps=64), errors(6400, pool_blocks=8, reps=1),
+                        errors(1536, pool_blocks=16, reps=64, dtype=torch.bfloat16),
+                        errors(6400, pool_blocks=8, reps=1, dtype=torch.bfloat16)]
     print(json.dumps(report["errors"], indent=1), flush=True)
     if "--no-e2e" not in sys.argv:
         report["end_to_end"] = end_to_end()

@@ -6,9 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "accumulate.h"
+#include "amx_gram.h"
 
 namespace py = pybind11;
 using pmsolve::CovAccumulator;
@@ -131,4 +133,13 @@ void register_stats(py::module_& m) {
       .def_property_readonly("fp64_products", [](PyCovAccumulator& s) { return s.acc.fp64_products(); })
       .def_property_readonly("centered", [](PyCovAccumulator& s) { return s.acc.centered(); });
   m.attr("COV_DEFAULT_CHUNK_ROWS") = CovAccumulator::kDefaultChunkRows;
+  m.def("amx_bf16_available", &pmsolve::amx_bf16_available, "the CPU has AMX-BF16 and the OS granted the tile state");
+  m.def(
+      "amx_bf16",
+      [](std::optional<bool> enable) {
+        if (enable) pmsolve::set_amx_enabled(*enable);
+        return pmsolve::amx_enabled();
+      },
+      py::arg("enable") = py::none(),
+      "whether bf16 chunks take the AMX Gram kernel (switch it with enable; PMSOLVE_AMX=0 starts it off)");
 }

@@ -7,6 +7,7 @@
 #include <string>
 #include <thread>
 
+#include "amx_gram.h"
 #include "blas.h"
 
 namespace pmsolve {
@@ -81,6 +82,9 @@ int64_t first_nonfinite(const void* data, size_t n, RowFormat fmt) {
   }
   const uint16_t* h = static_cast<const uint16_t*>(data);
   const uint16_t mask = fmt == RowFormat::bf16 ? 0x7f80u : 0x7c00u;
+  bool bad = false;
+  for (size_t i = 0; i < n; ++i) bad |= (h[i] & mask) == mask;
+  if (!bad) return -1;
   for (size_t i = 0; i < n; ++i)
     if ((h[i] & mask) == mask) return static_cast<int64_t>(i);
   return -1;
@@ -170,6 +174,13 @@ class BlasThreads {
 
 void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
   if (rows <= 0) return;
+  if (fmt == RowFormat::bf16 && !fp64_ && !centered_ && amx_enabled()) {
+    const int hw = static_cast<int>(std::thread::hardware_concurrency());
+    amx_gram_bf16_add(static_cast<const uint16_t*>(data), rows, d_, mat_.data(),
+                      std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1)), packed_);
+    count_ += rows;
+    return;
+  }
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;

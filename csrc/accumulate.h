@@ -5,7 +5,8 @@
 // (ssyrk, or dsyrk in fp64-product mode) and added into an fp64 master. The
 // fp32 rounding error stays that of one chunk (measured 1–2e-7 relative) and
 // does not grow with the number of tokens, unlike the reference's fp32 running
-// sum. Centred mode keeps (count, mean, M2) and merges chunks with Chan/Pébay.
+// sum. bf16 chunks on AMX CPUs take amx_gram.h's kernel instead (same fp32-per-chunk
+// accounting, exact products, several times faster). Centred mode keeps (count, mean, M2) and merges chunks with Chan/Pébay.
 //
 // Storage: `mat_` is d × d row-major; only the lower triangle (i ≥ j) is kept
 // up to date. It holds Σ xxᵀ (uncentred) or M2 = Σ (x−μ)(x−μ)ᵀ (centred).
@@ -64,6 +65,7 @@ class CovAccumulator {
   // Scratch reused by every chunk (allocated lazily).
   std::vector<float> rows32_, prod32_;  // prod32_: one d × d product per thread
   std::vector<double> rows64_, prod64_;
+  std::vector<uint16_t> packed_;  // AMX path: packed bf16 copies of a chunk
 };
 
 }  // namespace pmsolve

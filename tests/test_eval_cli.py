@@ -185,3 +185,6 @@ def test_info_reports_backends_and_the_v_star_precision(capsys):
     assert info["v_star_precision_cpu"] == ("bf16 autocast (AMX)" if fast_bf16(torch.device("cpu")) else "model dtype")
     if "cpu" in info["backends"]:  # the native module loaded, so OpenBLAS got our thread timeout (or the user's)
         assert info["openblas_thread_timeout"] is not None
+        from pmsolve._native import native
+
+        assert info["stats_bf16_amx"] == native().amx_bf16()

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
         "v_star_precision_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Whether bf16 activations take the AMX Gram kernel in the statistics (csrc/amx_gram.cpp).
+        "stats_bf16_amx": bool(mod.amx_bf16()) if mod and hasattr(mod, "amx_bf16") else False,
     }
     print(json.dumps(info, indent=2))
     return 0
