@@ -19,8 +19,8 @@ bool amx_enabled();
 void set_amx_enabled(bool on);
 
 // master[i*d + j] += Σ_t x[t][i]·x[t][j] for i ≥ j (lower triangle), x: rows × d bf16
-// (raw 16-bit words, row-major). Products exact, summed in fp32 over the rows of this call
-// (as the fp32 ssyrk path does per chunk), then added into fp64. Uses `threads` threads;
+// (raw 16-bit words, row-major). Products exact, summed in fp32 over 512 rows at a time,
+// then in fp64. Uses `threads` threads;
 // `scratch` holds the packed copies (2 · rows · d words, rounded up) between calls.
 void amx_gram_bf16_add(const uint16_t* x, int64_t rows, int64_t d, double* master, int threads,
                        std::vector<uint16_t>& scratch);
