@@ -53,11 +53,17 @@ std::vector<int64_t> triangle_split(int64_t d, int parts) {
   return b;
 }
 
+// As many threads as BLAS is allowed, capped by the cores.
+int worker_threads() {
+  const int hw = static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1));
+}
+
 // Run f(r0, r1) over a balanced split of the triangle's rows. The fold is memory bound
 // (d²/2 fp64 read-modify-writes per chunk), so it uses as many threads as BLAS does.
 template <class F>
 void parallel_rows(int64_t d, F f) {
-  int nt = std::max(1, std::min<int>(blas_get_num_threads(), static_cast<int>(std::thread::hardware_concurrency())));
+  const int nt = worker_threads();
   if (nt == 1 || d < 256) {
     f(int64_t{0}, d);
     return;
@@ -154,8 +160,7 @@ void CovAccumulator::center_rows(int64_t rows, std::vector<double>& chunk_mean) 
 int product_threads(int64_t d, int64_t rows) {
   const double flops = static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(rows);
   if (flops < 2e8) return 1;
-  const int hw = static_cast<int>(std::thread::hardware_concurrency());
-  return std::max(1, std::min({blas_get_num_threads(), hw > 0 ? hw : 1, static_cast<int>(rows / 64)}));
+  return std::max(1, std::min(worker_threads(), static_cast<int>(rows / 64)));
 }
 
 // Sets the BLAS thread count for one scope and restores it.
@@ -175,9 +180,7 @@ class BlasThreads {
 void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
   if (rows <= 0) return;
   if (fmt == RowFormat::bf16 && !fp64_ && !centered_ && amx_enabled()) {
-    const int hw = static_cast<int>(std::thread::hardware_concurrency());
-    amx_gram_bf16_add(static_cast<const uint16_t*>(data), rows, d_, mat_.data(),
-                      std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1)), packed_);
+    amx_gram_bf16_add(static_cast<const uint16_t*>(data), rows, d_, mat_.data(), product_threads(d_, rows), packed_);
     count_ += rows;
     return;
   }

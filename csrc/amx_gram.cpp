@@ -137,13 +137,12 @@ void pack(const uint16_t* x, int64_t d, int64_t nk, int64_t ks0, int64_t ks1, ui
   }
 }
 
-// Runs f(k) for k in [0, n) on `threads` threads, statically split.
+// Runs f(t) for t in [0, n), one thread each (t = 0 on the caller's).
 template <class F>
-void parallel_for(int threads, int64_t n, F f) {
+void on_threads(int n, F f) {
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t)
-    pool.emplace_back([&, t] { for (int64_t k = n * t / threads; k < n * (t + 1) / threads; ++k) f(k); });
-  for (int64_t k = 0; k < n / threads; ++k) f(k);
+  for (int t = 1; t < n; ++t) pool.emplace_back(f, t);
+  f(0);
   for (auto& th : pool) th.join();
 }
 
@@ -183,7 +182,7 @@ void amx_gram_bf16_add(const uint16_t* x, int64_t rows, int64_t d, double* maste
     x = padded;
   }
   const int np = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, nk)));
-  parallel_for(np, np, [&](int64_t part) { pack(x, dp, nk, nk * part / np, nk * (part + 1) / np, a_tiles, b_tiles); });
+  on_threads(np, [&](int part) { pack(x, dp, nk, nk * part / np, nk * (part + 1) / np, a_tiles, b_tiles); });
 
   const int64_t groups = (nb + kGroup - 1) / kGroup;
   std::atomic<int64_t> next{0};
@@ -210,7 +209,7 @@ void amx_gram_bf16_add(const uint16_t* x, int64_t rows, int64_t d, double* maste
     release_tiles();
   };
   const int nw = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
-  parallel_for(nw, nw, [&](int64_t) { work(); });
+  on_threads(nw, [&](int) { work(); });
 }
 
 }  // namespace pmsolve
