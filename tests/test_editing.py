@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -167,6 +168,26 @@ def test_batched_values_equal_per_fact(tok):
         err = float((both.delta[i] - one.delta[0]).norm() / one.delta[0].norm())
         assert err < 1e-3, (i, err)
         assert torch.allclose(both.h[i], one.h[0], rtol=1e-5, atol=1e-5)
+
+
+def test_values_in_groups_equal_values_all_at_once(tok):
+    """max_batch splits a request into groups; each fact's δ is what it gets in one batch (same
+    tolerance and reason as above), results come back in request order, passes add up."""
+    m = model("llama", len(tok))
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS)
+    cfg = ValueConfig(steps=6, early_stop=False, autocast=None)
+    whole = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
+    grouped = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, max_batch=2))
+    assert grouped.forward_passes == 2 * whole.forward_passes  # groups of 2 and 1
+    assert grouped.steps == whole.steps and len(grouped.nll) == len(reqs)
+    for i in range(len(reqs)):
+        err = float((grouped.delta[i] - whole.delta[i]).norm() / whole.delta[i].norm())
+        assert err < 1e-3, (i, err)
+        assert torch.allclose(grouped.h[i], whole.h[i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="max_batch"):
+        optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, max_batch=0))
 
 
 def test_values_are_deterministic_and_clamped(tok):

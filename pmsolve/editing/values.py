@@ -44,11 +44,20 @@ class ValueConfig:
     # these short rows it beat SDPA (whose bf16 backward is slow there), the model's own
     # elsewhere; None: always the model's own. Restored afterwards.
     attention: str | None = "auto"
+    # Facts optimised together; larger requests run in consecutive groups of this size (the
+    # facts are independent, so only memory and time change). The backward pass keeps every
+    # row's activations: measured on SmolLM2 (layer 4, preset settings), peak RSS +3.9 GB for
+    # 32 facts, +7.3 GB for 64 at once, +4.0 GB for 64 in groups of 32 at the same speed
+    # (47 vs 48 s); 256 at once was killed by the OOM killer at 24 GB.
+    max_batch: int = 32
 
 
 @dataclass
 class ValueResult:
-    """z = h + δ per fact (n × d, fp32, on layer L's device) and how the optimisation went."""
+    """z = h + δ per fact (n × d, fp32, on layer L's device) and how the optimisation went.
+
+    forward_passes and history (the summed loss per step) are those of all groups together:
+    passes add up, histories follow one another."""
 
     z: torch.Tensor
     delta: torch.Tensor
@@ -227,7 +236,24 @@ def optimize_values(
     *,
     seed: int = 0,
 ) -> ValueResult:
-    """Optimise δ for every request at once; return z = h + δ at ``layer`` (n × d)."""
+    """Optimise δ for the requests, ``config.max_batch`` at a time; z = h + δ at ``layer`` (n × d)."""
+    if not isinstance(config.max_batch, int) or config.max_batch < 1:
+        raise InputError(f"ValueConfig.max_batch must be a positive int, got {config.max_batch!r}")
+    groups = [requests[s : s + config.max_batch] for s in range(0, len(requests), config.max_batch)]
+    parts = [_optimize_group(model, adapter, tokenizer, g, templates, layer, config, seed) for g in groups]
+    if len(parts) == 1:
+        return parts[0]
+    return ValueResult(
+        z=torch.cat([p.z for p in parts]), delta=torch.cat([p.delta for p in parts]),
+        h=torch.cat([p.h for p in parts]), steps=[s for p in parts for s in p.steps],
+        converged=[c for p in parts for c in p.converged], nll=[x for p in parts for x in p.nll],
+        forward_passes=sum(p.forward_passes for p in parts), history=[x for p in parts for x in p.history],
+    )
+
+
+def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                    layer: int, config: ValueConfig, seed: int) -> ValueResult:
+    """One forward/backward per step for all of ``requests``."""
     torch.manual_seed(seed)  # δ starts at zero; the seed pins any nondeterministic kernels' choices
     rows = _build_rows(tokenizer, requests, templates, config.kl_prompt)
     n = len(requests)
