@@ -71,7 +71,8 @@ class FactTensors:
 
 
 def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig, start: str) -> Path:
-    tag = hashlib.sha256(json.dumps(asdict(vcfg), sort_keys=True).encode()).hexdigest()[:10]
+    settings = {k: v for k, v in asdict(vcfg).items() if k != "max_batch"}  # grouping changes memory, not v*
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir / f"facts{_FORMAT}-{fingerprint}{'-' + start if start else ''}-L{layer}-s{seed}-v{tag}.pt"
 
 
