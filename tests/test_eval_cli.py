@@ -131,6 +131,20 @@ def test_crash_keeps_partial_results_and_rerun_resumes(files, tmp_path, monkeypa
     assert json.loads((out / "summary.json").read_text())["complete"] is True
 
 
+def test_rerun_with_another_prompt_protocol_does_not_resume(files, tmp_path, monkeypatch):
+    out = tmp_path / "proto"
+    real = ev._edit_and_score
+    calls = []
+    monkeypatch.setattr(ev, "_edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
+    assert main(_args(files, out, "--on-error", "skip")) == 0
+    first = len(calls)
+    assert main(_args(files, out, "--on-error", "skip")) == 0
+    assert len(calls) == first  # same settings: everything resumed, nothing re-edited
+    assert main(_args(files, out, "--on-error", "skip", "--document-start", "none")) == 0
+    assert len(calls) == 2 * first  # prompts tokenized differently: a new run, not a resume
+    assert json.loads((out / "run.json").read_text())["document_start"] is None
+
+
 def test_failing_batch_skipped_and_reported(files, tmp_path, monkeypatch):
     real = ev._edit_and_score
 

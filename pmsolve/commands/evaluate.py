@@ -145,14 +145,17 @@ def aggregate(lines: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[int]) -> dict[str, Any]:
+def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[int],
+            document_start: str | None) -> dict[str, Any]:
+    """Everything that changes the results: a previous run resumes only when all of it matches."""
     from ..experiments.common import content_hash
 
     return {"model": args.model, "fingerprint": fingerprint, "data": args.data, "format": args.format,
             "records_hash": content_hash([(i, r.to_dict()) for i, r in indexed]), "method": args.method,
             "layers": layers, "distribution": args.distribution, "mu": args.mu, "batch_size": args.batch_size,
             "seed": args.seed, "stats_tokens": args.stats_tokens, "corpus": args.corpus,
-            "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset}
+            "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset,
+            "start_key": args.start_key, "document_start": document_start}
 
 
 def _resume(out: Path, config: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
@@ -235,7 +238,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     lm = load(args)
     fingerprint = weights_fingerprint(lm.model)
     layers = _layers(args, lm.model)
-    config = _config(args, indexed, fingerprint, layers)
+    config = _config(args, indexed, fingerprint, layers, lm.document_start)
     done = _resume(out, config, args.no_resume)
     write_json(out / "run.json", config)
     t0 = time.perf_counter()
