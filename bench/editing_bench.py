@@ -91,7 +91,7 @@ def _model_precision(cfg: ValueConfig) -> ValueConfig:
 def per_fact_baseline(model, tok, recs, stats, **kw) -> dict:
     """One fact at a time, v* as the reference computes it: full prompts every step, in the
     model's dtype (fp32) with its own attention implementation."""
-    cfg = replace(_model_precision(kw.pop("value_config")), prefix_cache=False)
+    cfg = replace(_model_precision(kw.pop("value_config")), prefix_cache=False, skip_lower_layers=False)
     t0 = time.perf_counter()
     results = []
     for r in recs:

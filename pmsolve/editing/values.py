@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..errors import InputError
+from ..models import attention
 from ..models.adapters import Adapter
-from .keys import hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
+from .keys import _stop, _StopForward, hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
 from .requests import EditRequest
 
 
@@ -40,9 +42,10 @@ class ValueConfig:
     # z = h + δ, stay in the model's dtype). "auto": bf16 where bf16 matmuls are fast (CUDA
     # with bf16 support, CPUs with AMX), else None. Same edit quality on SmolLM2, measured.
     autocast: str | None = "auto"
-    # Attention implementation during the optimisation. "auto": "eager" on CPU, where for
-    # these short rows it beat SDPA (whose bf16 backward is slow there), the model's own
-    # elsewhere; None: always the model's own. Restored afterwards.
+    # Attention implementation during the optimisation. "auto": eager on CPU, where for these
+    # short rows it beat SDPA (whose bf16 backward is slow there), in its grouped form for
+    # grouped-query models (pmsolve.models.attention); the model's own elsewhere; None:
+    # always the model's own. Restored afterwards.
     attention: str | None = "auto"
     # Facts optimised together; larger requests run in consecutive groups of this size (the
     # facts are independent, so only memory and time change). The backward pass keeps every
@@ -50,6 +53,9 @@ class ValueConfig:
     # 32 facts, +7.3 GB for 64 at once, +4.0 GB for 64 in groups of 32 at the same speed
     # (47 vs 48 s); 256 at once was killed by the OOM killer at 24 GB.
     max_batch: int = 32
+    # Layers below the v* layer run once, not every step (their output does not depend on δ).
+    # False: every step runs them (the reference's way; same results up to rounding).
+    skip_lower_layers: bool = True
 
 
 @dataclass
@@ -94,6 +100,31 @@ def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[
         rows.owner.append(f)
         rows.target.append(None)
     return rows
+
+
+@contextlib.contextmanager
+def _matmul_weights_in(model, dtype: torch.dtype | None):
+    """Every nn.Linear / Conv1D weight replaced by a ``dtype`` copy for the duration.
+
+    Under autocast each linear call casts its fp32 weight to bf16 anyway, but autocast caches
+    that cast only for leaves that require grad, and ours are frozen: every step re-cast all
+    weights (profiled on SmolLM2, 32 facts: copies took 8.5 s of 36 s). The copies hold the
+    same rounded values, so the results do not change. Embeddings keep their weights (a tied
+    LM head gets its own copy; the original Parameters, and the tie, come back on exit).
+    """
+    swapped: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        for mod in model.modules() if dtype is not None else ():
+            w = getattr(mod, "weight", None)
+            if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
+                continue
+            if isinstance(w, nn.Parameter) and w.dtype == torch.float32 and w.device.type != "meta":
+                mod.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+                swapped.append((mod, w))
+        yield
+    finally:
+        for mod, w in reversed(swapped):
+            mod.weight = w
 
 
 @contextlib.contextmanager
@@ -192,6 +223,82 @@ class _Batch:
         self.n = len(active)
 
 
+def _suffix_kwargs(b: _Batch, cache: _PrefixCache | None) -> dict:
+    """Base-model keyword arguments that run the batch's suffixes on top of the prefix cache."""
+    if cache is None:
+        return {"attention_mask": b.mask}
+    dev = b.ids.device
+    width = b.ids.shape[1]
+    return {
+        cache.kwarg: cache.select(b.sel),
+        "attention_mask": torch.cat([cache.mask[b.sel].to(dev), b.mask], 1),
+        "position_ids": (cache.lens[b.sel][:, None] + torch.arange(width)).to(dev),
+        "use_cache": True,
+    }
+
+
+class _LowerLayers:
+    """The output of layers 0..L-1 at every suffix token, computed once; while
+    :meth:`skipped` is active those layers return it instead of recomputing it.
+
+    δ enters at layer L's output, so nothing below layer L depends on it: rerunning layers
+    0..L-1 every step repeats the same work (SmolLM2, L = 4: 4 of 30 layers' forward).
+    Works for any architecture whose decoder layers take the hidden states first and return
+    them (alone or first in a tuple whose other items are None); otherwise ``usable`` is False.
+    """
+
+    def __init__(self, model, adapter: Adapter, rows: _Rows, start: list[int], layer: int, pad: int,
+                 device: torch.device, cache: _PrefixCache | None) -> None:
+        self.adapter, self.layer = adapter, layer
+        self.usable = layer > 0
+        self.current: torch.Tensor | None = None
+        if not self.usable:
+            return
+        b = _Batch(rows, sorted(set(rows.owner)), start, pad, device)
+        got: list = []
+
+        def grab(module, inputs, output):
+            got.append(output)
+            raise _StopForward
+
+        with torch.no_grad(), hooks(lambda: [adapter.layer(layer - 1).register_forward_hook(grab)]), \
+                contextlib.suppress(_StopForward):
+            model.base_model(input_ids=b.ids, **_suffix_kwargs(b, cache))
+        out = got[0]
+        self.tuple_len = len(out) if isinstance(out, tuple) else 0
+        self.usable = self.tuple_len == 0 or all(x is None for x in out[1:])
+        self.hidden = layer_hidden(out)  # rows in row order (all facts active), right-padded
+
+    def select(self, b: _Batch) -> None:
+        """Serve the rows of batch ``b`` from the next forward on."""
+        self.current = self.hidden[b.sel.to(self.hidden.device), : b.ids.shape[1]]
+
+    @contextlib.contextmanager
+    def skipped(self):
+        """Layers 0..L-1 replaced by a lookup of their (δ-independent) output."""
+        if not self.usable:
+            yield
+            return
+        saved = []
+
+        def lookup(*args, **kwargs):
+            h = self.current
+            return (h,) + (None,) * (self.tuple_len - 1) if self.tuple_len else h
+
+        try:
+            for i in range(self.layer):
+                mod = self.adapter.layer(i)
+                saved.append((mod, mod.__dict__.get("forward")))
+                mod.forward = lookup  # an instance attribute wins over the class's forward
+            yield
+        finally:
+            for mod, fwd in saved:
+                if fwd is None:
+                    del mod.forward
+                else:
+                    mod.forward = fwd
+
+
 def _forward_logits(model, adapter: Adapter, b: _Batch, layer: int, delta: torch.Tensor,
                     cache: _PrefixCache | None):
     """Logits at the target positions and the KL positions, with δ added at ``layer``."""
@@ -202,22 +309,10 @@ def _forward_logits(model, adapter: Adapter, b: _Batch, layer: int, delta: torch
         h = h.index_put((rows, b.delta_pos.to(h.device)), upd, accumulate=True)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    kwargs = {}
-    if cache is not None:
-        dev = b.ids.device
-        width = b.ids.shape[1]
-        kwargs = {
-            cache.kwarg: cache.select(b.sel),
-            "attention_mask": torch.cat([cache.mask[b.sel].to(dev), b.mask], 1),
-            "position_ids": (cache.lens[b.sel][:, None] + torch.arange(width)).to(dev),
-            "use_cache": True,
-        }
-    else:
-        kwargs = {"attention_mask": b.mask}
     with hooks(lambda: [adapter.layer(layer).register_forward_hook(add_delta)]):
         # The base model stops before the LM head, so the vocabulary projection runs only
         # at the few positions the loss needs, not at every token of every row.
-        hidden = model.base_model(input_ids=b.ids, **kwargs).last_hidden_state
+        hidden = model.base_model(input_ids=b.ids, **_suffix_kwargs(b, cache)).last_hidden_state
     head = adapter.lm_head()
     dev = hidden.device
     tgt_h = hidden[b.pos[0].to(dev), b.pos[1].to(dev)]
@@ -273,17 +368,23 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
         h0 = _initial_outputs(model, adapter, rows, layer, n, pad)  # as the edit will see it
         max_norm = config.clamp * h0.norm(dim=1)
         stack.enter_context(_attention(model, config.attention, in_dev))
-        amp = _autocast(config.autocast, in_dev)
+        amp, low = _autocast(config.autocast, in_dev)
+        stack.enter_context(_matmul_weights_in(model, low))
         with amp():
             cache = _PrefixCache(model, rows, pad, in_dev) if config.prefix_cache and max(rows.lookup) > 0 else None
-        start = rows.lookup if cache is not None else [0] * len(rows.ids)
+            start = rows.lookup if cache is not None else [0] * len(rows.ids)
+            lower = _LowerLayers(model, adapter, rows, start, layer, pad, in_dev, cache) \
+                if config.skip_lower_layers else None
         for _ in range(config.steps + 1):
             if not active:
                 break
             b = _Batch(rows, active, start, pad, in_dev)
             idx = torch.tensor(active, device=dev)
             d_act = delta[idx].clone().requires_grad_(True)
-            with amp():
+            skip = contextlib.nullcontext() if lower is None else lower.skipped()
+            if lower is not None:
+                lower.select(b)
+            with amp(), skip:
                 tgt_logits, kl_logits = _forward_logits(model, adapter, b, layer, d_act, cache)
             passes += 1
             logp = torch.log_softmax(tgt_logits, -1)
@@ -347,24 +448,30 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def _autocast(kind: str | None, device: torch.device):
-    """A context-manager factory: torch.autocast for ``kind`` on ``device``, or a no-op."""
+    """(a context-manager factory: torch.autocast for ``kind`` on ``device`` or a no-op,
+    the autocast dtype or None)."""
     if kind == "auto":
         kind = "bf16" if fast_bf16(device) else None
     if kind is None:
-        return contextlib.nullcontext
+        return contextlib.nullcontext, None
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if kind not in dtypes:
         raise InputError(f"ValueConfig.autocast must be 'auto', None, 'bf16' or 'fp16', got {kind!r}")
-    return lambda: torch.autocast(device.type, dtype=dtypes[kind])
+    return (lambda: torch.autocast(device.type, dtype=dtypes[kind])), dtypes[kind]
 
 
 @contextlib.contextmanager
 def _attention(model, impl: str | None, device: torch.device):
-    """The model's attention implementation set to ``impl`` ("auto": eager on CPU) for the
-    duration; models that cannot switch keep theirs."""
-    if impl == "auto":
-        impl = "eager" if device.type == "cpu" else None
+    """The model's attention implementation set to ``impl`` for the duration; models that
+    cannot switch keep theirs. "auto" on CPU: eager, as grouped eager attention
+    (:mod:`pmsolve.models.attention`) where the architecture allows; elsewhere the model's own."""
     config = getattr(model, "config", None)
+    if impl == "auto":
+        impl = None
+        if device.type == "cpu":
+            impl = "eager"
+            if getattr(config, "model_type", None) in attention.GROUPED_EAGER_TYPES:
+                impl = attention.register()
     before = getattr(config, "_attn_implementation", None)
     switch = getattr(model, "set_attn_implementation", None)
     if impl is None or before is None or before == impl or switch is None:
