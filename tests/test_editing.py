@@ -486,3 +486,71 @@ def test_grouped_eager_attention_equals_eager(tok, dtype):
     assert m.config._attn_implementation != "pmsolve_grouped_eager"  # restored
     rel = ((out["auto"] - out["eager"]).norm() / out["eager"].norm()).item()
     assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
+
+
+def test_prompt_keys_are_the_tokens_after_the_subject(tok):
+    from pmsolve.editing.keys import capture, key_prompts, pad_id, prompt_keys
+
+    m = model("llama", len(tok))
+    ad = adapter_for(m)
+    kp = key_prompts(tok, load_requests(REQUESTS), context_templates(m, tok))
+    P = prompt_keys(m, ad, kp.rows, kp.lookup, pad_id(tok), 2)
+    assert P.shape == (sum(len(r) - last - 1 for r, last in zip(kp.rows, kp.lookup)), ad.d_in)
+    # The first of them is row 0's token right after the subject: the same as capturing there.
+    cap = capture(m, ad, kp.rows[:1], [kp.lookup[0] + 1], pad_id(tok), key_layers=[2])
+    torch.testing.assert_close(P[0], cap.keys[2][0], rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_preservation_factor_is_the_augmented_matrix():
+    from pmsolve.editing.editor import with_prompt_preservation
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    C = A.T @ A / 200
+    P = torch.randn(7, 24, generator=g, dtype=torch.float64)
+    f = with_prompt_preservation(pmsolve.factorize(C, backend="torch"), P, 2.5)
+    want = C + 2.5 * P.T @ P / 7
+    got = f.L @ f.L.T
+    assert float((got - want).norm() / want.norm()) < 1e-12  # well conditioned: fp64 rounding
+    assert with_prompt_preservation(f, P[:0], 2.5) is f
+
+
+@pytest.mark.parametrize("source,cols", [("average", 3), ("prompt", 3), ("both", 6)])
+def test_key_source_and_prompt_preservation(tok, source, cols):
+    """key_source picks the constrained columns (equality holds on them); preserve_prompts
+    moves the batch's own relation tokens less (the regularisation path: ‖ΔW Pᵀ‖ cannot
+    grow with α) without giving up the equality."""
+    from pmsolve.editing.keys import capture, key_prompts, pad_id, prompt_keys
+
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    ad = adapter_for(m)
+    kp = key_prompts(tok, load_requests(REQUESTS), context_templates(m, tok))
+    bare = [i for i, t in enumerate(kp.template) if t == 0]
+    own = capture(m, ad, kp.rows, kp.lookup, pad_id(tok), key_layers=[2]).keys[2][bare].double()
+    P = prompt_keys(m, ad, kp.rows, kp.lookup, pad_id(tok), 2).double()
+    moved = {}
+    for alpha in (0.0, 100.0):
+        w0 = ad.weight(2).detach().double().clone()
+        res = _edit(m, tok, C, requests=REQUESTS, method="emmet", key_source=source, preserve_prompts=alpha)
+        dW = ad.weight(2).detach().double() - w0
+        res.restore()
+        (e,) = res.edits
+        assert e.update.diagnostics.n == cols
+        if source != "average":  # the own-key columns come last
+            U = e.update.U[:, -3:]
+            assert float((dW @ own.T - U).norm() / U.norm()) < 1e-4  # fp32 weights
+        moved[alpha] = float((dW @ P.T).norm() / (dW @ own.T).norm())
+    assert moved[100.0] < 0.5 * moved[0.0], moved
+
+
+def test_key_options_are_checked_before_any_change(tok):
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    with pytest.raises(InputError, match="key_source"):
+        _edit(m, tok, C, key_source="bogus")
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match="preserve_prompts"):
+            _edit(m, tok, C, preserve_prompts=bad)
+    assert same_weights(m, snap)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import PMSolveError
 
@@ -48,7 +49,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-key", default="preset", choices=["preset", "on", "off"],
                    help="also constrain the bare prompt's key for subject-first prompts (default: the preset's)")
+    p.add_argument("--key-source", default=None, choices=["average", "prompt", "both"],
+                   help="keys per fact: template average, the rewrite prompt's own, or both (default: the preset's)")
+    p.add_argument("--preserve-prompts", type=float, default=None, metavar="ALPHA",
+                   help="weight of the batch's own prompt tokens in the preservation term (default: the preset's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def key_options(args: argparse.Namespace) -> dict[str, Any]:
+    """edit() keyword arguments for the key options on the command line (None: the preset's)."""
+    return {"start_key": {"preset": None, "on": True, "off": False}[args.start_key],
+            "key_source": args.key_source, "preserve_prompts": args.preserve_prompts}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
                       distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
                       seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb,
-                      start_key={"preset": None, "on": True, "off": False}[args.start_key])
+                      **key_options(args))
         bar.close()
         after = margins(lm.model, lm.tokenizer, requests)
     except (PMSolveError, OSError, json.JSONDecodeError) as exc:

@@ -155,7 +155,8 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "layers": layers, "distribution": args.distribution, "mu": args.mu, "batch_size": args.batch_size,
             "seed": args.seed, "stats_tokens": args.stats_tokens, "corpus": args.corpus,
             "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset,
-            "start_key": args.start_key, "document_start": document_start}
+            "start_key": args.start_key, "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
+            "document_start": document_start}
 
 
 def _resume(out: Path, config: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
@@ -180,10 +181,11 @@ def _edit_summary(result) -> dict[str, Any]:
 
 def _edit_and_score(lm, args, batch, layers, factors) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ..editing import edit
+    from .edit import key_options
 
     result = edit(lm.model, lm.tokenizer, [r.as_request() for _, r in batch], method=args.method, layers=layers,
                   distribution=args.distribution, stats=factors, mu=args.mu, seed=args.seed, preset=args.preset,
-                  model_id=lm.model_id)
+                  model_id=lm.model_id, **key_options(args))
     try:
         post = score(lm.model, lm.tokenizer, [r for _, r in batch], args.max_new_tokens, args.generations)
         return post, _edit_summary(result)

@@ -259,3 +259,32 @@ def compute_keys_and_outputs(
         return keys, None
     bare = torch.tensor([t == 0 for t in kp.template])
     return keys, cap.outputs[out_layer][bare.to(cap.outputs[out_layer].device)]
+
+
+@torch.no_grad()
+def prompt_keys(model, adapter: Adapter, rows: Sequence[Sequence[int]], lookup: Sequence[int], pad: int,
+                layer: int, *, chunk: int = 64) -> torch.Tensor:
+    """The rewrite module's inputs at every token after the subject's last one, over all rows
+    (m × d_in, fp32): the edit prompts' own relation words, which an update must leave alone
+    (see ``edit(preserve_prompts=...)``). Empty (0 × d_in) when no row has such tokens."""
+    got: list[torch.Tensor] = []
+    device = adapter.input_device()
+    for s in range(0, len(rows), chunk):
+        part = rows[s : s + chunk]
+        ids, mask = pad_right(part, pad, device)
+        after = torch.zeros_like(mask, dtype=torch.bool)
+        for i, (r, last) in enumerate(zip(part, lookup[s : s + chunk])):
+            after[i, last + 1 : len(r)] = True
+        seen: list[torch.Tensor] = []
+
+        def make():
+            return [adapter.rewrite(layer).register_forward_hook(lambda m, inp, out: seen.append(inp[0])),
+                    adapter.layer(layer).register_forward_hook(_stop)]
+
+        with hooks(make), contextlib.suppress(_StopForward):
+            model(input_ids=ids, attention_mask=mask)
+        x = seen[0]
+        got.append(x[after.to(x.device)].float())
+    if not got:
+        return torch.zeros((0, adapter.d_in))
+    return torch.cat([g.to(got[0].device) for g in got])

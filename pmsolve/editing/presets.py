@@ -20,6 +20,8 @@ class MethodSettings:
     mu: float | None
     distribution: str
     start_key: bool = False  # see pmsolve.edit(start_key=...)
+    key_source: str = "average"  # see pmsolve.edit(key_source=...)
+    preserve_prompts: float = 0.0  # see pmsolve.edit(preserve_prompts=...)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ def _parse(data: dict[str, Any], source: str) -> Preset:
         known = {f.name for f in fields(ValueConfig)}
         values = ValueConfig(**{k: v for k, v in data.get("values", {}).items() if k in known})
         methods = {m: MethodSettings(list(s["layers"]), s.get("mu"), s.get("distribution", "memit"),
-                                     bool(s.get("start_key", False)))
+                                     bool(s.get("start_key", False)), str(s.get("key_source", "average")),
+                                     float(s.get("preserve_prompts", 0.0)))
                    for m, s in data["methods"].items()}
         return Preset(data["name"], methods, values, data.get("match", {}), data.get("notes", ""))
     except (KeyError, TypeError) as exc:
