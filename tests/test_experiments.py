@@ -35,17 +35,21 @@ def tiny():
 
 
 @pytest.mark.parametrize("method", ["emmet", "memit"])
-def test_precomputed_single_layer_edit_equals_pmsolve_edit(tiny, method):
+@pytest.mark.parametrize("keys", [("average", 0.0), ("prompt", 10.0), ("both", 0.0)])
+def test_precomputed_single_layer_edit_equals_pmsolve_edit(tiny, method, keys):
     m, tok, C = tiny
+    source, alpha = keys
     reqs = load_requests(REQUESTS)
     w0 = adapter_for(m).weight(LAYER).detach().clone()
     res = pmsolve.edit(m, tok, reqs, method=method, layers=[LAYER], stats={LAYER: C}, preset=None,
-                       value_config=FAST, seed=3, mu=50.0 if method == "memit" else None)
+                       value_config=FAST, seed=3, mu=50.0 if method == "memit" else None, key_source=source,
+                       preserve_prompts=alpha)
     w_edit = adapter_for(m).weight(LAYER).detach().clone()
     res.restore()
     facts = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST, seed=3)
     snap = WeightSnapshot(m, [LAYER])
-    solve_and_apply(m, pmsolve.factorize(C), facts, range(len(reqs)), method, 50.0 if method == "memit" else None)
+    solve_and_apply(m, pmsolve.factorize(C), facts, range(len(reqs)), method, 50.0 if method == "memit" else None,
+                    key_source=source, preserve_prompts=alpha, tokenizer=tok, seed=3)
     w_pre = adapter_for(m).weight(LAYER).detach().clone()
     snap.restore()
     assert torch.equal(adapter_for(m).weight(LAYER), w0)
@@ -181,7 +185,10 @@ def test_quick_experiments_write_results_and_figures(tmp_path):
     res = json.loads((docs / "results.json").read_text())
     assert res["n_facts"] == 8 and res["layer"] == 5 and res["spread"] == [4, 5, 6, 7, 8]
     sweep = res["sweep"]["points"]
-    assert [(p["method"], p["batch_size"]) for p in sweep] == [(m, b) for b in (1, 4, 8) for m in ("emmet", "memit")]
+    assert [(p["method"], p["batch_size"]) for p in sweep] == [
+        (m, b) for b in (1, 4, 8) for m in ("emmet", "memit", "emmet-pp")]
+    pp = [p for p in sweep if p["method"] == "emmet-pp"]
+    assert all(p["solver"] == "emmet" and p["key_source"] == "prompt" and p["preserve_prompts"] > 0 for p in pp)
     for p in sweep:
         assert p["n_edited"] == max(4, p["batch_size"]) and p["n_es"] == p["n_edited"]
         assert 0 <= p["es"] <= 1 and p["cond_G_max"] >= 1

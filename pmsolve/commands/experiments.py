@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dist-facts", type=int, default=None, help="facts in the distribution experiment")
     p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer")
     p.add_argument("--fluency-prompts", type=int, default=None, help="generations per point for fluency (default 64)")
+    p.add_argument("--prompt-preservation", type=float, default=None, metavar="ALPHA",
+                   help="weight of experiment 1's emmet-pp series (default 1; 0 leaves the series out)")
     p.add_argument("--layer", type=int, default=None, help="single edit layer (default: the EMMET preset's)")
     p.add_argument("--spread", type=parse_layers, default=None, help="MEMIT's layers, e.g. 4-8 (default: preset)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +51,7 @@ def _config(args):
     cfg = QUICK if args.quick else Config()
     over = {"n_facts": args.facts, "seq_facts": args.seq_facts, "dist_facts": args.dist_facts,
             "stats_tokens": args.stats_tokens, "layer": args.layer, "fluency_prompts": args.fluency_prompts,
-            "spread": tuple(args.spread) if args.spread else None}
+            "prompt_preservation": args.prompt_preservation, "spread": tuple(args.spread) if args.spread else None}
     return replace(cfg, seed=args.seed, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -66,7 +68,7 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (options that change results only)."""
     opts = [("model", args.model), ("data", args.data), ("corpus", args.corpus), ("facts", args.facts),
             ("seq_facts", args.seq_facts), ("dist_facts", args.dist_facts), ("stats_tokens", args.stats_tokens),
-            ("fluency_prompts", args.fluency_prompts),
+            ("fluency_prompts", args.fluency_prompts), ("prompt_preservation", args.prompt_preservation),
             ("layer", args.layer), ("spread", ",".join(map(str, args.spread)) if args.spread else None),
             ("seed", args.seed or None)]
     return "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write
-from ..editing.keys import average_by_owner, capture, context_templates, key_prompts, pad_id
+from ..editing.editor import with_prompt_preservation
+from ..editing.keys import average_by_owner, capture, context_templates, key_prompts, pad_id, prompt_keys
 from ..editing.requests import EditRequest
 from ..editing.values import ValueConfig, optimize_values
 from ..models.adapters import adapter_for
@@ -64,10 +65,13 @@ class FactTensors:
     seconds_values: float
     seconds_per_fact: float          # keys + values per fact when they were computed (cached or not)
 
-    def select(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (d_in × b) and R = Z − H (d_out × b) in fp64 for the facts ``idx``."""
+    def select(self, idx: Sequence[int], key_source: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
+        """K (d_in × b) and R = Z − H (d_out × b) in fp64 for the facts ``idx``; the keys are
+        the template averages, the bare prompts' own keys ("prompt"), or both (2b columns)."""
         i = torch.as_tensor(list(idx), dtype=torch.long)
-        return self.k[i].T.to(torch.float64), (self.z[i] - self.h[i]).T.to(torch.float64)
+        R = (self.z[i] - self.h[i]).T.to(torch.float64)
+        keys = {"average": [self.k[i]], "prompt": [self.k_bare[i]], "both": [self.k[i], self.k_bare[i]]}[key_source]
+        return torch.cat(keys).T.to(torch.float64), torch.cat([R] * len(keys), 1)
 
 
 def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig, start: str) -> Path:
@@ -164,9 +168,18 @@ def apply_solve(model, layer: int, factor: Factor, K: torch.Tensor, R: torch.Ten
 
 
 def solve_and_apply(model, factor: Factor, facts: FactTensors, idx: Sequence[int], method: str,
-                    mu: float | None) -> Update:
-    """Edit the facts ``idx`` in one batch; the caller restores the weight (:class:`WeightSnapshot`)."""
-    K, R = facts.select(idx)
+                    mu: float | None, *, key_source: str = "average", preserve_prompts: float = 0.0,
+                    tokenizer=None, seed: int = 0) -> Update:
+    """Edit the facts ``idx`` in one batch; the caller restores the weight (:class:`WeightSnapshot`).
+
+    ``key_source`` and ``preserve_prompts`` as in :func:`pmsolve.edit` (the latter needs the
+    tokenizer: the batch's prompt-token keys are measured on the unedited model here)."""
+    K, R = facts.select(idx, key_source)
+    if preserve_prompts > 0:
+        adapter = adapter_for(model)
+        kp = key_prompts(tokenizer, [facts.requests[i] for i in idx], context_templates(model, tokenizer, seed=seed))
+        P = prompt_keys(model, adapter, kp.rows, kp.lookup, pad_id(tokenizer), facts.layer)
+        factor = with_prompt_preservation(factor, P, preserve_prompts)
     return apply_solve(model, facts.layer, factor, K, R, method, mu)
 
 

@@ -55,8 +55,10 @@ def plot_all(res: dict[str, Any], folder: Path) -> list[str]:
 def _plot_sweep(sw: dict[str, Any], folder: Path) -> list[str]:
     plt = _plt()
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.6))
-    for method, style in (("emmet", "o-"), ("memit", "s--")):
+    for method, style in SERIES_STYLES:
         pts = [p for p in sw["points"] if p["method"] == method]
+        if not pts:
+            continue
         b = [p["batch_size"] for p in pts]
         for ax, key, title in zip(axes, ("es", "ps", "ns", "score", "fluency_change"),
                                   ("efficacy (ES)", "paraphrase (PS)", "neighbourhood (NS)", "Score",
@@ -76,8 +78,10 @@ def _plot_sweep(sw: dict[str, Any], folder: Path) -> list[str]:
     fig.savefig(folder / "sweep_scores.png", dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, style in (("emmet", "o-"), ("memit", "s--")):
+    for method, style in SERIES_STYLES:
         pts = [p for p in sw["points"] if p["method"] == method]
+        if not pts:
+            continue
         b = [p["batch_size"] for p in pts]
         axes[0].plot(b, [p["cond_G_max"] for p in pts], style, label=method)
         axes[1].plot(b, [p["solve_seconds_per_batch"] for p in pts], style, label=method)
@@ -158,6 +162,10 @@ def _plot_sequential(sq: dict[str, Any], folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+# Experiment 1's series and their plot styles (emmet-pp: runner.PP_SERIES).
+SERIES_STYLES = (("emmet", "o-"), ("memit", "s--"), ("emmet-pp", "^-."))
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     out = [
         "# Results: the unified PM solver on a real model",
@@ -209,6 +217,12 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         f"({_f(sw['keys_values_seconds_per_fact'], '.1f')} s per fact when computed) and reused by every solve. "
         f"Unedited: ES {_pct(pre['es'])}, PS {_pct(pre['ps'])}, NS {_pct(pre['ns'])}.",
         "",
+        "*emmet* and *memit* use the template-averaged keys of the reference implementations; *emmet-pp* "
+        "is EMMET on each rewrite prompt's own key with the batch's own prompt tokens (every token after the "
+        "subject, in every context template) added to the preservation term at weight α = "
+        f"{_f(res['config'].get('prompt_preservation'), 'g')} (`pmsolve.edit(key_source=\"prompt\", "
+        "preserve_prompts=α)`): the factor of C + α·mean(kkᵀ) is recomputed per batch.",
+        "",
         _table(["method", "batch", "facts", "n", "ES", "PS", "NS", "Score", "fluency Δ %", "cond(G+μI)",
                 "ridge fallbacks", "solve s/batch"], rows),
         "",
@@ -242,22 +256,23 @@ def _targets(sw: dict[str, Any], n_facts: int) -> list[str]:
         return next((p for p in sw["points"] if p["method"] == method and p["batch_size"] == b), None)
 
     out = ["Targets:", ""]
-    p = point("emmet", 256)
-    if p is None:
-        out.append(f"- EMMET at batch 256: not run (this run sampled {n_facts} facts; see `--facts`).")
-    else:
+    for method in ("emmet", "emmet-pp"):
+        p = point(method, 256)
+        if p is None:
+            out.append(f"- {method} at batch 256: not run (this run sampled {n_facts} facts; see `--facts`).")
+            continue
         ok = p["es"] is not None and p["es"] >= 0.9
-        out.append(f"- EMMET at batch 256: ES {_pct(p['es'])} % over {p['n_es']} facts (target ≥ 90 %: "
+        out.append(f"- {method} at batch 256: ES {_pct(p['es'])} % over {p['n_es']} facts (target ≥ 90 %: "
                    f"{'met' if ok else 'missed'}); ridge: {p['ridge_fallbacks']} fallback(s), "
                    f"μ/mean diag G = {_f(p['solves'][0]['mu_relative'], '.1e')}, cond(G+μI) "
                    f"{_f(p['cond_G_max'], '.2e')}.")
-    for method in ("emmet", "memit"):
+    for method in ("emmet", "memit", "emmet-pp"):
         p = point(method, 64)
         if p is None or p["fluency_change"] is None:
-            out.append(f"- {method.upper()} fluency at batch 64: not measured.")
+            out.append(f"- {method} fluency at batch 64: not measured.")
             continue
         ok = abs(p["fluency_change"]) <= 0.02
-        out.append(f"- {method.upper()} fluency at batch 64: {_pct(p['fluency_change'])} % vs unedited over "
+        out.append(f"- {method} fluency at batch 64: {_pct(p['fluency_change'])} % vs unedited over "
                    f"{p['n_fluency']} generations (target within ±2 %: {'met' if ok else 'missed'}).")
     return out + [""]
 

@@ -46,6 +46,10 @@ class Config:
     seq_eval_cap: int = 32           # PS/NS on at most this many of the edited facts per checkpoint
     drift_facts: int = 16            # facts whose v* is re-optimised on the sequentially edited model
     memit_lambdas: tuple[float, ...] = (1.0, 1e2, 1e3, 1.5e4, 1e5)
+    # Experiment 1's third series: EMMET on the rewrite prompts' own keys with the batch's
+    # prompt tokens in the preservation term at this weight (pmsolve.edit(preserve_prompts=...));
+    # 0 leaves the series out.
+    prompt_preservation: float = 1.0
     layer: int | None = None         # single edit layer (None: the EMMET preset's)
     spread: tuple[int, ...] | None = None  # MEMIT's layers (None: the MEMIT preset's)
     stats_tokens: int = 50_000       # per layer; bounded by the CPU budget of a full run
@@ -216,7 +220,7 @@ def _diag(upd) -> dict[str, Any]:
 
 
 def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, full_cap: int,
-                 fluency_cap: int) -> dict[str, Any]:
+                 fluency_cap: int, key_source: str = "average", preserve_prompts: float = 0.0) -> dict[str, Any]:
     """Edit ``n_point`` facts in independent chunks of ``b`` (each on the unedited model);
     ES on all, PS/NS on the first ``full_cap``, fluency on the first chunk's first ``fluency_cap``."""
     facts = list(range(n_point))
@@ -227,7 +231,9 @@ def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, 
     for s in range(0, n_point, b):
         chunk = facts[s : s + b]
         try:
-            upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu)
+            upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu,
+                                  key_source=key_source, preserve_prompts=preserve_prompts,
+                                  tokenizer=env.tokenizer, seed=env.config.seed)
         except PMSolveError as exc:  # e.g. contradictory equality constraints: reported, not scored
             errors.append({"facts": chunk, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -240,6 +246,9 @@ def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, 
     return {**summarise(parts), "solves": diags, "errors": errors}
 
 
+PP_SERIES = "emmet-pp"  # experiment 1's EMMET with prompt keys and prompt preservation
+
+
 def _batch_sizes(cfg: Config, n: int) -> list[int]:
     """The configured batch sizes that fit in n facts, plus n itself when a larger one did not fit."""
     sizes = [b for b in cfg.batch_sizes if b <= n]
@@ -248,20 +257,24 @@ def _batch_sizes(cfg: Config, n: int) -> list[int]:
 
 def batch_sweep(env: Env) -> dict[str, Any]:
     cfg, n = env.config, len(env.records)
-    methods = {"emmet": None, "memit": env.memit_mu}
+    # series label: (solver, μ, key source, prompt-preservation weight)
+    series = {"emmet": ("emmet", None, "average", 0.0), "memit": ("memit", env.memit_mu, "average", 0.0)}
+    if cfg.prompt_preservation > 0:
+        series[PP_SERIES] = ("emmet", None, "prompt", cfg.prompt_preservation)
     points = []
     for b in _batch_sizes(cfg, n):
         n_point = min(n, max(b, cfg.min_facts_per_point))
-        for method, mu in methods.items():
+        for label, (method, mu, key_source, alpha) in series.items():
             t0 = time.perf_counter()
-            res = _edit_chunks(env, method, mu, b, n_point, cfg.eval_cap, cfg.fluency_prompts)
-            res.update(method=method, batch_size=b, n_edited=n_point, mu_requested=mu,
+            res = _edit_chunks(env, method, mu, b, n_point, cfg.eval_cap, cfg.fluency_prompts, key_source, alpha)
+            res.update(method=label, solver=method, key_source=key_source, preserve_prompts=alpha,
+                       batch_size=b, n_edited=n_point, mu_requested=mu,
                        seconds_total=time.perf_counter() - t0,
                        solve_seconds_per_batch=mean_or_none([d["seconds"] for d in res["solves"]]),
                        cond_G_max=max((d["cond_G"] for d in res["solves"]), default=None),
                        ridge_fallbacks=sum(d["ridge_fallback"] for d in res["solves"]))
             points.append(res)
-            env.log(f"sweep {method} b={b}: ES {res['es']} PS {res['ps']} NS {res['ns']} cond_G {res['cond_G_max']} "
+            env.log(f"sweep {label} b={b}: ES {res['es']} PS {res['ps']} NS {res['ns']} cond_G {res['cond_G_max']} "
                     f"failed batches {len(res['errors'])}")
     return {"layer": env.layer, "points": points, "lambda": _lambda_sweep(env), "pre": pre_scores(env, range(n)),
             "keys_values_seconds_per_fact": env.facts.seconds_per_fact}
