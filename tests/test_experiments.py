@@ -213,3 +213,14 @@ def test_quick_experiments_write_results_and_figures(tmp_path):
     assert again["timings"]["keys_values"] < res["timings"]["keys_values"]
     assert [p["es"] for p in again["sweep"]["points"]] == [p["es"] for p in sweep]
     assert "sequential" in again  # kept from the first run
+
+
+def test_fluency_change_standard_error():
+    from pmsolve.experiments.runner import _paired_relative_se, summarise
+
+    pre, post = [2.0, 2.0, 2.0, 2.0], [2.2, 1.8, 2.2, 1.8]
+    # diffs ±0.2: sample sd 0.2309, / sqrt(4) / mean pre 2 = 0.0577
+    assert _paired_relative_se(pre, post) == pytest.approx(0.2 * (4 / 3) ** 0.5 / 2 / 2)
+    assert _paired_relative_se([2.0], [2.1]) is None
+    s = summarise([{"es": [1.0], "ps": [], "ns": [], "fluency": post, "fluency_pre": pre}])
+    assert s["fluency_change"] == pytest.approx(0.0) and s["fluency_change_se"] > 0

@@ -201,10 +201,16 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _with_se(p: dict[str, Any]) -> str:
+    """The fluency change in %, with its standard error when there is one."""
+    se = p.get("fluency_change_se")
+    return _pct(p["fluency_change"]) + ("" if se is None or p["fluency_change"] is None else f" ± {_pct(se)}")
+
+
 def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
     pre = sw["pre"]
     rows = [[p["method"], str(p["batch_size"]), str(p["n_edited"]), f"{p['n_es']}/{p['n_full']}/{p['n_fluency']}",
-             _pct(p["es"]), _pct(p["ps"]), _pct(p["ns"]), _f(p["score"], ".1f"), _pct(p["fluency_change"]),
+             _pct(p["es"]), _pct(p["ps"]), _pct(p["ns"]), _f(p["score"], ".1f"), _with_se(p),
              _f(p["cond_G_max"], ".2e"), str(p["ridge_fallbacks"]), _f(p["solve_seconds_per_batch"], ".3f")]
             for p in sw["points"]]
     lines = [
@@ -223,7 +229,7 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         f"{_f(res['config'].get('prompt_preservation'), 'g')} (`pmsolve.edit(key_source=\"prompt\", "
         "preserve_prompts=α)`): the factor of C + α·mean(kkᵀ) is recomputed per batch.",
         "",
-        _table(["method", "batch", "facts", "n", "ES", "PS", "NS", "Score", "fluency Δ %", "cond(G+μI)",
+        _table(["method", "batch", "facts", "n", "ES", "PS", "NS", "Score", "fluency Δ % (± SE)", "cond(G+μI)",
                 "ridge fallbacks", "solve s/batch"], rows),
         "",
         "![sweep scores](figures/sweep_scores.png)",
@@ -272,8 +278,10 @@ def _targets(sw: dict[str, Any], n_facts: int) -> list[str]:
             out.append(f"- {method} fluency at batch 64: not measured.")
             continue
         ok = abs(p["fluency_change"]) <= 0.02
-        out.append(f"- {method} fluency at batch 64: {_pct(p['fluency_change'])} % vs unedited over "
-                   f"{p['n_fluency']} generations (target within ±2 %: {'met' if ok else 'missed'}).")
+        se = p.get("fluency_change_se")
+        out.append(f"- {method} fluency at batch 64: {_pct(p['fluency_change'])} % "
+                   f"(standard error {_pct(se)} points) vs unedited over {p['n_fluency']} generations "
+                   f"(target within ±2 %: {'met' if ok else 'missed'}).")
     return out + [""]
 
 
