@@ -18,9 +18,11 @@ import math
 import statistics
 import time
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pmsolve
+from pmsolve.editing import preset_for
 from pmsolve.editing.keys import cache_dir
 from pmsolve.evaluation import generate_greedy, ngram_entropy
 from pmsolve.evaluation.records import load_builtin_facts
@@ -50,12 +52,18 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1, help="generation prompts per fact")
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--alpha", type=float, default=1.0, help="prompt preservation of the emmet-pp series")
+    p.add_argument("--value-config", type=json.loads, default=None,
+                   help='v* settings over the preset\'s, e.g. \'{"stop_nll": 1e9}\'')
+    p.add_argument("--series", nargs="*", default=None, help="emmet memit emmet-pp (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
+    values = preset_for(model, lm.model_id).values
+    if args.value_config:
+        values = replace(values, **args.value_config)
     env = runner.setup(model, tok, lm.model_id, load_builtin_facts(), runner.Config(n_facts=args.facts), cache_dir(),
-                       log=lambda s: None)
+                       log=lambda s: None, value_config=values)
     facts = list(range(args.facts))
     prompts, owner = [], []
     for i in facts:
@@ -65,12 +73,14 @@ def main() -> None:
     t0 = time.perf_counter()
     pre = entropies(model, tok, prompts, args.tokens)
     out = {"batch": args.batch, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
-           "unedited_s": time.perf_counter() - t0, "series": {}}
+           "value_config": asdict(values), "unedited_s": time.perf_counter() - t0, "series": {}}
     series = {"emmet": ("emmet", None, "average", 0.0), "memit": ("memit", env.memit_mu, "average", 0.0),
               runner.PP_SERIES: ("emmet", None, "prompt", args.alpha)}
+    if args.series:
+        series = {k: v for k, v in series.items() if k in args.series}
     snap = WeightSnapshot(model, [env.layer])
     for label, (method, mu, source, alpha) in series.items():
-        post = [0.0] * len(prompts)
+        post, es = [0.0] * len(prompts), []
         for s in range(0, len(facts), args.batch):
             chunk = facts[s : s + args.batch]
             solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
@@ -79,9 +89,10 @@ def main() -> None:
                 rows = [j for j, i in enumerate(owner) if i in set(chunk)]
                 for j, e in zip(rows, entropies(model, tok, [prompts[j] for j in rows], args.tokens)):
                     post[j] = e
+                es += runner.score(env, chunk)["es"]
             finally:
                 snap.restore()
-        out["series"][label] = change(pre, post)
+        out["series"][label] = {**change(pre, post), "es": statistics.fmean(es)}
         print(json.dumps({label: out["series"][label]}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -91,8 +91,9 @@ class Env:
 
 
 def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, cache_dir: Path, *,
-          corpus: str | None = None, log: Callable[[str], None] = print) -> Env:
-    """Sample facts, collect/load statistics, factor them, precompute keys/values and baselines."""
+          corpus: str | None = None, log: Callable[[str], None] = print, value_config=None) -> Env:
+    """Sample facts, collect/load statistics, factor them, precompute keys/values and baselines
+    (v* with ``value_config``, default the model preset's)."""
     from ..editing.presets import preset_for
     from ..editing.requests import load_requests
     from ..stats import collect_stats, weights_fingerprint
@@ -117,7 +118,8 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
         f"{'cached' if stats.from_cache else 'computed'}")
     t0 = time.perf_counter()
     reqs = load_requests([r.as_request() for r in sample])
-    facts = fact_tensors(model, tokenizer, reqs, layer, fingerprint=fp, seed=config.seed, value_config=preset.values,
+    value_config = value_config or preset.values
+    facts = fact_tensors(model, tokenizer, reqs, layer, fingerprint=fp, seed=config.seed, value_config=value_config,
                          cache_dir=cache_dir / "experiments",
                          progress=lambda d, n: log(f"keys/values: {d}/{n} new facts"))
     timings["keys_values"] = time.perf_counter() - t0
@@ -129,7 +131,7 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     timings["baseline"] = time.perf_counter() - t0
     log(f"baseline: {'cache hit' if hit else 'computed'} for {len(sample)} facts")
     return Env(model, tokenizer, model_id, sample, layer, spread, preset.for_method("memit").mu, factors, facts,
-               base["scores"], base["fluency"], config, stats_corpus_id(stats, corpus), preset.values, timings, log)
+               base["scores"], base["fluency"], config, stats_corpus_id(stats, corpus), value_config, timings, log)
 
 
 def stats_corpus_id(stats, corpus: str | None) -> str:
