@@ -55,3 +55,18 @@ def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):
     assert rc == 2
     assert "request 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_edit_command_key_options(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("\n".join(json.dumps(r) for r in REQUESTS[:2]))
+    out = tmp_path / "out"
+    rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2",
+                   "--distribution", "single", "--method", "emmet", "--stats-tokens", "3000", "--preset", "llama",
+                   "--key-source", "both", "--preserve-prompts", "2", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["key_source"] == "both" and report["preserve_prompts"] == 2.0
+    (e,) = report["edits"]
+    assert e["solve_n"] == 4  # two columns per fact

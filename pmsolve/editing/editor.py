@@ -68,6 +68,7 @@ class EditResult:
     timings: dict[str, float]
     context_templates: list[str]
     _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    key_options: dict[str, Any] = field(default_factory=dict)  # key_source, start_key, preserve_prompts
 
     def restore(self) -> None:
         """Put back the original weights, bit for bit."""
@@ -85,6 +86,7 @@ class EditResult:
             "layers": self.layers,
             "distribution": self.distribution,
             "mu": self.mu,
+            **self.key_options,
             "n_requests": len(self.requests),
             "timings": self.timings,
             "facts_per_second": len(self.requests) / max(sum(self.timings.values()), 1e-9),
@@ -381,7 +383,9 @@ def edit(
         raise
     finally:
         model.train(was_training)
-    return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals)
+    return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
+                      {"key_source": key_opts.source, "start_key": key_opts.start_key,
+                       "preserve_prompts": key_opts.preserve_prompts})
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
