@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InputError
 from ..models import attention
 from ..models.adapters import Adapter
-from .keys import _stop, _StopForward, hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
+from .keys import _StopForward, hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
 from .requests import EditRequest
 
 
