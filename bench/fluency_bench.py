@@ -87,7 +87,8 @@ def main() -> None:
             solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
                             preserve_prompts=alpha, tokenizer=tok, seed=env.config.seed)
             try:
-                rows = [j for j, i in enumerate(owner) if i in set(chunk)]
+                members = set(chunk)
+                rows = [j for j, i in enumerate(owner) if i in members]
                 for j, e in zip(rows, entropies(model, tok, [prompts[j] for j in rows], args.tokens)):
                     post[j] = e
                 es += runner.score(env, chunk)["es"]

@@ -27,10 +27,16 @@ def tiny_folder(tmp_path):
     return folder
 
 
-def test_edit_command_writes_model_updates_and_report(tiny_folder, tmp_path, monkeypatch, capsys):
+def _two_requests(tmp_path, monkeypatch):
+    """A fresh pmsolve cache and a JSONL file with the first two requests."""
     monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
     reqs = tmp_path / "r.jsonl"
     reqs.write_text("\n".join(json.dumps(r) for r in REQUESTS[:2]))
+    return reqs
+
+
+def test_edit_command_writes_model_updates_and_report(tiny_folder, tmp_path, monkeypatch, capsys):
+    reqs = _two_requests(tmp_path, monkeypatch)
     out = tmp_path / "out"
     rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "1-2",
                    "--method", "memit", "--mu", "100", "--batch-size", "1", "--stats-tokens", "3000",
@@ -58,9 +64,7 @@ def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):
 
 
 def test_edit_command_key_options(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
-    reqs = tmp_path / "r.jsonl"
-    reqs.write_text("\n".join(json.dumps(r) for r in REQUESTS[:2]))
+    reqs = _two_requests(tmp_path, monkeypatch)
     out = tmp_path / "out"
     rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2",
                    "--distribution", "single", "--method", "emmet", "--stats-tokens", "3000", "--preset", "llama",
