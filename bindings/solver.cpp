@@ -101,6 +101,24 @@ py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shift
   return py::make_tuple(L, k);
 }
 
+py::dict symmetric_stats(const py::array& C) {
+  const pmsolve::SymInput in = sym_input(C);
+  pmsolve::SymStats s;
+  {
+    py::gil_scoped_release nogil;
+    s = pmsolve::symmetric_stats(in);
+  }
+  py::dict out;
+  out["norm1"] = s.norm1;
+  out["amax"] = s.amax;
+  out["asym"] = s.asym;
+  out["asym_at"] = py::make_tuple(s.asym_i, s.asym_j);
+  out["nonfinite_at"] = s.bad_i < 0 ? py::object(py::none()) : py::object(py::make_tuple(s.bad_i, s.bad_j));
+  out["diag_min"] = s.diag_min;
+  out["diag_min_at"] = s.diag_min_i;
+  return out;
+}
+
 double cond_estimate(const py::array& L, double anorm) {
   const pmsolve::LowerFactor l = lower_factor(L);
   require(std::isfinite(anorm) && anorm >= 0.0, "anorm must be finite and non-negative");
@@ -156,6 +174,10 @@ void register_solver(py::module_& m) {
         py::arg("cutoff") = pmsolve::kCholeskyCutoff,
         "Lower Cholesky factor (fp64, new array) of C + s I for the first s in shifts that works, and its "
         "index; (None, -1) if none. Reads only the lower triangle of C (float32/float64, any strides).");
+  m.def("symmetric_stats", &symmetric_stats, py::arg("C"),
+        "One threaded pass over a square float32/float64 C (any strides): dict with norm1 (max column sum "
+        "of |C|), amax, asym (max |C_ij - C_ji|) and asym_at, nonfinite_at (first NaN/Inf in row-major "
+        "order, or None), diag_min and diag_min_at.");
   m.def("cond_estimate", &cond_estimate, py::arg("L"), py::arg("anorm"),
         "1-norm condition estimate of L Lᵀ from its lower factor and ‖L Lᵀ‖₁ (LAPACK dpocon).");
   m.def("pm_solve", &pm_solve, py::arg("L"), py::arg("K"), py::arg("mus"), py::arg("max_cond"),

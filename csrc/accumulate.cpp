@@ -9,6 +9,7 @@
 
 #include "amx_gram.h"
 #include "blas.h"
+#include "parallel.h"
 
 namespace pmsolve {
 namespace {
@@ -43,36 +44,6 @@ float f16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-// Rows [r0, r1) of a lower triangle of size d carry about equal work for r_k = d·√(k/n).
-std::vector<int64_t> triangle_split(int64_t d, int parts) {
-  std::vector<int64_t> b(parts + 1);
-  for (int k = 0; k <= parts; ++k) b[k] = static_cast<int64_t>(std::llround(d * std::sqrt(double(k) / parts)));
-  b[parts] = d;
-  return b;
-}
-
-// As many threads as BLAS is allowed, capped by the cores.
-int worker_threads() {
-  const int hw = static_cast<int>(std::thread::hardware_concurrency());
-  return std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1));
-}
-
-// Run f(r0, r1) over a balanced split of the triangle's rows. The fold is memory bound
-// (d²/2 fp64 read-modify-writes per chunk), so it uses as many threads as BLAS does.
-template <class F>
-void parallel_rows(int64_t d, F f) {
-  const int nt = worker_threads();
-  if (nt == 1 || d < 256) {
-    f(int64_t{0}, d);
-    return;
-  }
-  auto b = triangle_split(d, nt);
-  std::vector<std::thread> pool;
-  for (int k = 1; k < nt; ++k) pool.emplace_back(f, b[k], b[k + 1]);
-  f(b[0], b[1]);
-  for (auto& t : pool) t.join();
 }
 
 // Index of the first NaN/Inf among n values (all-ones exponent), or -1. Integer tests on
@@ -239,7 +210,8 @@ void CovAccumulator::fold_in(const float* prod32, int parts32, const double* pro
   double* m = mat_.data();
   const int64_t d = d_;
   const double* dl = delta.data();
-  parallel_rows(d, [=](int64_t r0, int64_t r1) {
+  // The fold is memory bound (d²/2 fp64 read-modify-writes per chunk): as many threads as BLAS.
+  parallel_triangle_rows(d, [=](int, int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       double* mi = m + i * d;
       size_t off = static_cast<size_t>(i) * d;

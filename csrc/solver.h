@@ -57,6 +57,20 @@ struct LowerFactor {
 // Returns 0, or the 1-based index of the first non-positive pivot (LAPACK's info).
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
 
+// What factorize checks in C before trusting it, from one pass over both triangles.
+// Non-finite entries make amax/norm1/asym meaningless; bad_i/bad_j locate the first
+// one in row-major order (-1 when all are finite). asym = max |C_ij - C_ji| at (asym_i, asym_j).
+struct SymStats {
+  double norm1 = 0.0;  // max column sum of |C| (the 1-norm), both triangles read
+  double amax = 0.0;
+  double asym = 0.0;
+  int64_t asym_i = 0, asym_j = 0;
+  int64_t bad_i = -1, bad_j = -1;
+  double diag_min = 0.0;
+  int64_t diag_min_i = -1;
+};
+SymStats symmetric_stats(const SymInput& C);
+
 // Cholesky of C + shifts[k] I for the first k that succeeds, written into `out`
 // (d × d, upper triangle zeroed). Reads only the lower triangle of C. On failure
 // the lower triangle is restored from C itself, so no second d × d buffer exists.

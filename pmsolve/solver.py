@@ -28,6 +28,8 @@ import torch
 from . import settings
 from ._io import atomic_write
 from .backends import get_backend
+from .backends.base import SolverBackend
+from .backends.torch_backend import first_nonfinite
 from .errors import (
     CacheError,
     ConflictingConstraintsError,
@@ -58,80 +60,38 @@ def _check_float_matrix(name: str, x: Any) -> torch.Tensor:
     return x
 
 
-def _row_blocks(x: torch.Tensor) -> range:
-    """Row offsets of blocks of about 1M elements: temporaries stay 8 MiB, not O(size of x)."""
-    return range(0, x.shape[0], max(1, (1 << 20) // max(x.shape[1], 1)))
-
-
 def _check_finite(name: str, x: torch.Tensor) -> None:
-    # A finite sum proves every entry finite (NaN and ±Inf propagate through a sum), in one
-    # read and without a boolean temporary; only a non-finite sum (bad entries, or an
-    # overflow of the sum itself) pays for the scan that locates the first bad entry.
-    if math.isfinite(float(x.sum(dtype=torch.float64))):
-        return
-    step = _row_blocks(x).step
-    for i in _row_blocks(x):
-        finite = torch.isfinite(x[i : i + step])
-        if not bool(finite.all()):
-            r, c = (~finite).nonzero()[0].tolist()
-            raise InputError(f"{name} contains NaN or Inf (first at index {(i + r, c)}, value {x[i + r, c].item()})")
+    bad = first_nonfinite(x)
+    if bad is not None:
+        raise InputError(f"{name} contains NaN or Inf (first at index {bad}, value {x[bad].item()})")
 
 
-def _abs_stats(C: torch.Tensor) -> tuple[float, float]:
-    """(‖C‖₁, max|C|) in fp64, in one pass by row blocks; NaN/Inf raise an InputError naming the entry."""
-    step = _row_blocks(C).step
-    colsum = torch.zeros(C.shape[1], dtype=torch.float64, device=C.device)
-    amax = 0.0
-    for i in _row_blocks(C):
-        a = C[i : i + step].to(torch.float64).abs()
-        colsum += a.sum(0)
-        amax = max(amax, float(a.max()))
-    norm = float(colsum.max())
-    if not (math.isfinite(amax) and math.isfinite(norm)):
-        _check_finite("C", C)
-        raise InputError(f"C is finite but its column sums overflow float64 (max|C| = {amax:.3g})")
-    return norm, amax
-
-
-def _check_symmetric(C: torch.Tensor, scale: float) -> None:
-    rtol = settings.get("symmetry_rtol")
-    # Square tiles on and below the diagonal against their mirror images: each element
-    # pair is compared once, reads stay cache-friendly, temporaries stay one tile.
-    # Few, large tiles: each torch op is a parallel region, costly on a busy machine.
-    tile = 1024
-    d = C.shape[0]
-    worst, where = 0.0, (0, 0)
-    for i in range(0, d, tile):
-        for j in range(0, i + 1, tile):
-            diff = (C[i : i + tile, j : j + tile] - C[j : j + tile, i : i + tile].mT).abs_()
-            m = float(diff.max())
-            if m > worst:
-                r, c = divmod(int(diff.argmax()), diff.shape[1])
-                worst, where = m, (i + r, j + c)
-    if worst > rtol * scale:
-        raise InputError(
-            f"C is not symmetric: |C[{where[0]},{where[1]}] - C[{where[1]},{where[0]}]| = {worst:.3g} "
-            f"exceeds {rtol:g} * max|C| = {rtol * scale:.3g}; symmetrise it ((C + C.T) / 2) if that is rounding"
-        )
-
-
-def _validate_C(C: Any) -> tuple[torch.Tensor, float]:
+def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
     """The checked C and its 1-norm (computed on the way, for the condition estimate)."""
     C = _check_float_matrix("C", C)
     if C.shape[0] != C.shape[1]:
         raise InputError(f"C must be square, got shape {tuple(C.shape)}")
     if C.shape[0] == 0:
         raise InputError("C is empty (d = 0)")
-    norm, amax = _abs_stats(C)
-    _check_symmetric(C, amax)
-    diag = torch.diagonal(C)
-    if bool((diag < 0).any()):
-        i = int(diag.argmin())
+    st = be.symmetric_stats(C)
+    if st.nonfinite_at is not None:
+        raise InputError(f"C contains NaN or Inf (first at index {st.nonfinite_at}, value {C[st.nonfinite_at].item()})")
+    if not (math.isfinite(st.amax) and math.isfinite(st.norm1)):
+        raise InputError(f"C is finite but its column sums overflow float64 (max|C| = {st.amax:.3g})")
+    rtol = settings.get("symmetry_rtol")
+    if st.asym > rtol * st.amax:
+        i, j = st.asym_at
+        raise InputError(
+            f"C is not symmetric: |C[{i},{j}] - C[{j},{i}]| = {st.asym:.3g} "
+            f"exceeds {rtol:g} * max|C| = {rtol * st.amax:.3g}; symmetrise it ((C + C.T) / 2) if that is rounding"
+        )
+    if st.diag_min < 0:
+        i = st.diag_min_at
         raise NotPositiveDefiniteError(
-            f"C has a negative diagonal entry C[{i},{i}] = {float(diag[i]):.3g}: it is not a second-moment matrix",
+            f"C has a negative diagonal entry C[{i},{i}] = {st.diag_min:.3g}: it is not a second-moment matrix",
             matrix="C",
         )
-    return C, norm
+    return C, st.norm1
 
 
 # ---------------------------------------------------------------------------
@@ -261,8 +221,9 @@ def factorize(
         NotPositiveDefiniteError: no allowed δ makes C + δI positive definite.
     """
     t0 = time.perf_counter()
-    C, c_norm = _validate_C(C)
+    C = _check_float_matrix("C", C)
     be = get_backend(backend, C.device)
+    C, c_norm = _validate_C(C, be)
     scale = float(torch.diagonal(C).to(torch.float64).mean())
     if scale <= 0:
         raise NotPositiveDefiniteError("C has an all-zero diagonal: no preservation statistics in it", matrix="C")

@@ -379,6 +379,39 @@ def test_equality_methods_memorize_exactly(d, frac, seed, method):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("d", [1, 65, 300, 701])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_symmetric_stats_match_torch(d, dtype):
+    """The native one-pass check (threaded above d = 256) against the torch one, on
+    contiguous, transposed and strided views of an asymmetric matrix."""
+    native_or_skip()
+    from pmsolve.backends import get_backend
+    from pmsolve.backends.torch_backend import symmetric_stats_torch
+
+    cpu = get_backend("cpu", torch.device("cpu"))
+    g = torch.Generator().manual_seed(d)
+    big = torch.randn(2 * d, 2 * d, generator=g, dtype=F64).to(dtype)
+    for C in (big[:d, :d], big[:d, :d].mT, big[::2, ::2]):
+        a, b = cpu.symmetric_stats(C), symmetric_stats_torch(C)
+        ref = C.to(F64)
+        # Column sums are summed in another order: a few ulps of the norm, scaled by d.
+        assert a.norm1 == pytest.approx(b.norm1, rel=4 * d * EPS)
+        assert a.norm1 == pytest.approx(float(ref.abs().sum(0).max()), rel=4 * d * EPS)
+        assert a.amax == b.amax == float(ref.abs().max())
+        assert a.asym == b.asym == float((ref - ref.mT).abs().max())
+        i, j = a.asym_at
+        assert i >= j and abs(float(ref[i, j] - ref[j, i])) == a.asym
+        assert (a.diag_min, a.diag_min_at) == (b.diag_min, b.diag_min_at)
+        assert a.nonfinite_at is None and b.nonfinite_at is None
+    if d > 2:
+        bad = big[:d, :d].clone()
+        bad[d - 1, 0] = float("nan")  # later in row-major order than the two below
+        bad[1, d - 1] = float("-inf")
+        bad[2, 0] = float("inf")
+        assert cpu.symmetric_stats(bad).nonfinite_at == symmetric_stats_torch(bad).nonfinite_at == (1, d - 1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_C_raises_typed_errors(backend):
     C = spd(10)

@@ -23,6 +23,19 @@ class CholeskyResult:
 
 
 @dataclass
+class SymStats:
+    """What factorize checks in C, measured in one pass (policy decides what to do with it)."""
+
+    norm1: float  # ‖C‖₁: max column sum of |C|, both triangles
+    amax: float  # max |C_ij|
+    asym: float  # max |C_ij − C_ji|
+    asym_at: tuple[int, int]  # where (i ≥ j)
+    nonfinite_at: tuple[int, int] | None  # first NaN/Inf in row-major order; None when all are finite
+    diag_min: float
+    diag_min_at: int
+
+
+@dataclass
 class PMSolution:
     B: torch.Tensor | None  # d × n, fp64: C⁻¹K (G + mu I)⁻¹, so that Δ = R Bᵀ
     G: torch.Tensor  # n × n, fp64: Kᵀ C⁻¹ K (symmetric, both triangles filled)
@@ -34,6 +47,10 @@ class PMSolution:
 
 class SolverBackend(Protocol):
     name: str
+
+    def symmetric_stats(self, C: torch.Tensor) -> SymStats:
+        """Norms, asymmetry, diagonal minimum and first non-finite entry of a square C (any float dtype)."""
+        ...
 
     def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
         """Cholesky of C + s I for the first s in ``shifts`` that succeeds.

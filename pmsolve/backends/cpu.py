@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendUnavailableError, InputError
-from .base import CholeskyResult, PMSolution
+from .base import CholeskyResult, PMSolution, SymStats
+from .torch_backend import symmetric_stats_torch
 
 _F64 = 8
 
@@ -39,7 +40,7 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "blas_get_num_threads",
+    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "blas_get_num_threads",
                 "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
@@ -57,6 +58,16 @@ class CpuBackend:
         n = blas_threads()
         if self._C.blas_get_num_threads() != n:
             self._C.blas_set_num_threads(n)
+
+    def symmetric_stats(self, C: torch.Tensor) -> SymStats:
+        """One threaded native pass (both triangles, in tiles) instead of torch's three."""
+        if C.device.type != "cpu" or C.dtype not in (torch.float32, torch.float64):
+            return symmetric_stats_torch(C)
+        self._sync_threads()
+        s = self._C.symmetric_stats(C.detach().numpy())
+        return SymStats(norm1=s["norm1"], amax=s["amax"], asym=s["asym"], asym_at=tuple(s["asym_at"]),
+                        nonfinite_at=None if s["nonfinite_at"] is None else tuple(s["nonfinite_at"]),
+                        diag_min=s["diag_min"], diag_min_at=s["diag_min_at"])
 
     def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
         self._sync_threads()

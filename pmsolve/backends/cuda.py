@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendUnavailableError, InputError
-from .base import CholeskyResult, PMSolution
+from .base import CholeskyResult, PMSolution, SymStats
+from .torch_backend import symmetric_stats_torch
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -63,6 +64,9 @@ class CudaBackend:
 
     def _work(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def symmetric_stats(self, C: torch.Tensor) -> SymStats:
+        return symmetric_stats_torch(C)  # memory-bound passes: torch's CUDA kernels are as good as any
 
     def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
         dev, stream = self._context(C)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .base import CholeskyResult, PMSolution
+from .base import CholeskyResult, PMSolution, SymStats
 
 
 def _nbytes(*ts: torch.Tensor | None) -> int:
@@ -72,8 +72,59 @@ def _reciprocal_cond(ainv_norm: float, anorm: float) -> float:
     return 1.0 / rcond if rcond > 0 else math.inf
 
 
+def _row_blocks(x: torch.Tensor) -> range:
+    """Row offsets of blocks of about 1M elements: temporaries stay 8 MiB, not O(size of x)."""
+    return range(0, x.shape[0], max(1, (1 << 20) // max(x.shape[1], 1)))
+
+
+def first_nonfinite(x: torch.Tensor) -> tuple[int, int] | None:
+    """(row, col) of the first NaN/Inf of a 2-D tensor in row-major order, or None."""
+    # A finite sum proves every entry finite (NaN and ±Inf propagate through a sum), in one
+    # read and without a boolean temporary; only a non-finite sum (bad entries, or an
+    # overflow of the sum itself) pays for the scan that locates the first bad entry.
+    if math.isfinite(float(x.sum(dtype=torch.float64))):
+        return None
+    step = _row_blocks(x).step
+    for i in _row_blocks(x):
+        finite = torch.isfinite(x[i : i + step])
+        if not bool(finite.all()):
+            r, c = (~finite).nonzero()[0].tolist()
+            return i + r, c
+    return None
+
+
+def symmetric_stats_torch(C: torch.Tensor) -> SymStats:
+    """SymStats of a square C with torch ops, on C's device: row blocks for the norms, square
+    tiles on and below the diagonal against their mirror images for the asymmetry (each
+    element pair compared once, temporaries one block or tile)."""
+    d = C.shape[0]
+    step = _row_blocks(C).step
+    colsum = torch.zeros(d, dtype=torch.float64, device=C.device)
+    amax = 0.0
+    for i in _row_blocks(C):
+        a = C[i : i + step].to(torch.float64).abs()
+        colsum += a.sum(0)
+        amax = max(amax, float(a.max()))
+    tile = 1024  # few, large tiles: each torch op is a parallel region, costly on a busy machine
+    worst, where = 0.0, (0, 0)
+    for i in range(0, d, tile):
+        for j in range(0, i + 1, tile):
+            diff = (C[i : i + tile, j : j + tile].to(torch.float64) - C[j : j + tile, i : i + tile].mT).abs_()
+            m = float(diff.max())
+            if m > worst:
+                r, c = divmod(int(diff.argmax()), diff.shape[1])
+                worst, where = m, (i + r, j + c)
+    diag = torch.diagonal(C)
+    k = int(diag.argmin())
+    return SymStats(norm1=float(colsum.max()), amax=amax, asym=worst, asym_at=where,
+                    nonfinite_at=first_nonfinite(C), diag_min=float(diag[k]), diag_min_at=k)
+
+
 class TorchBackend:
     name = "torch"
+
+    def symmetric_stats(self, C: torch.Tensor) -> SymStats:
+        return symmetric_stats_torch(C)
 
     def cholesky_jittered(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
         A = torch.tril(C.to(torch.float64))
