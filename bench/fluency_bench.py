@@ -5,7 +5,8 @@ batch 64), where the paired standard error is ~2.5 points: per-generation entrop
 span tens of percent, because an edit makes a greedy continuation fall into a loop or leave
 one. This script edits every fact of the experiments' seeded sample in independent batches
 (each on the unedited model, like experiment 1), generates from each fact's generation
-prompts, and reports the relative change of mean entropy with its paired standard error.
+prompts, and reports the relative change of mean entropy with its paired standard error, next
+to the efficacy, paraphrase and neighbourhood scores of the same edits.
 
     python bench/fluency_bench.py --batch 64 --facts 256 --prompts 1 --out bench/fluency-b64.json
 """
@@ -81,7 +82,7 @@ def main() -> None:
         series = {k: v for k, v in series.items() if k in args.series}
     snap = WeightSnapshot(model, [env.layer])
     for label, (method, mu, source, alpha) in series.items():
-        post, es = [0.0] * len(prompts), []
+        post, parts = [0.0] * len(prompts), []
         for s in range(0, len(facts), args.batch):
             chunk = facts[s : s + args.batch]
             solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
@@ -91,10 +92,11 @@ def main() -> None:
                 rows = [j for j, i in enumerate(owner) if i in members]
                 for j, e in zip(rows, entropies(model, tok, [prompts[j] for j in rows], args.tokens)):
                     post[j] = e
-                es += runner.score(env, chunk)["es"]
+                parts.append(runner.score(env, chunk, full=chunk))
             finally:
                 snap.restore()
-        out["series"][label] = {**change(pre, post), "es": statistics.fmean(es)}
+        scores = runner.summarise(parts)
+        out["series"][label] = {**change(pre, post), **{k: scores[k] for k in ("es", "ps", "ns")}}
         print(json.dumps({label: out["series"][label]}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

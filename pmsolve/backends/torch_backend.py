@@ -33,7 +33,10 @@ def hager_cond_1norm(L: torch.Tensor, anorm: float, max_iter: int = 5) -> float:
         return math.inf
 
     def apply_inv(x: torch.Tensor) -> torch.Tensor:  # A⁻¹ x; A symmetric, so A⁻ᵀ = A⁻¹
-        return torch.cholesky_solve(x.unsqueeze(1), L).squeeze(1)
+        # Two triangular solves, not torch.cholesky_solve: on CPU that took 1.2–1.7 s per
+        # vector at d = 6400 (it copies the factor each call), the two solves 0.02 s.
+        y = torch.linalg.solve_triangular(L, x.unsqueeze(1), upper=False)
+        return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(1)
 
     def signs(x: torch.Tensor) -> torch.Tensor:  # Fortran SIGN(1, x): zero counts as positive
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
