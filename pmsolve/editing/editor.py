@@ -23,7 +23,7 @@ from ..errors import CacheError, InputError
 from ..models.adapters import Adapter, Templates, adapter_for
 from ..solver import METHODS, Factor, Update, factorize, solve
 from .distribution import Distribution, get_distribution, remaining_share
-from .keys import average_by_owner, cache_dir, capture, context_templates, key_prompts, pad_id, prompt_keys
+from .keys import average_by_owner, cache_dir, capture, context_templates, key_prompts, pad_id
 from .presets import Preset, load_preset, preset_for
 from .requests import EditRequest, load_requests
 from .values import ValueConfig, ValueResult, optimize_values
@@ -409,13 +409,15 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
         extra = list(range(len(batch)))
     bare_extra = [bare[i] for i in extra]
 
-    def measure(key_layers: list[int], with_output: bool):
+    def measure(key_layers: list[int], with_output: bool, with_prompt_keys: bool = False):
+        # with_prompt_keys: the prompts' tokens after the subject too (preserve_prompts), same pass.
         cap = capture(model, adapter, kp.rows, kp.lookup, pad, key_layers=key_layers,
-                      output_layers=[last] if with_output else [])
+                      output_layers=[last] if with_output else [],
+                      suffix_layers=key_layers if with_prompt_keys else [])
         keys = {layer: torch.cat(([average_by_owner(cap.keys[layer], kp.owner, len(batch))] if average else [])
                                  + [cap.keys[layer][bare_extra]]) for layer in key_layers}
         cur = cap.outputs[last][bare] if with_output else None
-        return keys, cur
+        return keys, cur, cap.suffix
 
     with clock("values"):
         vr = _batch_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed, value_cache)
@@ -424,7 +426,7 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
     weights = [1.0]
     if dist.needs_sensitivity:
         with clock("keys"):
-            keys0, _ = measure(layers, False)
+            keys0, _, _ = measure(layers, False)
         with clock("solve"):
             weights = dist.weights(layers, lambda layer: _sensitivity(factors[layer], keys0[layer]))
     else:
@@ -432,14 +434,12 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
     out = []
     for i, layer in enumerate(layers):
         with clock("keys"):
-            keys, cur = measure([layer], True)
-            if key_opts.preserve_prompts > 0:
-                P = prompt_keys(model, adapter, kp.rows, kp.lookup, pad, layer)
+            keys, cur, prompt_tokens = measure([layer], True, key_opts.preserve_prompts > 0)
         share = remaining_share(weights, i)
         f = factors[layer]
         if key_opts.preserve_prompts > 0:
             with clock("solve"):
-                f = with_prompt_preservation(f, P, key_opts.preserve_prompts)
+                f = with_prompt_preservation(f, prompt_tokens[layer], key_opts.preserve_prompts)
         K = keys[layer].T.to(f.device, torch.float64)
         resid = vr.z.to(cur.device) - cur
         R = (share * torch.cat(([resid] if average else []) + [resid[extra]])).T.to(f.device, torch.float64)

@@ -12,7 +12,7 @@ import json
 import os
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -164,10 +164,13 @@ def _stop(module, inputs, output):
 @dataclass
 class Captured:
     """Per row: the rewrite-module inputs at the lookup position for each key layer, and the
-    layer outputs at the lookup position for each output layer (fp32, on the layer's device)."""
+    layer outputs at the lookup position for each output layer (fp32, on the layer's device);
+    for each suffix layer, the rewrite-module inputs at every token after the lookup position,
+    all rows' in one (m × d_in) matrix."""
 
     keys: dict[int, torch.Tensor]
     outputs: dict[int, torch.Tensor]
+    suffix: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -180,30 +183,43 @@ def capture(
     *,
     key_layers: Sequence[int] = (),
     output_layers: Sequence[int] = (),
+    suffix_layers: Sequence[int] = (),
     chunk: int = 64,
 ) -> Captured:
-    """One no-grad pass (in chunks of rows) that records activations at ``lookup`` per row."""
+    """One no-grad pass (in chunks of rows) that records activations at ``lookup`` per row
+    (and after it, for ``suffix_layers``)."""
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
     outs: dict[int, list[torch.Tensor]] = {layer: [] for layer in output_layers}
+    suffix: dict[int, list[torch.Tensor]] = {layer: [] for layer in suffix_layers}
     device = adapter.input_device()
     for s in range(0, len(rows), chunk):
-        ids, mask = pad_right(rows[s : s + chunk], pad, device)
+        part = rows[s : s + chunk]
+        ids, mask = pad_right(part, pad, device)
         where = torch.tensor(lookup[s : s + chunk], dtype=torch.long)
+        after = torch.zeros_like(mask, dtype=torch.bool)
+        for i, (r, last) in enumerate(zip(part, lookup[s : s + chunk])):
+            after[i, last + 1 : len(r)] = True
 
         def pick(x: torch.Tensor) -> torch.Tensor:
             r = torch.arange(x.shape[0], device=x.device)
             return x[r, where.to(x.device)].float()
 
+        def on_rewrite(layer: int, x: torch.Tensor) -> None:
+            if layer in keys:
+                keys[layer].append(pick(x))
+            if layer in suffix:
+                suffix[layer].append(x[after.to(x.device)].float())
+
         def make():
             hs = []
-            for layer in key_layers:
+            for layer in {*key_layers, *suffix_layers}:
                 hs.append(adapter.rewrite(layer).register_forward_hook(
-                    lambda m, inp, out, layer=layer: keys[layer].append(pick(inp[0]))))
+                    lambda m, inp, out, layer=layer: on_rewrite(layer, inp[0])))
             for layer in output_layers:
                 hs.append(adapter.layer(layer).register_forward_hook(
                     lambda m, inp, out, layer=layer: outs[layer].append(pick(layer_hidden(out)))))
             # Nothing after the deepest captured layer is needed: stop the forward there.
-            hs.append(adapter.layer(max([*key_layers, *output_layers])).register_forward_hook(_stop))
+            hs.append(adapter.layer(max([*key_layers, *output_layers, *suffix_layers])).register_forward_hook(_stop))
             return hs
 
         with hooks(make), contextlib.suppress(_StopForward):
@@ -211,6 +227,7 @@ def capture(
     return Captured(
         keys={k: torch.cat(v) for k, v in keys.items()},
         outputs={k: torch.cat(v) for k, v in outs.items()},
+        suffix={k: torch.cat([x.to(v[0].device) for x in v]) for k, v in suffix.items()},
     )
 
 
@@ -267,24 +284,6 @@ def prompt_keys(model, adapter: Adapter, rows: Sequence[Sequence[int]], lookup: 
     """The rewrite module's inputs at every token after the subject's last one, over all rows
     (m × d_in, fp32): the edit prompts' own relation words, which an update must leave alone
     (see ``edit(preserve_prompts=...)``). Empty (0 × d_in) when no row has such tokens."""
-    got: list[torch.Tensor] = []
-    device = adapter.input_device()
-    for s in range(0, len(rows), chunk):
-        part = rows[s : s + chunk]
-        ids, mask = pad_right(part, pad, device)
-        after = torch.zeros_like(mask, dtype=torch.bool)
-        for i, (r, last) in enumerate(zip(part, lookup[s : s + chunk])):
-            after[i, last + 1 : len(r)] = True
-        seen: list[torch.Tensor] = []
-
-        def make():
-            return [adapter.rewrite(layer).register_forward_hook(lambda m, inp, out: seen.append(inp[0])),
-                    adapter.layer(layer).register_forward_hook(_stop)]
-
-        with hooks(make), contextlib.suppress(_StopForward):
-            model(input_ids=ids, attention_mask=mask)
-        x = seen[0]
-        got.append(x[after.to(x.device)].float())
-    if not got:
+    if not rows:
         return torch.zeros((0, adapter.d_in))
-    return torch.cat([g.to(got[0].device) for g in got])
+    return capture(model, adapter, rows, lookup, pad, suffix_layers=[layer], chunk=chunk).suffix[layer]
