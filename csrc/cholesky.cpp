@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
 #include "solver.h"
 
 namespace pmsolve {
@@ -41,17 +42,20 @@ template <class T>
 void copy_lower_shifted(const SymInput& C, Mat out, double shift) {
   constexpr int64_t tile = 64;
   const Strided<T> src{static_cast<const T*>(C.data), C.row_stride, C.col_stride};
-  for (int64_t ib = 0; ib < C.n; ib += tile) {
-    const int64_t ie = std::min(ib + tile, C.n);
-    for (int64_t jb = 0; jb <= ib; jb += tile) {
-      for (int64_t i = ib; i < ie; ++i) {
-        double* dst = out.data + i * out.ld;
-        const int64_t je = std::min(jb + tile, i + 1);
-        for (int64_t j = jb; j < je; ++j) dst[j] = src(i, j);
+  // Memory bound (0.05-0.08 s at d = 6400 on one thread): split over the BLAS's threads.
+  parallel_triangle_rows(C.n, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t ib = r0; ib < r1; ib += tile) {
+      const int64_t ie = std::min(ib + tile, r1);
+      for (int64_t jb = 0; jb < ie; jb += tile) {
+        for (int64_t i = ib; i < ie; ++i) {
+          double* dst = out.data + i * out.ld;
+          const int64_t je = std::min(jb + tile, i + 1);
+          for (int64_t j = jb; j < je; ++j) dst[j] = src(i, j);
+        }
       }
+      for (int64_t i = ib; i < ie; ++i) out.data[i * out.ld + i] += shift;
     }
-  }
-  for (int64_t i = 0; i < C.n; ++i) out.data[i * out.ld + i] += shift;
+  });
 }
 
 void load_shifted(const SymInput& C, Mat out, double shift) {
