@@ -56,7 +56,9 @@ def main() -> None:
     p.add_argument("--value-config", type=json.loads, default=None,
                    help='v* settings over the preset\'s, e.g. \'{"stop_nll": 1e9}\'')
     p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer (default: experiments')")
-    p.add_argument("--series", nargs="*", default=None, help="emmet memit emmet-pp (default: all)")
+    p.add_argument("--series", nargs="*", default=None,
+                   help="emmet memit emmet-pp (single layer, as experiment 1; default: these three), "
+                        "preset-emmet preset-memit (pmsolve.edit with the preset's layers, spread and key options)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     lm = load_model()
@@ -78,15 +80,28 @@ def main() -> None:
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
     series = {"emmet": ("emmet", None, "average", 0.0), "memit": ("memit", env.memit_mu, "average", 0.0),
               runner.PP_SERIES: ("emmet", None, "prompt", args.alpha)}
+    presets = {"preset-emmet": "emmet", "preset-memit": "memit"}
     if args.series:
-        series = {k: v for k, v in series.items() if k in args.series}
+        unknown = set(args.series) - set(series) - set(presets)
+        if unknown:
+            p.error(f"unknown series {sorted(unknown)}")
+        series = {k: series.get(k) for k in args.series}
     snap = WeightSnapshot(model, [env.layer])
-    for label, (method, mu, source, alpha) in series.items():
+    spread_values: dict = {}  # v* per fact, shared by the preset series (same unedited model)
+    for label, spec in series.items():
         post, parts = [0.0] * len(prompts), []
         for s in range(0, len(facts), args.batch):
             chunk = facts[s : s + args.batch]
-            solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
-                            preserve_prompts=alpha, tokenizer=tok, seed=env.config.seed)
+            if spec is None:  # the preset's way, through pmsolve.edit (every layer it edits restored below)
+                res = pmsolve.edit(model, tok, env.requests(chunk), method=presets[label], stats=env.factors,
+                                   seed=env.config.seed, model_id=lm.model_id, value_config=values,
+                                   value_cache=spread_values)
+                restore = res.restore
+            else:
+                method, mu, source, alpha = spec
+                solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
+                                preserve_prompts=alpha, tokenizer=tok, seed=env.config.seed)
+                restore = snap.restore
             try:
                 members = set(chunk)
                 rows = [j for j, i in enumerate(owner) if i in members]
@@ -94,7 +109,7 @@ def main() -> None:
                     post[j] = e
                 parts.append(runner.score(env, chunk, full=chunk))
             finally:
-                snap.restore()
+                restore()
         scores = runner.summarise(parts)
         out["series"][label] = {**change(pre, post), **{k: scores[k] for k in ("es", "ps", "ns")}}
         print(json.dumps({label: out["series"][label]}), flush=True)

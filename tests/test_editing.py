@@ -261,6 +261,8 @@ def test_bad_settings_change_nothing(tok):
         (dict(stats=other), CacheError, "another model"),
         (dict(stats={1: C[1]}), InputError, "no statistics for layer 2"),
         (dict(stats=None), InputError, "no statistics"),
+        (dict(value_config={"clamp": 0.2, "clmap": 1.0}), InputError, "unknown settings \\['clmap'\\]"),
+        (dict(value_config=[("clamp", 0.2)]), InputError, "ValueConfig or a mapping"),
     ]
     for kw, exc, match in cases:
         stats_ = kw.pop("stats", C)

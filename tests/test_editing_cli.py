@@ -1,6 +1,7 @@
 """`pmsolve edit` end to end on a tiny model saved to disk."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -68,9 +69,14 @@ def test_edit_command_key_options(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2",
                    "--distribution", "single", "--method", "emmet", "--stats-tokens", "3000", "--preset", "llama",
-                   "--key-source", "both", "--preserve-prompts", "2", "--out", str(out)])
+                   "--key-source", "both", "--preserve-prompts", "2", "--values", '{"clamp": 0.3}',
+                   "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["key_source"] == "both" and report["preserve_prompts"] == 2.0
+    # --values overrides the preset's v* settings one by one; the others stay the preset's
+    from pmsolve.editing import load_preset
+
+    assert report["value_config"] == {**asdict(load_preset("llama").values), "clamp": 0.3}
     (e,) = report["edits"]
     assert e["solve_n"] == 4  # two columns per fact

@@ -53,13 +53,27 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="keys per fact: template average, the rewrite prompt's own, or both (default: the preset's)")
     p.add_argument("--preserve-prompts", type=float, default=None, metavar="ALPHA",
                    help="weight of the batch's own prompt tokens in the preservation term (default: the preset's)")
+    p.add_argument("--values", type=_json_object, default=None, metavar="JSON",
+                   help="v* settings over the preset's, e.g. '{\"clamp\": 0.2}' (pmsolve.editing.ValueConfig)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def key_options(args: argparse.Namespace) -> dict[str, Any]:
-    """edit() keyword arguments for the key options on the command line (None: the preset's)."""
+    """edit() keyword arguments for the key options and v* settings on the command line
+    (None: the preset's)."""
     return {"start_key": {"preset": None, "on": True, "off": False}[args.start_key],
-            "key_source": args.key_source, "preserve_prompts": args.preserve_prompts}
+            "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
+            "value_config": args.values}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -156,6 +156,7 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "seed": args.seed, "stats_tokens": args.stats_tokens, "corpus": args.corpus,
             "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset,
             "start_key": args.start_key, "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
+            "values": args.values,
             "document_start": document_start}
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class EditResult:
     context_templates: list[str]
     _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     key_options: dict[str, Any] = field(default_factory=dict)  # key_source, start_key, preserve_prompts
+    value_config: dict[str, Any] = field(default_factory=dict)  # the v* settings used
 
     def restore(self) -> None:
         """Put back the original weights, bit for bit."""
@@ -92,6 +93,7 @@ class EditResult:
             "facts_per_second": len(self.requests) / max(sum(self.timings.values()), 1e-9),
             "edits": [e.as_dict() for e in self.edits],
             "values": self.values,
+            "value_config": self.value_config,
             "context_templates": self.context_templates,
         }
 
@@ -257,9 +259,15 @@ def resolve_settings(model, method: str, layers: Sequence[int] | None, distribut
     layers = dist.check(layers)
     if mu is None and settings is not None:
         mu = settings.mu
-    vc = value_config or (preset.values if isinstance(preset, Preset) else ValueConfig())
-    if isinstance(vc, Mapping):
-        vc = replace(ValueConfig(), **vc)
+    base = preset.values if isinstance(preset, Preset) else ValueConfig()
+    vc = value_config if value_config is not None else base
+    if isinstance(vc, Mapping):  # overrides of the preset's settings
+        unknown = sorted(set(vc) - {f.name for f in fields(ValueConfig)})
+        if unknown:
+            raise InputError(f"value_config has unknown settings {unknown}; known: {[f.name for f in fields(ValueConfig)]}")
+        vc = replace(base, **vc)
+    elif not isinstance(vc, ValueConfig):
+        raise InputError(f"value_config must be a ValueConfig or a mapping of its fields, got {type(vc).__name__}")
     return layers, dist, mu, vc, resolve_key_options(settings, key_source, start_key, preserve_prompts)
 
 
@@ -323,6 +331,8 @@ def edit(
         seed: makes the context templates and the v* optimisation reproducible.
         model_id: checked against metadata carried by the statistics.
         progress: called as ``progress(stage, done, total)``.
+        value_config: the v* settings: a ValueConfig, or a mapping of some of its fields
+            that override the preset's (e.g. ``{"clamp": 0.2}``). None: the preset's.
         value_cache: a dict the caller keeps: v* of facts found in it is not optimised
             again, new ones are added. v* depends only on the fact, the model, the seed and
             the value settings (the batched optimiser is per fact), so one cache serves any
@@ -385,7 +395,7 @@ def edit(
         model.train(was_training)
     return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
                       {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts})
+                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg))
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
