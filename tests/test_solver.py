@@ -528,6 +528,23 @@ def test_cond_estimate_is_a_tight_lower_bound(backend, cond):
     assert f.cond >= true / 10
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e8])
+def test_lapack_dpocon_equals_the_hager_iteration(cond):
+    """_C.cond_estimate (LAPACK dpocon) and hager_cond_1norm (DLACN2 step for step on torch's
+    solves, which the cpu backend uses) agree up to the rounding of the solves, on a row-major
+    and a column-major factor."""
+    mod = native_or_skip()
+    from pmsolve.backends.torch_backend import hager_cond_1norm
+
+    C = spd(150, cond=cond, seed=5)
+    anorm = float(C.abs().sum(0).max())
+    for L in (torch.linalg.cholesky(C), torch.linalg.cholesky(C).contiguous()):
+        want = hager_cond_1norm(L, anorm)
+        got = mod.cond_estimate(L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy(), anorm)
+        assert got == pytest.approx(want, rel=1e3 * EPS * cond)
+
+
 # ---------------------------------------------------------------------------
 # missing native module
 # ---------------------------------------------------------------------------

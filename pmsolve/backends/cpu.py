@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError
 from .base import CholeskyResult, PMSolution, SymStats
-from .torch_backend import symmetric_stats_torch
+from .torch_backend import hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
 
@@ -85,8 +85,11 @@ class CpuBackend:
         return CholeskyResult(torch.from_numpy(L), k, d * d * _F64 + extra)
 
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
+        """DPOCON's estimate, computed by the same iteration on torch's (MKL's) triangular
+        solves: 0.06 s against 0.18 s for OpenBLAS's dpocon at d = 6400 (level-2 solves, where
+        MKL is ~3x faster here; bench/RESULTS.md). ``_C.cond_estimate`` keeps the LAPACK path."""
         self._sync_threads()
-        return float(self._C.cond_estimate(_factor_view(L).numpy(), float(anorm)))
+        return hager_cond_1norm(L.detach().to(device="cpu", dtype=torch.float64), float(anorm))
 
     def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
         """The two d × d triangular solves run in torch, the n × n work here (pm_whitened).
