@@ -447,6 +447,31 @@ def test_values_skip_lower_layers_matches_running_them(tok, arch):
     assert all("forward" not in ad.layer(i).__dict__ for i in range(LAYERS))
 
 
+def test_values_with_several_kl_prompts(tok):
+    """One KL row per essence prompt; a one-prompt list is the single prompt exactly, and the
+    mean over prompts keeps kl_factor's scale; lists become tuples (hashable, JSON presets)."""
+    from pmsolve.editing.values import _build_rows
+
+    m = model("llama", len(tok))
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    reqs = load_requests(REQUESTS)
+    two = ["{} is a", "{} has"]
+    rows = _build_rows(tok, reqs, ctx, two)
+    assert sum(t is None for t in rows.target) == 2 * len(reqs)
+    cfg = ValueConfig(steps=3, early_stop=False, autocast=None, attention=None)
+    one = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
+    same = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, kl_prompt=["{} is a"]))
+    assert torch.equal(one.delta, same.delta) and one.history == same.history
+    both = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, kl_prompt=two))
+    assert both.history[0] == pytest.approx(one.history[0])  # δ = 0: every KL term is 0
+    assert not torch.equal(both.delta, one.delta)  # the second prompt's KL does act on δ
+    assert replace(cfg, kl_prompt=two).kl_prompt == tuple(two) and hash(replace(cfg, kl_prompt=two))
+    for bad in ("is a", [], ["{} is a", 3]):
+        with pytest.raises(InputError, match="kl_prompt"):
+            ValueConfig(kl_prompt=bad)
+
+
 def test_matmul_weights_swap_is_exact_and_restores_the_model(tok):
     """bf16 copies of the linear weights give bit-identical autocast outputs, and the original
     Parameters (and the tied embedding/LM head) come back, also after an error."""

@@ -34,7 +34,9 @@ class ValueConfig:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h‖, h the layer output at the subject's last token
-    kl_prompt: str = "{} is a"
+    # Prompt(s) whose next-token distribution δ should leave alone (the "essence" term);
+    # with several, the KL term is their mean, so kl_factor keeps its meaning.
+    kl_prompt: str | tuple[str, ...] = "{} is a"
     early_stop: bool = True  # a fact stops once its target is top-1 in every prompt ...
     stop_nll: float = float("inf")  # ... and its mean target NLL is at most this
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
@@ -56,6 +58,18 @@ class ValueConfig:
     # Layers below the v* layer run once, not every step (their output does not depend on δ).
     # False: every step runs them (the reference's way; same results up to rounding).
     skip_lower_layers: bool = True
+
+    def __post_init__(self) -> None:
+        prompts = self.kl_prompts
+        if not prompts or not all(isinstance(p, str) and "{}" in p for p in prompts):
+            raise InputError(f"ValueConfig.kl_prompt must be a prompt with '{{}}' for the subject, or a "
+                             f"non-empty list of them, got {self.kl_prompt!r}")
+        if not isinstance(self.kl_prompt, str):
+            object.__setattr__(self, "kl_prompt", tuple(prompts))  # a list (JSON) becomes hashable
+
+    @property
+    def kl_prompts(self) -> tuple[str, ...]:
+        return (self.kl_prompt,) if isinstance(self.kl_prompt, str) else tuple(self.kl_prompt)
 
 
 @dataclass
@@ -84,7 +98,9 @@ class _Rows:
     target: list[tuple[int, list[int]] | None]
 
 
-def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str) -> _Rows:
+def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                kl_prompts: str | Sequence[str]) -> _Rows:
+    kl_prompts = (kl_prompts,) if isinstance(kl_prompts, str) else kl_prompts
     rows = _Rows([], [], [], [])
     for f, req in enumerate(requests):
         tgt = target_ids(tokenizer, req.target_new)
@@ -94,11 +110,12 @@ def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[
             rows.lookup.append(idx)
             rows.owner.append(f)
             rows.target.append((len(ids) - 1, tgt))
-        ids, idx = subject_prompt_ids(tokenizer, kl_prompt, req.subject)
-        rows.ids.append(ids)
-        rows.lookup.append(idx)
-        rows.owner.append(f)
-        rows.target.append(None)
+        for kl_prompt in kl_prompts:
+            ids, idx = subject_prompt_ids(tokenizer, kl_prompt, req.subject)
+            rows.ids.append(ids)
+            rows.lookup.append(idx)
+            rows.owner.append(f)
+            rows.target.append(None)
     return rows
 
 
@@ -197,14 +214,14 @@ class _Batch:
         self.row_owner = torch.tensor([local[rows.owner[r]] for r in sel])
         self.delta_pos = torch.tensor([rows.lookup[r] - start[r] for r in sel])
         pos_r, pos_t, tok, tok_row, tok_owner = [], [], [], [], []
-        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []
+        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []  # kl_fact: the KL rows' indices in _Rows
         for i, r in enumerate(sel):
             spec = rows.target[r]
             if spec is None:
                 kl_r.append(i)
                 kl_t.append(rows.lookup[r] - start[r])
                 kl_owner.append(local[rows.owner[r]])
-                kl_fact.append(rows.owner[r])
+                kl_fact.append(r)  # the row: each KL prompt keeps its own initial distribution
                 continue
             first, tgt = spec
             for j, t in enumerate(tgt):
@@ -219,7 +236,7 @@ class _Batch:
         self.tok_owner = torch.tensor(tok_owner)
         self.kl = (torch.tensor(kl_r), torch.tensor(kl_t))
         self.kl_owner = torch.tensor(kl_owner)
-        self.kl_fact = kl_fact
+        self.kl_rows = kl_fact
         self.n = len(active)
 
 
@@ -350,7 +367,7 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
                     layer: int, config: ValueConfig, seed: int) -> ValueResult:
     """One forward/backward per step for all of ``requests``."""
     torch.manual_seed(seed)  # δ starts at zero; the seed pins any nondeterministic kernels' choices
-    rows = _build_rows(tokenizer, requests, templates, config.kl_prompt)
+    rows = _build_rows(tokenizer, requests, templates, config.kl_prompts)
     n = len(requests)
     dev = adapter.weight(layer).device
     d = adapter.d_out
@@ -396,11 +413,12 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
             nll_fact = _per_fact_mean_of_row_means(-tok_lp, b.tok_row.to(logp.device), own, b.n)
             all_hit = _all_by_owner(hit, own, b.n)
             kl_lp = torch.log_softmax(kl_logits, -1)
-            for i, f in enumerate(b.kl_fact):
-                kl_init.setdefault(f, kl_lp[i].detach())
-            init = torch.stack([kl_init[f] for f in b.kl_fact])
+            for i, r in enumerate(b.kl_rows):
+                kl_init.setdefault(r, kl_lp[i].detach())
+            init = torch.stack([kl_init[r] for r in b.kl_rows])
             kl = (init.exp() * (init - kl_lp)).sum(-1)  # KL(p_init ‖ p_now) per KL row
             kl_fact = torch.zeros(b.n, device=kl.device).index_add(0, b.kl_owner.to(kl.device), kl)
+            kl_fact = kl_fact / len(config.kl_prompts)
             wd = config.weight_decay * d_act.norm(dim=1) / h0[idx].norm(dim=1) ** 2
             loss_fact = nll_fact.to(dev) + config.kl_factor * kl_fact.to(dev) + wd
             for i, f in enumerate(active):
