@@ -42,7 +42,7 @@ inline bool nonfinite(double x) {
 }
 
 // One pair of tiles, C[ib:ie, jb:je] (strictly below the diagonal) against its mirror, from
-// row-major rows: `lower` holds C[i, jb:je] transposed (lt[j][i]), read from C once, so
+// row-major rows: `lt` holds C[ib:ie, jb:je] transposed (lt[j][i]), read from C once, so
 // that the comparison loop below runs over i with both operands contiguous. Compiled for
 // AVX-512, AVX2 and the baseline (target_clones dispatches at load time), and with
 // reassociation allowed for this file (CMakeLists.txt): max and sum reductions vectorise;
@@ -81,7 +81,8 @@ template <class T>
 void load_transposed(const SymInput& C, int64_t ib, int64_t ni, int64_t jb, int64_t nj, double* lt) {
   const T* c = static_cast<const T*>(C.data);
   for (int64_t i = 0; i < ni; ++i)
-    for (int64_t j = 0; j < nj; ++j) lt[j * kTile + i] = static_cast<double>(c[(ib + i) * C.row_stride + (jb + j) * C.col_stride]);
+    for (int64_t j = 0; j < nj; ++j)
+      lt[j * kTile + i] = static_cast<double>(c[(ib + i) * C.row_stride + (jb + j) * C.col_stride]);
 }
 
 template <class T>

@@ -40,8 +40,8 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "blas_get_num_threads",
-                "blas_set_num_threads")
+    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened",
+                "blas_get_num_threads", "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
         missing = [f for f in self.REQUIRED if not hasattr(module, f)]
@@ -115,9 +115,3 @@ class CpuBackend:
             return PMSolution(None, G, None, -1, float(cond), workspace)
         B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True)
         return PMSolution(B, G, torch.from_numpy(M), int(k), float(cond), workspace)
-
-
-def _factor_view(L: torch.Tensor) -> torch.Tensor:
-    """L as the kernels take it without a copy: row-major (ours) or column-major (torch.linalg.cholesky's)."""
-    L = L.detach().to(device="cpu", dtype=torch.float64)
-    return L if L.is_contiguous() or L.mT.is_contiguous() else L.contiguous()

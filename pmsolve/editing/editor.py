@@ -262,9 +262,10 @@ def resolve_settings(model, method: str, layers: Sequence[int] | None, distribut
     base = preset.values if isinstance(preset, Preset) else ValueConfig()
     vc = value_config if value_config is not None else base
     if isinstance(vc, Mapping):  # overrides of the preset's settings
-        unknown = sorted(set(vc) - {f.name for f in fields(ValueConfig)})
+        known = [f.name for f in fields(ValueConfig)]
+        unknown = sorted(set(vc) - set(known))
         if unknown:
-            raise InputError(f"value_config has unknown settings {unknown}; known: {[f.name for f in fields(ValueConfig)]}")
+            raise InputError(f"value_config has unknown settings {unknown}; known: {known}")
         vc = replace(base, **vc)
     elif not isinstance(vc, ValueConfig):
         raise InputError(f"value_config must be a ValueConfig or a mapping of its fields, got {type(vc).__name__}")
