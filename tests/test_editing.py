@@ -449,7 +449,8 @@ def test_values_skip_lower_layers_matches_running_them(tok, arch):
 
 def test_values_with_several_kl_prompts(tok):
     """One KL row per essence prompt; a one-prompt list is the single prompt exactly, and the
-    mean over prompts keeps kl_factor's scale; lists become tuples (hashable, JSON presets)."""
+    mean over prompts keeps kl_factor's scale; lists become tuples (hashable, JSON presets);
+    kl_positions="all" measures KL after the subject too."""
     from pmsolve.editing.values import _build_rows
 
     m = model("llama", len(tok))
@@ -467,9 +468,15 @@ def test_values_with_several_kl_prompts(tok):
     assert both.history[0] == pytest.approx(one.history[0])  # δ = 0: every KL term is 0
     assert not torch.equal(both.delta, one.delta)  # the second prompt's KL does act on δ
     assert replace(cfg, kl_prompt=two).kl_prompt == tuple(two) and hash(replace(cfg, kl_prompt=two))
+    # KL at every position after the subject too: zero at δ = 0, and it acts on δ
+    every = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, kl_positions="all"))
+    assert every.history[0] == pytest.approx(one.history[0])
+    assert not torch.equal(every.delta, one.delta)
     for bad in ("is a", [], ["{} is a", 3]):
         with pytest.raises(InputError, match="kl_prompt"):
             ValueConfig(kl_prompt=bad)
+    with pytest.raises(InputError, match="kl_positions"):
+        ValueConfig(kl_positions="last")
 
 
 def test_matmul_weights_swap_is_exact_and_restores_the_model(tok):

@@ -37,6 +37,10 @@ class ValueConfig:
     # Prompt(s) whose next-token distribution δ should leave alone (the "essence" term);
     # with several, the KL term is their mean, so kl_factor keeps its meaning.
     kl_prompt: str | tuple[str, ...] = "{} is a"
+    # Where the KL term is measured: "subject" (the subject's last token, as the reference
+    # code does) or "all" (every token from there to the end of each essence prompt, so what
+    # the model says *after* the subject is held too); the mean over those positions.
+    kl_positions: str = "subject"
     early_stop: bool = True  # a fact stops once its target is top-1 in every prompt ...
     stop_nll: float = float("inf")  # ... and its mean target NLL is at most this
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
@@ -66,6 +70,8 @@ class ValueConfig:
                              f"non-empty list of them, got {self.kl_prompt!r}")
         if not isinstance(self.kl_prompt, str):
             object.__setattr__(self, "kl_prompt", tuple(prompts))  # a list (JSON) becomes hashable
+        if self.kl_positions not in ("subject", "all"):
+            raise InputError(f"ValueConfig.kl_positions must be 'subject' or 'all', got {self.kl_positions!r}")
 
     @property
     def kl_prompts(self) -> tuple[str, ...]:
@@ -204,7 +210,8 @@ class _Batch:
     """Index tensors for the rows of the currently active facts; tokens before ``start[r]``
     of each row come from the prefix cache (start = 0 without one)."""
 
-    def __init__(self, rows: _Rows, active: list[int], start: list[int], pad: int, device: torch.device) -> None:
+    def __init__(self, rows: _Rows, active: list[int], start: list[int], pad: int, device: torch.device,
+                 kl_all_positions: bool = False) -> None:
         keep = set(active)
         sel = [r for r, f in enumerate(rows.owner) if f in keep]
         local = {f: i for i, f in enumerate(active)}
@@ -214,14 +221,15 @@ class _Batch:
         self.row_owner = torch.tensor([local[rows.owner[r]] for r in sel])
         self.delta_pos = torch.tensor([rows.lookup[r] - start[r] for r in sel])
         pos_r, pos_t, tok, tok_row, tok_owner = [], [], [], [], []
-        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []  # kl_fact: the KL rows' indices in _Rows
+        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []  # kl_fact: (row in _Rows, position) per KL term
         for i, r in enumerate(sel):
             spec = rows.target[r]
             if spec is None:
-                kl_r.append(i)
-                kl_t.append(rows.lookup[r] - start[r])
-                kl_owner.append(local[rows.owner[r]])
-                kl_fact.append(r)  # the row: each KL prompt keeps its own initial distribution
+                for pos in range(rows.lookup[r], len(rows.ids[r]) if kl_all_positions else rows.lookup[r] + 1):
+                    kl_r.append(i)
+                    kl_t.append(pos - start[r])
+                    kl_owner.append(local[rows.owner[r]])
+                    kl_fact.append((r, pos))  # each KL position keeps its own initial distribution
                 continue
             first, tgt = spec
             for j, t in enumerate(tgt):
@@ -236,7 +244,7 @@ class _Batch:
         self.tok_owner = torch.tensor(tok_owner)
         self.kl = (torch.tensor(kl_r), torch.tensor(kl_t))
         self.kl_owner = torch.tensor(kl_owner)
-        self.kl_rows = kl_fact
+        self.kl_keys = kl_fact
         self.n = len(active)
 
 
@@ -395,7 +403,7 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
         for _ in range(config.steps + 1):
             if not active:
                 break
-            b = _Batch(rows, active, start, pad, in_dev)
+            b = _Batch(rows, active, start, pad, in_dev, config.kl_positions == "all")
             idx = torch.tensor(active, device=dev)
             d_act = delta[idx].clone().requires_grad_(True)
             skip = contextlib.nullcontext() if lower is None else lower.skipped()
@@ -413,12 +421,13 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
             nll_fact = _per_fact_mean_of_row_means(-tok_lp, b.tok_row.to(logp.device), own, b.n)
             all_hit = _all_by_owner(hit, own, b.n)
             kl_lp = torch.log_softmax(kl_logits, -1)
-            for i, r in enumerate(b.kl_rows):
-                kl_init.setdefault(r, kl_lp[i].detach())
-            init = torch.stack([kl_init[r] for r in b.kl_rows])
+            for i, key in enumerate(b.kl_keys):
+                kl_init.setdefault(key, kl_lp[i].detach())
+            init = torch.stack([kl_init[key] for key in b.kl_keys])
             kl = (init.exp() * (init - kl_lp)).sum(-1)  # KL(p_init ‖ p_now) per KL row
-            kl_fact = torch.zeros(b.n, device=kl.device).index_add(0, b.kl_owner.to(kl.device), kl)
-            kl_fact = kl_fact / len(config.kl_prompts)
+            owner_kl = b.kl_owner.to(kl.device)
+            kl_fact = torch.zeros(b.n, device=kl.device).index_add(0, owner_kl, kl) \
+                / torch.zeros(b.n, device=kl.device).index_add(0, owner_kl, torch.ones_like(kl))  # mean per fact
             wd = config.weight_decay * d_act.norm(dim=1) / h0[idx].norm(dim=1) ** 2
             loss_fact = nll_fact.to(dev) + config.kl_factor * kl_fact.to(dev) + wd
             for i, f in enumerate(active):
