@@ -60,10 +60,14 @@ def _check_float_matrix(name: str, x: Any) -> torch.Tensor:
     return x
 
 
+def _nonfinite_error(name: str, x: torch.Tensor, at: tuple[int, int]) -> InputError:
+    return InputError(f"{name} contains NaN or Inf (first at index {at}, value {x[at].item()})")
+
+
 def _check_finite(name: str, x: torch.Tensor) -> None:
     bad = first_nonfinite(x)
     if bad is not None:
-        raise InputError(f"{name} contains NaN or Inf (first at index {bad}, value {x[bad].item()})")
+        raise _nonfinite_error(name, x, bad)
 
 
 def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
@@ -75,7 +79,7 @@ def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
         raise InputError("C is empty (d = 0)")
     st = be.symmetric_stats(C)
     if st.nonfinite_at is not None:
-        raise InputError(f"C contains NaN or Inf (first at index {st.nonfinite_at}, value {C[st.nonfinite_at].item()})")
+        raise _nonfinite_error("C", C, st.nonfinite_at)
     if not (math.isfinite(st.amax) and math.isfinite(st.norm1)):
         raise InputError(f"C is finite but its column sums overflow float64 (max|C| = {st.amax:.3g})")
     rtol = settings.get("symmetry_rtol")

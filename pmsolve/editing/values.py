@@ -221,7 +221,7 @@ class _Batch:
         self.row_owner = torch.tensor([local[rows.owner[r]] for r in sel])
         self.delta_pos = torch.tensor([rows.lookup[r] - start[r] for r in sel])
         pos_r, pos_t, tok, tok_row, tok_owner = [], [], [], [], []
-        kl_r, kl_t, kl_owner, kl_fact = [], [], [], []  # kl_fact: (row in _Rows, position) per KL term
+        kl_r, kl_t, kl_owner, kl_keys = [], [], [], []  # kl_keys: (row in _Rows, position) per KL term
         for i, r in enumerate(sel):
             spec = rows.target[r]
             if spec is None:
@@ -229,7 +229,7 @@ class _Batch:
                     kl_r.append(i)
                     kl_t.append(pos - start[r])
                     kl_owner.append(local[rows.owner[r]])
-                    kl_fact.append((r, pos))  # each KL position keeps its own initial distribution
+                    kl_keys.append((r, pos))  # each KL position keeps its own initial distribution
                 continue
             first, tgt = spec
             for j, t in enumerate(tgt):
@@ -244,7 +244,7 @@ class _Batch:
         self.tok_owner = torch.tensor(tok_owner)
         self.kl = (torch.tensor(kl_r), torch.tensor(kl_t))
         self.kl_owner = torch.tensor(kl_owner)
-        self.kl_keys = kl_fact
+        self.kl_keys = kl_keys
         self.n = len(active)
 
 
@@ -424,7 +424,7 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
             for i, key in enumerate(b.kl_keys):
                 kl_init.setdefault(key, kl_lp[i].detach())
             init = torch.stack([kl_init[key] for key in b.kl_keys])
-            kl = (init.exp() * (init - kl_lp)).sum(-1)  # KL(p_init ‖ p_now) per KL row
+            kl = (init.exp() * (init - kl_lp)).sum(-1)  # KL(p_init ‖ p_now) per KL term
             owner_kl = b.kl_owner.to(kl.device)
             kl_fact = torch.zeros(b.n, device=kl.device).index_add(0, owner_kl, kl) \
                 / torch.zeros(b.n, device=kl.device).index_add(0, owner_kl, torch.ones_like(kl))  # mean per fact
