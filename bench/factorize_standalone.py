@@ -20,12 +20,13 @@ import time
 import torch
 
 import pmsolve
-from pmsolve import _C
+from pmsolve._native import require_native
 from pmsolve.backends import get_backend
 from pmsolve.backends.torch_backend import hager_cond_1norm, symmetric_stats_torch
 
 
 def main() -> None:
+    _C = require_native()  # loads the BLAS wheel first (a bare `from pmsolve import _C` may not find it)
     p = argparse.ArgumentParser()
     p.add_argument("d", type=int, nargs="?", default=6400)
     p.add_argument("rounds", type=int, nargs="?", default=5)

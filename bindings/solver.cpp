@@ -144,6 +144,16 @@ py::tuple pm_solve(const py::array& L, const py::array& K, const std::vector<dou
   return py::make_tuple(B, G, M, res.mu_index, res.cond);
 }
 
+void triangular_solve(const py::array& L, py::array& Z, bool transpose, int cutoff) {
+  const pmsolve::LowerFactor l = lower_factor(L);
+  const Mat z = f64_matrix(Z, "Z");
+  require(Z.writeable(), "Z must be writeable (it is overwritten with the solution)");
+  require(z.rows == l.n, "Z must have as many rows as L (d)");
+  require(cutoff >= 1, "cutoff must be >= 1");
+  py::gil_scoped_release nogil;
+  pmsolve::triangular_solve(l, transpose, z, cutoff);
+}
+
 py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_cond, bool transposed) {
   const Mat z = f64_matrix(Z, "Z");
   require(Z.writeable(), "Z must be writeable (it is overwritten with Z (G + mu I)^-1)");
@@ -169,6 +179,11 @@ void register_solver(py::module_& m) {
         "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous; with transposed, "
         "Zᵀ as n × d), overwritten in place with Z (G + μI)⁻¹ (or its transpose) when a μ is accepted: "
         "G = ZᵀZ, the first μ with chol(G + μI) ok and cond ≤ max_cond, M its factor.");
+  m.def("triangular_solve", &triangular_solve, py::arg("L"), py::arg("Z"), py::arg("transpose") = false,
+        py::arg("cutoff") = pmsolve::kTrsmCutoff,
+        "Z := L⁻¹Z (or L⁻ᵀZ with transpose) in place, recursively on GEMM; L lower (float64, row- or "
+        "column-major), Z d × n float64 C-contiguous.");
+  m.attr("TRSM_CUTOFF") = pmsolve::kTrsmCutoff;
   m.attr("CHOLESKY_CUTOFF") = pmsolve::kCholeskyCutoff;
   m.def("cholesky_jittered", &cholesky_jittered, py::arg("C"), py::arg("shifts"),
         py::arg("cutoff") = pmsolve::kCholeskyCutoff,

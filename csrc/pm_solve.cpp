@@ -47,16 +47,46 @@ void load_ridged(Mat G, Mat M, double mu) {
   }
 }
 
-// Z := L⁻¹ Z (transpose = false) or L⁻ᵀ Z (transpose = true), for either storage of L.
-void solve_left(LowerFactor L, bool transpose, Mat Z) {
-  // Column-major L is the row-major upper triangle U = Lᵀ: L⁻¹ = U⁻ᵀ and L⁻ᵀ = U⁻¹.
-  const CBLAS_UPLO uplo = L.col_major ? CblasUpper : CblasLower;
-  const bool trans = transpose != L.col_major;
-  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, uplo, trans ? CblasTrans : CblasNoTrans, CblasNonUnit, Z.rows, Z.cols,
-                    1.0, L.data, L.ld, Z.data, Z.ld);
+// Z[off, off + m) := L₍ₒₒ₎⁻¹ Z (forward) or L₍ₒₒ₎⁻ᵀ Z (backward) for the diagonal block of L
+// that starts at (off, off), by recursive halving: the off-diagonal block becomes one GEMM,
+// so ~(1 - cutoff/d) of the 2·d²·n flops run at the GEMM rate. Why by hand: OpenBLAS's dtrsm
+// (and MKL's, through torch) reach only ~60-75 % of their GEMM rate for n in the hundreds
+// (bench/RESULTS.md, session 6). Column-major L is the row-major U = Lᵀ, so its block L21
+// is U12 read transposed.
+void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m, blas_int cutoff) {
+  const blas_int n = Z.cols;
+  double* z0 = Z.data + static_cast<int64_t>(off) * Z.ld;
+  if (m <= cutoff) {
+    const CBLAS_UPLO uplo = L.col_major ? CblasUpper : CblasLower;
+    const bool trans = transpose != L.col_major;
+    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, uplo, trans ? CblasTrans : CblasNoTrans, CblasNonUnit, m, n, 1.0,
+                      L.data + static_cast<int64_t>(off) * L.ld + off, L.ld, z0, Z.ld);
+    return;
+  }
+  const blas_int m1 = std::max<blas_int>(1, (m / 2) & ~blas_int{7}), m2 = m - m1;
+  double* z1 = z0;
+  double* z2 = z0 + static_cast<int64_t>(m1) * Z.ld;
+  // L21 (m2 × m1): row-major at (off + m1, off); column-major as U12 (m1 × m2) at (off, off + m1).
+  const double* l21 = L.col_major ? L.data + static_cast<int64_t>(off) * L.ld + off + m1
+                                  : L.data + static_cast<int64_t>(off + m1) * L.ld + off;
+  if (!transpose) {  // [L11 0; L21 L22] [X1; X2] = [Z1; Z2]
+    solve_block(L, false, Z, off, m1, cutoff);
+    scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasTrans : CblasNoTrans, CblasNoTrans, m2, n, m1, -1.0, l21, L.ld,
+                      z1, Z.ld, 1.0, z2, Z.ld);
+    solve_block(L, false, Z, off + m1, m2, cutoff);
+  } else {  // [L11ᵀ L21ᵀ; 0 L22ᵀ] [X1; X2] = [Z1; Z2]
+    solve_block(L, true, Z, off + m1, m2, cutoff);
+    scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasNoTrans : CblasTrans, CblasNoTrans, m1, n, m2, -1.0, l21, L.ld,
+                      z2, Z.ld, 1.0, z1, Z.ld);
+    solve_block(L, true, Z, off, m1, cutoff);
+  }
 }
 
 }  // namespace
+
+void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
+  solve_block(L, transpose, Z, 0, L.n, std::max<blas_int>(cutoff, 1));
+}
 
 PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
   // Z is d × n, or its transpose (n × d) when `transposed`: the layout torch's triangular
@@ -93,9 +123,9 @@ PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, doubl
 PMResult pm_solve(LowerFactor L, Mat K, const double* mus, int n_mus, double max_cond, PMOutputs out) {
   Mat Z = out.B;
   copy_rows(K, Z);
-  solve_left(L, false, Z);
+  triangular_solve(L, false, Z);
   const PMResult res = pm_whitened(Z, false, mus, n_mus, max_cond, out.G, out.M);
-  if (res.mu_index >= 0) solve_left(L, true, Z);  // B = L⁻ᵀ Z (G + μI)⁻¹
+  if (res.mu_index >= 0) triangular_solve(L, true, Z);  // B = L⁻ᵀ Z (G + μI)⁻¹
   return res;
 }
 

@@ -82,6 +82,13 @@ int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_sh
 // Returns +inf when A is numerically singular (rcond = 0).
 double cond_estimate(LowerFactor L, double anorm);
 
+// Diagonal block size below which triangular_solve calls dtrsm (see bench/RESULTS.md, session 6).
+constexpr blas_int kTrsmCutoff = 256;
+
+// Z := L⁻¹ Z (transpose = false) or L⁻ᵀ Z (transpose = true) in place; Z is d × n row-major.
+// Recursive on GEMM; L in either storage (LowerFactor).
+void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff = kTrsmCutoff);
+
 // Outputs of pm_solve; every buffer is owned by the caller.
 struct PMOutputs {
   Mat B;  // d × n: on return L⁻ᵀ Z (G + μI)⁻¹ (used as Z = L⁻¹K on the way)

@@ -1,5 +1,5 @@
 """The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
-except the two d × d triangular solves of a solve, which go through torch (see pm_solve).
+except the triangular solves of a solve with few keys, which go through torch (see pm_solve).
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
@@ -24,6 +24,8 @@ from .base import CholeskyResult, PMSolution, SymStats
 from .torch_backend import hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
+# Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve).
+NATIVE_TRSM_MIN_N = 32
 
 
 def blas_threads() -> int:
@@ -40,7 +42,7 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened",
+    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "triangular_solve",
                 "blas_get_num_threads", "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
@@ -92,26 +94,35 @@ class CpuBackend:
         return hager_cond_1norm(L.detach().to(device="cpu", dtype=torch.float64), float(anorm))
 
     def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
-        """The two d × d triangular solves run in torch, the n × n work here (pm_whitened).
+        """Z = L⁻¹K, the n × n work on it (pm_whitened), then B = L⁻ᵀ Z (G + μI)⁻¹.
 
-        Why torch: its x86 wheels solve triangular systems with MKL, which measured 1.7x
-        (n = 256) to 6x (n = 1) faster than OpenBLAS's dtrsm at d = 6400 on the Intel machine
-        of bench/RESULTS.md; the Gram matrix, the ridge loop with its LAPACK condition
-        estimates and the n-sized solves stay native (``_C.pm_solve`` keeps the all-OpenBLAS
-        path). Both solves read L in place, whichever its storage order.
+        The two d × d triangular solves dominate (2·d²·n flops). From NATIVE_TRSM_MIN_N keys on
+        they run natively, recursively on GEMM, in place in one d × n buffer; below it, where
+        they are matrix-vector work, through torch (MKL's level-2 solves are the fastest here).
+        Measured in bench/RESULTS.md (session 6). Both read L in place, whichever its storage.
         """
         self._sync_threads()
         L = L.detach().to(device="cpu", dtype=torch.float64)
         K = K.detach().to(device="cpu", dtype=torch.float64)
-        Z = torch.linalg.solve_triangular(L, K, upper=False)
-        d, n = Z.shape
-        # MKL returns Z column-major: hand over its row-major transpose instead of copying.
-        Zt = Z.mT if Z.mT.is_contiguous() else Z.mT.contiguous()
-        G, M, k, cond = self._C.pm_whitened(Zt.numpy(), [float(m) for m in mus], float(max_cond), transposed=True)
+        d, n = K.shape
+        mus = [float(m) for m in mus]
+        if n >= NATIVE_TRSM_MIN_N:
+            L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy if either order
+            Z = K.clone(memory_format=torch.contiguous_format)
+            self._C.triangular_solve(L_arr, Z.numpy(), False)
+            G, M, k, cond = self._C.pm_whitened(Z.numpy(), mus, float(max_cond), transposed=False)
+            workspace = d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z = B, G, M, dpocon's
+            if k >= 0:
+                self._C.triangular_solve(L_arr, Z.numpy(), True)
+            B = Z
+        else:
+            Z = torch.linalg.solve_triangular(L, K, upper=False)
+            # MKL returns Z column-major: hand over its row-major transpose instead of copying.
+            Zt = Z.mT if Z.mT.is_contiguous() else Z.mT.contiguous()
+            G, M, k, cond = self._C.pm_whitened(Zt.numpy(), mus, float(max_cond), transposed=True)
+            workspace = 2 * d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z, B, G, M, dpocon's
+            B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True) if k >= 0 else None
         G = torch.from_numpy(G)
-        # Z (d × n), then B (d × n), G and M (n × n), dpocon's 3n doubles and n int32s.
-        workspace = 2 * d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n
         if k < 0:
             return PMSolution(None, G, None, -1, float(cond), workspace)
-        B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True)
         return PMSolution(B, G, torch.from_numpy(M), int(k), float(cond), workspace)
