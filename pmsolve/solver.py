@@ -511,7 +511,9 @@ def _diagnostics(
     residual = float(torch.linalg.matrix_norm(R @ BtK - R)) / max(float(torch.linalg.matrix_norm(R)), 1e-300)
     # tr(Δ C Δᵀ) = tr(RᵀR · Bᵀ C B) with Bᵀ(C + δI)B = X G X, X = (G + μI)⁻¹: n × n work only.
     X = torch.cholesky_inverse(sol.M)
-    BtCB = X @ G @ X - factor.jitter * (B.mT @ B)
+    BtCB = X @ G @ X
+    if factor.jitter:  # a d × n² product: only when there is a jitter to take out
+        BtCB = BtCB - factor.jitter * (B.mT @ B)
     cost = float(torch.trace((R.mT @ R) @ BtCB))
     return SolveDiagnostics(
         method=method,

@@ -25,7 +25,7 @@ from .torch_backend import hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
 # Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve).
-NATIVE_TRSM_MIN_N = 32
+NATIVE_TRSM_MIN_N = 4
 
 
 def blas_threads() -> int:
