@@ -155,6 +155,13 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
     count_ += rows;
     return;
   }
+  if (fmt == RowFormat::f32 && !fp64_ && !centered_) {  // the caller's rows as they are: no copy
+    const int parts = product_threads(d_, rows);
+    prod32_.resize(mat_.size() * parts);
+    gram_parts_f32(static_cast<const float*>(data), rows, parts);
+    fold_in(prod32_.data(), parts, nullptr, rows, nullptr);
+    return;
+  }
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;
@@ -175,19 +182,19 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   }
   const int parts = product_threads(d_, rows);
   prod32_.resize(mat_.size() * parts);
-  gram_parts_f32(rows, parts);
+  gram_parts_f32(rows32_.data(), rows, parts);
   fold_in(prod32_.data(), parts, nullptr, rows, chunk_mean.data());
 }
 
-// prod32_[p] = lower triangle of X_pᵀX_p for `parts` consecutive row ranges X_p of the chunk.
-void CovAccumulator::gram_parts_f32(int64_t rows, int parts) {
+// prod32_[p] = lower triangle of X_pᵀX_p for `parts` consecutive row ranges X_p of the chunk x.
+void CovAccumulator::gram_parts_f32(const float* x, int64_t rows, int parts) {
   const blas_int n = static_cast<blas_int>(d_);
   const size_t dd = mat_.size();
   BlasThreads single(1);
   auto part = [&](int p) {
     const int64_t r0 = rows * p / parts, r1 = rows * (p + 1) / parts;
     scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(r1 - r0), 1.0f,
-                      rows32_.data() + static_cast<size_t>(r0) * d_, n, 0.0f, prod32_.data() + p * dd, n);
+                      x + static_cast<size_t>(r0) * d_, n, 0.0f, prod32_.data() + p * dd, n);
   };
   std::vector<std::thread> pool;
   for (int p = 1; p < parts; ++p) pool.emplace_back(part, p);

@@ -50,7 +50,7 @@ class CovAccumulator {
   void process_chunk(const void* data, int64_t rows, RowFormat fmt);
   void load_rows_f32(const void* data, int64_t rows, RowFormat fmt);
   void center_rows(int64_t rows, std::vector<double>& chunk_mean);
-  void gram_parts_f32(int64_t rows, int parts);
+  void gram_parts_f32(const float* x, int64_t rows, int parts);
   // Adds parts32 fp32 products (or one fp64 product) of n_b rows with mean mean_b into the master.
   void fold_in(const float* prod32, int parts32, const double* prod64, int64_t n_b, const double* mean_b);
   void symmetrize_into(const std::vector<double>& m, double* out) const;
