@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="prompt preservation of the emmet-pp series")
     p.add_argument("--value-config", type=json.loads, default=None,
                    help='v* settings over the preset\'s, e.g. \'{"stop_nll": 1e9}\'')
+    p.add_argument("--layer", type=int, default=None, help="single edit layer (default: experiments')")
     p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer (default: experiments')")
     p.add_argument("--series", nargs="*", default=None,
                    help="emmet memit emmet-pp (single layer, as experiment 1; default: these three), "
@@ -66,7 +67,7 @@ def main() -> None:
     values = preset_for(model, lm.model_id).values
     if args.value_config:
         values = replace(values, **args.value_config)
-    env = runner.setup(model, tok, lm.model_id, load_builtin_facts(), runner.Config(n_facts=args.facts, **({"stats_tokens": args.stats_tokens} if args.stats_tokens else {})), cache_dir(),
+    env = runner.setup(model, tok, lm.model_id, load_builtin_facts(), runner.Config(n_facts=args.facts, layer=args.layer, **({"stats_tokens": args.stats_tokens} if args.stats_tokens else {})), cache_dir(),
                        log=lambda s: None, value_config=values)
     facts = list(range(args.facts))
     prompts, owner = [], []
@@ -76,7 +77,7 @@ def main() -> None:
             owner.append(i)
     t0 = time.perf_counter()
     pre = entropies(model, tok, prompts, args.tokens)
-    out = {"batch": args.batch, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
+    out = {"batch": args.batch, "layer": env.layer, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
     series = {"emmet": ("emmet", None, "average", 0.0), "memit": ("memit", env.memit_mu, "average", 0.0),
               runner.PP_SERIES: ("emmet", None, "prompt", args.alpha)}
