@@ -248,14 +248,17 @@ def _peak_rss_increase(fn) -> tuple[object, int]:
 @pytest.mark.native
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 @pytest.mark.parametrize("layout", ["row", "col"])
-def test_pm_solve_allocates_no_d_by_d_memory(layout):
-    """Neither the triangular solves (torch) nor the n × n work (native) copy the d × d factor,
-    whichever its storage order (ours is row-major, torch.linalg.cholesky's column-major)."""
+@pytest.mark.parametrize("n", [1, 16])
+def test_pm_solve_allocates_no_d_by_d_memory(layout, n):
+    """Neither the triangular solves (torch's for n = 1, native for n = 16) nor the n × n work
+    copy the d × d factor, whichever its storage order (ours is row-major,
+    torch.linalg.cholesky's column-major)."""
     native_or_skip()
-    from pmsolve.backends import get_backend
+    from pmsolve.backends import cpu, get_backend
 
+    assert 1 < cpu.NATIVE_TRSM_MIN_N <= 16  # the two cases take the two paths
     be = get_backend("cpu", torch.device("cpu"))
-    d, n = 2048, 16
+    d = 2048
     C = spd(d, seed=2)
     L = pmsolve.factorize(C, backend="cpu").L
     L = L.contiguous() if layout == "row" else L.mT.contiguous().mT
