@@ -49,9 +49,9 @@ void load_ridged(Mat G, Mat M, double mu) {
 
 // Z[off, off + m) := L₍ₒₒ₎⁻¹ Z (forward) or L₍ₒₒ₎⁻ᵀ Z (backward) for the diagonal block of L
 // that starts at (off, off), by recursive halving: the off-diagonal block becomes one GEMM,
-// so ~(1 - cutoff/d) of the 2·d²·n flops run at the GEMM rate. Why by hand: OpenBLAS's dtrsm
-// (and MKL's, through torch) reach only ~60-75 % of their GEMM rate for n in the hundreds
-// (bench/RESULTS.md, session 6). Column-major L is the row-major U = Lᵀ, so its block L21
+// so ~(1 - cutoff/d) of the 2·d²·n flops run at the GEMM rate. Why by hand: MKL's dtrsm
+// (through torch) ran at ~78 % of its dgemm rate at d = 6400, n = 256, less for fewer
+// columns, and OpenBLAS's dtrsm slower still (bench/RESULTS.md, session 6). Column-major L is the row-major U = Lᵀ, so its block L21
 // is U12 read transposed.
 void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m, blas_int cutoff) {
   const blas_int n = Z.cols;
