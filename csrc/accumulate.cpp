@@ -155,15 +155,10 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
     count_ += rows;
     return;
   }
-  if (fmt == RowFormat::f32 && !fp64_ && !centered_) {  // the caller's rows as they are: no copy
-    const int parts = product_threads(d_, rows);
-    prod32_.resize(mat_.size() * parts);
-    gram_parts_f32(static_cast<const float*>(data), rows, parts);
-    fold_in(prod32_.data(), parts, nullptr, rows, nullptr);
-    return;
-  }
+  // fp32 rows for fp32 products, uncentred: the caller's buffer as it is, no copy.
+  const bool direct = fmt == RowFormat::f32 && !fp64_ && !centered_;
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
-  load_rows_f32(data, rows, fmt);
+  if (!direct) load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;
   if (fp64_) rows64_.assign(rows32_.begin(), rows32_.end());
   if (centered_) center_rows(rows, chunk_mean);
@@ -182,7 +177,7 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   }
   const int parts = product_threads(d_, rows);
   prod32_.resize(mat_.size() * parts);
-  gram_parts_f32(rows32_.data(), rows, parts);
+  gram_parts_f32(direct ? static_cast<const float*>(data) : rows32_.data(), rows, parts);
   fold_in(prod32_.data(), parts, nullptr, rows, chunk_mean.data());
 }
 

@@ -17,10 +17,6 @@
 namespace pmsolve {
 namespace {
 
-// Split point of the recursion: half, rounded down to a multiple of 8 so that
-// sub-blocks start on 64-byte boundaries when the buffer does.
-blas_int split(blas_int n) { return std::max<blas_int>(1, (n / 2) & ~blas_int{7}); }
-
 blas_int lapack_potrf_lower(double* a, blas_int n, blas_int lda) {
   blas_int info = 0;
   // Row-major lower is column-major upper (see solver.h).
@@ -74,7 +70,7 @@ void zero_strict_upper(Mat a) {
 
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   if (n <= std::max<blas_int>(cutoff, 1)) return lapack_potrf_lower(a, n, lda);
-  const blas_int n1 = split(n), n2 = n - n1;
+  const blas_int n1 = half_split(n), n2 = n - n1;
   // [A11 .; A21 A22]: L11 = chol(A11), L21 = A21 L11⁻ᵀ, L22 = chol(A22 - L21 L21ᵀ).
   if (blas_int info = cholesky_lower(a, n1, lda, cutoff)) return info;
   double* a21 = a + static_cast<int64_t>(n1) * lda;

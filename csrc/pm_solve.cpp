@@ -51,8 +51,8 @@ void load_ridged(Mat G, Mat M, double mu) {
 // that starts at (off, off), by recursive halving: the off-diagonal block becomes one GEMM,
 // so ~(1 - cutoff/d) of the 2·d²·n flops run at the GEMM rate. Why by hand: MKL's dtrsm
 // (through torch) ran at ~78 % of its dgemm rate at d = 6400, n = 256, less for fewer
-// columns, and OpenBLAS's dtrsm slower still (bench/RESULTS.md, session 6). Column-major L is the row-major U = Lᵀ, so its block L21
-// is U12 read transposed.
+// columns, and OpenBLAS's dtrsm slower still (bench/RESULTS.md, session 6).
+// Column-major L is the row-major U = Lᵀ, so its block L21 is U12 read transposed.
 void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m, blas_int cutoff) {
   const blas_int n = Z.cols;
   double* z0 = Z.data + static_cast<int64_t>(off) * Z.ld;
@@ -63,7 +63,7 @@ void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m,
                       L.data + static_cast<int64_t>(off) * L.ld + off, L.ld, z0, Z.ld);
     return;
   }
-  const blas_int m1 = std::max<blas_int>(1, (m / 2) & ~blas_int{7}), m2 = m - m1;
+  const blas_int m1 = half_split(m), m2 = m - m1;
   double* z1 = z0;
   double* z2 = z0 + static_cast<int64_t>(m1) * Z.ld;
   // L21 (m2 × m1): row-major at (off + m1, off); column-major as U12 (m1 × m2) at (off, off + m1).

@@ -7,6 +7,7 @@
 // transpose, so a row-major lower triangle is passed to LAPACK as uplo='U'.
 // Kernels never allocate d × d memory: the caller owns every d × d buffer.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -81,6 +82,10 @@ int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_sh
 // 1-norm condition estimate of A = L Lᵀ given ‖A‖₁ (LAPACK dpocon, O(n²)).
 // Returns +inf when A is numerically singular (rcond = 0).
 double cond_estimate(LowerFactor L, double anorm);
+
+// Split point of the recursive kernels: half, rounded down to a multiple of 8 so that
+// sub-blocks start on 64-byte boundaries when the buffer does.
+inline blas_int half_split(blas_int n) { return std::max<blas_int>(1, (n / 2) & ~blas_int{7}); }
 
 // Diagonal block size below which triangular_solve calls dtrsm (see bench/RESULTS.md, session 6).
 constexpr blas_int kTrsmCutoff = 256;
