@@ -34,8 +34,9 @@ from pmsolve.models import load_model
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 
-def entropies(model, tok, prompts: list[str], tokens: int) -> list[float]:
-    return [ngram_entropy(t) for t in generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)]
+def generate(model, tok, prompts: list[str], tokens: int) -> tuple[list[float], list[str]]:
+    texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)
+    return [ngram_entropy(t) for t in texts], texts
 
 
 def change(pre: list[float], post: list[float]) -> dict:
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--series", nargs="*", default=None,
                    help="emmet memit emmet-pp (single layer, as experiment 1; default: these three), "
                         "preset-emmet preset-memit (pmsolve.edit with the preset's layers, spread and key options)")
+    p.add_argument("--texts", action="store_true", help="keep every generation (before and after) in the output")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     lm = load_model()
@@ -76,9 +78,11 @@ def main() -> None:
             prompts.append(g)
             owner.append(i)
     t0 = time.perf_counter()
-    pre = entropies(model, tok, prompts, args.tokens)
+    pre, pre_texts = generate(model, tok, prompts, args.tokens)
     out = {"batch": args.batch, "layer": env.layer, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
+    if args.texts:
+        out["unedited"] = pre_texts
     series = {"emmet": ("emmet", None, "average", 0.0), "memit": ("memit", env.memit_mu, "average", 0.0),
               runner.PP_SERIES: ("emmet", None, "prompt", args.alpha)}
     presets = {"preset-emmet": "emmet", "preset-memit": "memit"}
@@ -90,7 +94,7 @@ def main() -> None:
     snap = WeightSnapshot(model, [env.layer])
     spread_values: dict = {}  # v* per fact, shared by the preset series (same unedited model)
     for label, spec in series.items():
-        post, parts = [0.0] * len(prompts), []
+        post, post_texts, parts = [0.0] * len(prompts), [""] * len(prompts), []
         for s in range(0, len(facts), args.batch):
             chunk = facts[s : s + args.batch]
             if spec is None:  # the preset's way, through pmsolve.edit (every layer it edits restored below)
@@ -106,13 +110,16 @@ def main() -> None:
             try:
                 members = set(chunk)
                 rows = [j for j, i in enumerate(owner) if i in members]
-                for j, e in zip(rows, entropies(model, tok, [prompts[j] for j in rows], args.tokens)):
-                    post[j] = e
+                for j, e, text in zip(rows, *generate(model, tok, [prompts[j] for j in rows], args.tokens)):
+                    post[j], post_texts[j] = e, text
                 parts.append(runner.score(env, chunk, full=chunk))
             finally:
                 restore()
         scores = runner.summarise(parts)
         out["series"][label] = {**change(pre, post), **{k: scores[k] for k in ("es", "ps", "ns")}}
+        if args.texts:
+            out["series"][label]["generations"] = [{"fact": i, "entropy_before": a, "entropy_after": b, "after": t}
+                                                   for i, a, b, t in zip(owner, pre, post, post_texts)]
         print(json.dumps({label: out["series"][label]}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
