@@ -479,66 +479,6 @@ def test_values_with_several_kl_prompts(tok):
         ValueConfig(kl_positions="last")
 
 
-def test_values_kl_in_prompts_holds_the_token_after_the_subject(tok):
-    """kl_in_prompts adds one KL term per rewrite row, at the subject's last token (the position
-    that predicts what follows the subject), except in rows whose target follows the subject
-    directly; zero at δ = 0, and it acts on δ."""
-    from pmsolve.editing.keys import pad_id
-    from pmsolve.editing.values import _Batch, _build_rows
-
-    m = model("llama", len(tok))
-    ad = adapter_for(m)
-    ctx = context_templates(m, tok)
-    reqs = load_requests(REQUESTS)
-    rows = _build_rows(tok, reqs, ctx, "{} is a")
-    facts = sorted(set(rows.owner))
-    start = [0] * len(rows.ids)
-    plain = _Batch(rows, facts, start, pad_id(tok), torch.device("cpu"))
-    held = _Batch(rows, facts, start, pad_id(tok), torch.device("cpu"), kl_in_prompts=True)
-    expected = {(r, rows.lookup[r]) for r, spec in enumerate(rows.target)
-                if spec is not None and spec[0] != rows.lookup[r]}
-    assert expected and set(held.kl_keys) - set(plain.kl_keys) == expected
-    assert len(held.kl_keys) == len(plain.kl_keys) + len(expected)
-    cfg = ValueConfig(steps=3, early_stop=False, autocast=None, attention=None)
-    base = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
-    got = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, kl_in_prompts=True))
-    assert got.history[0] == pytest.approx(base.history[0])
-    assert not torch.equal(got.delta, base.delta)
-
-
-def test_values_kl_continuation_appends_the_models_own_greedy_tokens(tok):
-    """kl_continuation = N appends exactly the unedited model's N greedy tokens to each KL row
-    (checked token by token against an independent argmax loop), the KL term then covers those
-    positions (zero at δ = 0, acting on δ), and a negative length is a typed error."""
-    from pmsolve.editing.keys import pad_id
-    from pmsolve.editing.values import _build_rows, _continue_kl_rows
-
-    m = model("llama", len(tok))
-    ad = adapter_for(m)
-    ctx = context_templates(m, tok)
-    reqs = load_requests(REQUESTS)
-    rows = _build_rows(tok, reqs, ctx, "{} is a")
-    before = [list(r) for r in rows.ids]
-    _continue_kl_rows(m, rows, 4, pad_id(tok))
-    for r, spec in enumerate(rows.target):
-        if spec is not None:
-            assert rows.ids[r] == before[r]
-            continue
-        assert rows.ids[r][: len(before[r])] == before[r] and len(rows.ids[r]) == len(before[r]) + 4
-        ids = list(before[r])
-        with torch.no_grad():
-            for _ in range(4):
-                ids.append(int(m(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-        assert rows.ids[r] == ids
-    cfg = ValueConfig(steps=3, early_stop=False, autocast=None, attention=None)
-    base = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
-    cont = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, kl_continuation=4))
-    assert cont.history[0] == pytest.approx(base.history[0])
-    assert not torch.equal(cont.delta, base.delta)
-    with pytest.raises(InputError, match="kl_continuation"):
-        ValueConfig(kl_continuation=-1)
-
-
 def test_matmul_weights_swap_is_exact_and_restores_the_model(tok):
     """bf16 copies of the linear weights give bit-identical autocast outputs, and the original
     Parameters (and the tied embedding/LM head) come back, also after an error."""

@@ -41,15 +41,6 @@ class ValueConfig:
     # code does) or "all" (every token from there to the end of each essence prompt, so what
     # the model says *after* the subject is held too); the mean over those positions.
     kl_positions: str = "subject"
-    # Also hold the next-token distribution right after the subject in every rewrite row (each
-    # context template; rows whose target follows the subject directly excepted): δ should
-    # change the answer at the end of the prompt, not what follows the subject in other contexts.
-    # The fact's KL term is then the mean over these positions and the essence prompts'.
-    kl_in_prompts: bool = False
-    # Tokens of the unedited model's own greedy continuation appended to every essence prompt
-    # (0: none). The KL term then covers every position from the subject on, so δ is held to
-    # how the model goes on talking about the subject, not only to its next token.
-    kl_continuation: int = 0
     early_stop: bool = True  # a fact stops once its target is top-1 in every prompt ...
     stop_nll: float = float("inf")  # ... and its mean target NLL is at most this
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
@@ -81,8 +72,6 @@ class ValueConfig:
             object.__setattr__(self, "kl_prompt", tuple(prompts))  # a list (JSON) becomes hashable
         if self.kl_positions not in ("subject", "all"):
             raise InputError(f"ValueConfig.kl_positions must be 'subject' or 'all', got {self.kl_positions!r}")
-        if not isinstance(self.kl_continuation, int) or self.kl_continuation < 0:
-            raise InputError(f"ValueConfig.kl_continuation must be a non-negative int, got {self.kl_continuation!r}")
 
     @property
     def kl_prompts(self) -> tuple[str, ...]:
@@ -134,21 +123,6 @@ def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[
             rows.owner.append(f)
             rows.target.append(None)
     return rows
-
-
-@torch.no_grad()
-def _continue_kl_rows(model, rows: _Rows, tokens: int, pad: int) -> None:
-    """Append the unedited model's greedy continuation (``tokens`` long) to every KL row."""
-    kl = [r for r, spec in enumerate(rows.target) if spec is None]
-    width = max(len(rows.ids[r]) for r in kl)
-    dev = next(model.parameters()).device
-    # Left padding: every row's last prompt token sits at the end, where generation continues.
-    ids = torch.tensor([[pad] * (width - len(rows.ids[r])) + rows.ids[r] for r in kl], device=dev)
-    mask = torch.tensor([[0] * (width - len(rows.ids[r])) + [1] * len(rows.ids[r]) for r in kl], device=dev)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                         do_sample=False, pad_token_id=pad)
-    for r, cont in zip(kl, out[:, width:].tolist()):
-        rows.ids[r] = rows.ids[r] + cont
 
 
 @contextlib.contextmanager
@@ -237,7 +211,7 @@ class _Batch:
     of each row come from the prefix cache (start = 0 without one)."""
 
     def __init__(self, rows: _Rows, active: list[int], start: list[int], pad: int, device: torch.device,
-                 kl_all_positions: bool = False, kl_in_prompts: bool = False) -> None:
+                 kl_all_positions: bool = False) -> None:
         keep = set(active)
         sel = [r for r, f in enumerate(rows.owner) if f in keep]
         local = {f: i for i, f in enumerate(active)}
@@ -258,11 +232,6 @@ class _Batch:
                     kl_keys.append((r, pos))  # each KL position keeps its own initial distribution
                 continue
             first, tgt = spec
-            if kl_in_prompts and first != rows.lookup[r]:
-                kl_r.append(i)
-                kl_t.append(rows.lookup[r] - start[r])
-                kl_owner.append(local[rows.owner[r]])
-                kl_keys.append((r, rows.lookup[r]))
             for j, t in enumerate(tgt):
                 pos_r.append(i)
                 pos_t.append(first - start[r] + j)
@@ -407,8 +376,6 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
     """One forward/backward per step for all of ``requests``."""
     torch.manual_seed(seed)  # δ starts at zero; the seed pins any nondeterministic kernels' choices
     rows = _build_rows(tokenizer, requests, templates, config.kl_prompts)
-    if config.kl_continuation:
-        _continue_kl_rows(model, rows, config.kl_continuation, pad_id(tokenizer))
     n = len(requests)
     dev = adapter.weight(layer).device
     d = adapter.d_out
@@ -436,8 +403,7 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
         for _ in range(config.steps + 1):
             if not active:
                 break
-            b = _Batch(rows, active, start, pad, in_dev, config.kl_positions == "all" or config.kl_continuation > 0,
-                       config.kl_in_prompts)
+            b = _Batch(rows, active, start, pad, in_dev, config.kl_positions == "all")
             idx = torch.tensor(active, device=dev)
             d_act = delta[idx].clone().requires_grad_(True)
             skip = contextlib.nullcontext() if lower is None else lower.skipped()

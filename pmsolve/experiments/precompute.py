@@ -74,13 +74,8 @@ class FactTensors:
         return torch.cat(keys).T.to(torch.float64), torch.cat([R] * len(keys), 1)
 
 
-_LATER_DEFAULTS = {"kl_in_prompts": False, "kl_continuation": 0}
-
-
 def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig, start: str) -> Path:
-    # Grouping changes memory, not v*; settings added later are left out at their default (which
-    # computes what earlier versions did), so caches written before them stay valid.
-    settings = {k: v for k, v in asdict(vcfg).items() if k != "max_batch" and _LATER_DEFAULTS.get(k, ...) != v}
+    settings = {k: v for k, v in asdict(vcfg).items() if k != "max_batch"}  # grouping changes memory, not v*
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir / f"facts{_FORMAT}-{fingerprint}{'-' + start if start else ''}-L{layer}-s{seed}-v{tag}.pt"
 
