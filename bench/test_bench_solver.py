@@ -13,6 +13,11 @@ How it measures (the machine is shared, so load varies over seconds):
   one extra, untimed run of each implementation, and VmHWM − VmRSS-before is its
   peak increase, the result included. conftest.py makes glibc serve large
   allocations by mmap, so freed memory is not silently reused.
+- Fresh memory: every timed call (ours and each competitor's) runs right after touching and
+  freeing as much memory as the largest call allocates (``prefault``). On the session-7 VM the
+  host reclaims memory the guest has freed within ~1–2 s, and touching it again costs
+  ~2.5 ms/MB: 0.7–0.9 s for one d = 6400 fp64 matrix, more than half a factorisation. Without
+  this, whichever implementation allocated its output after a pause paid it (bench/RESULTS.md).
 - All implementations run with the same thread count (torch's, 2 here, or
   PMSOLVE_BENCH_THREADS, see conftest.py): MKL through torch, OpenBLAS 0.3.34
   (scipy-openblas32, our core's library) and SciPy's bundled OpenBLAS.
@@ -81,16 +86,28 @@ def peak_rss_increase(fn: Callable[[], object]) -> int:
     return (peak - before) * 1024
 
 
-class Competitors:
-    """Runs named implementations once per round (as pytest-benchmark setup) and keeps their times."""
+def prefault(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory and free it, so that the next large allocations find
+    pages in the guest kernel's free lists instead of waiting for the host (see the module
+    docstring). Allocations ≥ 128 KiB are mmap'd (conftest.py): freeing returns them at once."""
+    if nbytes > 0:
+        np.ones(nbytes // 8)
 
-    def __init__(self, fns: dict[str, Callable[[], object]]) -> None:
+
+class Competitors:
+    """Runs named implementations once per round (as pytest-benchmark setup) and keeps their
+    times; each call, and ours after the round, runs right after ``prefault(prefault_bytes)``."""
+
+    def __init__(self, fns: dict[str, Callable[[], object]], prefault_bytes: int = 0) -> None:
         self.fns = fns
+        self.prefault_bytes = prefault_bytes
         self.times: dict[str, list[float]] = {k: [] for k in fns}
 
     def round(self) -> None:
         for name, fn in self.fns.items():
+            prefault(self.prefault_bytes)
             self.times[name].append(_timed(fn))
+        prefault(self.prefault_bytes)  # for ours, which pytest-benchmark times next
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.times.items()}
@@ -170,7 +187,8 @@ def test_solve_vs_references(benchmark, d, n):
             "memit_ref": lambda: memit_reference(C, K),
             "emmet_ref_after_inverse": lambda: emmet_reference_after_inverse(Cinv, K),
             "emmet": lambda: pmsolve.solve(factor, K, R, method="emmet", mu=EPS_EMMET, backend="cpu"),
-        }
+        },
+        prefault_bytes=3 * d * d * 8,  # the MEMIT reference's λC + KKᵀ, its sum and LU's copy
     )
     benchmark.group = f"solve-d{d}"
 
@@ -254,7 +272,8 @@ def test_factorize_vs_libraries(benchmark, d):
             "openblas_dpotrf": dpotrf_0334,
             "openblas_dgemm": lambda: openblas_dgemm(A, B, out),
             "torch_matmul": lambda: At @ Bt.mT,
-        }
+        },
+        prefault_bytes=2 * d * d * 8,  # an output factor, and a copy of C where one is made
     )
     benchmark.group = f"factorize-d{d}"
     t_ours = _run(benchmark, lambda: pmsolve.factorize(C, backend="cpu"), comp, ROUNDS[d])
