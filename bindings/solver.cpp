@@ -86,12 +86,21 @@ void require_finite_nonneg(const std::vector<double>& v, const char* name) {
     require(std::isfinite(x) && x >= 0.0, std::string(name) + " must be finite and non-negative");
 }
 
-py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shifts, blas_int cutoff) {
+py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shifts, blas_int cutoff,
+                            const py::object& out_arg) {
   const pmsolve::SymInput in = sym_input(C);
   require_finite_nonneg(shifts, "shifts");
   require(cutoff >= 1, "cutoff must be >= 1");
-  auto L = new_matrix(in.n, in.n);
-  Mat out = view(L);
+  py::array L;
+  if (out_arg.is_none()) {
+    L = new_matrix(in.n, in.n);
+  } else {
+    L = py::reinterpret_borrow<py::array>(out_arg);
+    require(L.writeable(), "out must be writeable");
+  }
+  const Mat out = f64_matrix(L, "out");
+  require(out.rows == in.n && out.cols == in.n, "out must be d x d like C");
+  require(L.data() != C.data(), "out must not be C (use cholesky_jittered_inplace)");
   int k;
   {
     py::gil_scoped_release nogil;
@@ -99,6 +108,16 @@ py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shift
   }
   if (k < 0) return py::make_tuple(py::none(), k);
   return py::make_tuple(L, k);
+}
+
+int cholesky_jittered_inplace(py::array& C, const std::vector<double>& shifts, blas_int cutoff) {
+  const Mat a = f64_matrix(C, "C");
+  require(C.writeable(), "C must be writeable (it is overwritten with its factor)");
+  require(a.rows == a.cols, "C must be square");
+  require_finite_nonneg(shifts, "shifts");
+  require(cutoff >= 1, "cutoff must be >= 1");
+  py::gil_scoped_release nogil;
+  return pmsolve::cholesky_jittered_inplace(a, shifts.data(), static_cast<int>(shifts.size()), cutoff);
 }
 
 py::dict symmetric_stats(const py::array& C) {
@@ -186,9 +205,15 @@ void register_solver(py::module_& m) {
   m.attr("TRSM_CUTOFF") = pmsolve::kTrsmCutoff;
   m.attr("CHOLESKY_CUTOFF") = pmsolve::kCholeskyCutoff;
   m.def("cholesky_jittered", &cholesky_jittered, py::arg("C"), py::arg("shifts"),
+        py::arg("cutoff") = pmsolve::kCholeskyCutoff, py::arg("out") = py::none(),
+        "Lower Cholesky factor (fp64; into `out`, d x d float64 C-contiguous, else a new array) of C + s I for "
+        "the first s in shifts that works, and its index; (None, -1) if none. Reads only the lower triangle "
+        "of C (float32/float64, any strides).");
+  m.def("cholesky_jittered_inplace", &cholesky_jittered_inplace, py::arg("C"), py::arg("shifts"),
         py::arg("cutoff") = pmsolve::kCholeskyCutoff,
-        "Lower Cholesky factor (fp64, new array) of C + s I for the first s in shifts that works, and its "
-        "index; (None, -1) if none. Reads only the lower triangle of C (float32/float64, any strides).");
+        "cholesky_jittered in C's own storage (float64, C-contiguous, writeable): returns the index of the "
+        "shift used, C then holds L (upper triangle zero); -1 if none, C then holds the symmetric matrix of "
+        "its lower triangle. Allocates no d x d buffer.");
   m.def("symmetric_stats", &symmetric_stats, py::arg("C"),
         "One threaded pass over a square float32/float64 C (any strides): dict with norm1 (max column sum "
         "of |C|), amax, asym (max |C_ij - C_ji|) and asym_at, nonfinite_at (first NaN/Inf in row-major "

@@ -61,6 +61,35 @@ void load_shifted(const SymInput& C, Mat out, double shift) {
     copy_lower_shifted<double>(C, out, shift);
 }
 
+// Strict lower triangle copied onto the strict upper one (to_upper) or back, in tiles so that
+// the transposed side is read or written in cache-sized blocks. Threads own disjoint rows i of
+// the lower triangle and so disjoint columns i of the upper one.
+void mirror_triangle(Mat a, bool to_upper) {
+  constexpr int64_t tile = 64;
+  const int64_t ld = a.ld;
+  double* p = a.data;
+  parallel_triangle_rows(a.rows, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t ib = r0; ib < r1; ib += tile) {
+      const int64_t ie = std::min(ib + tile, r1);
+      for (int64_t jb = 0; jb < ie; jb += tile) {
+        for (int64_t i = ib; i < ie; ++i) {
+          const int64_t je = std::min(jb + tile, i);
+          for (int64_t j = jb; j < je; ++j) {
+            if (to_upper)
+              p[j * ld + i] = p[i * ld + j];
+            else
+              p[i * ld + j] = p[j * ld + i];
+          }
+        }
+      }
+    }
+  });
+}
+
+void set_diagonal(Mat a, const std::vector<double>& diag, double shift) {
+  for (blas_int i = 0; i < a.rows; ++i) a.data[static_cast<int64_t>(i) * a.ld + i] = diag[i] + shift;
+}
+
 void zero_strict_upper(Mat a) {
   for (blas_int i = 0; i + 1 < a.rows; ++i)
     std::memset(a.data + static_cast<int64_t>(i) * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
@@ -96,6 +125,24 @@ int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_sh
       return k;
     }
   }
+  return -1;
+}
+
+int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff) {
+  std::vector<double> diag(a.rows);
+  for (blas_int i = 0; i < a.rows; ++i) diag[i] = a.data[static_cast<int64_t>(i) * a.ld + i];
+  mirror_triangle(a, /*to_upper=*/true);  // the backup a failed attempt reloads from
+  for (int k = 0; k < n_shifts; ++k) {
+    if (k > 0) mirror_triangle(a, /*to_upper=*/false);
+    set_diagonal(a, diag, shifts[k]);
+    // cholesky_lower neither reads nor writes the strict upper triangle: the backup survives.
+    if (cholesky_lower(a.data, a.rows, a.ld, cutoff) == 0) {
+      zero_strict_upper(a);
+      return k;
+    }
+  }
+  mirror_triangle(a, /*to_upper=*/false);
+  set_diagonal(a, diag, 0.0);
   return -1;
 }
 

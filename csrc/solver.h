@@ -79,6 +79,13 @@ SymStats symmetric_stats(const SymInput& C);
 int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts,
                       blas_int cutoff = kCholeskyCutoff);
 
+// The same in place: `a` (d × d row-major fp64) holds C on entry and L (upper triangle
+// zeroed) on success. Its strict upper triangle first becomes a mirror of the lower one,
+// from which a failed attempt reloads the lower triangle (the diagonal is kept aside), so
+// no d × d buffer is allocated at all. When every shift fails, `a` is left holding the
+// symmetric matrix whose lower triangle is C's (C itself when C was exactly symmetric).
+int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff = kCholeskyCutoff);
+
 // 1-norm condition estimate of A = L Lᵀ given ‖A‖₁ (LAPACK dpocon, O(n²)).
 // Returns +inf when A is numerically singular (rcond = 0).
 double cond_estimate(LowerFactor L, double anorm);

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -310,6 +311,79 @@ def test_dead_units_get_jitter_reported(backend):
     K[dead] = 0  # a dead unit is zero on edit keys too
     up = pmsolve.solve(f, K, R, backend=backend)
     assert up.diagnostics.jitter == f.jitter and up.diagnostics.residual < 1e-8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d,cutoff", [(64, None), (300, 64), (700, 128)])
+def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff):
+    """overwrite_c factors in C's own storage: bit for bit the factor of the copying path
+    (same kernel, same data), also when a first attempt fails and jitter is needed (the
+    lower triangle is reloaded from the mirrored upper one); recursion levels exercised with
+    small cutoffs. The returned factor *is* C."""
+    g = torch.Generator().manual_seed(d)
+    K0 = torch.randn(d, 3 * d, generator=g, dtype=F64)
+    K0[[1, d // 2]] = 0  # dead units: singular, the first attempt fails
+    cases = {"spd": spd(d, cond=1e4, seed=3).clone(), "singular": K0 @ K0.mT / K0.shape[1]}
+    for name, C in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumericalWarning)
+            ref = pmsolve.factorize(C, backend=backend)
+            if cutoff is not None and backend == "cpu":  # the kernel itself, below its default cutoff
+                mod = native_or_skip()
+                work = C.clone()
+                L_ref, k_ref = mod.cholesky_jittered(C.numpy(), [0.0, ref.jitter], cutoff)
+                k_in = mod.cholesky_jittered_inplace(work.numpy(), [0.0, ref.jitter], cutoff)
+                assert k_in == k_ref and torch.equal(work, torch.from_numpy(L_ref)), name
+            work = C.clone()
+            got = pmsolve.factorize(work, backend=backend, overwrite_c=True)
+        assert got.L.data_ptr() == work.data_ptr(), name
+        assert got.jitter == ref.jitter and (got.jitter > 0) == (name == "singular"), name
+        assert torch.equal(got.L, ref.L), name
+        assert got.cond == pytest.approx(ref.cond, rel=1e-12), name
+
+
+@pytest.mark.native
+def test_native_cholesky_into_a_given_buffer():
+    """`out=` receives exactly the factor the kernel would allocate; a buffer of the wrong
+    shape, dtype or layout, or C itself, is refused before anything is written."""
+    mod = native_or_skip()
+    C = spd(300, seed=5)
+    L_new, k_new = mod.cholesky_jittered(C.numpy(), [0.0], 64)
+    out = torch.full((300, 300), math.nan, dtype=F64)
+    ret, k = mod.cholesky_jittered(C.numpy(), [0.0], 64, out=out.numpy())
+    assert k == k_new == 0 and torch.equal(out, torch.from_numpy(L_new)) and torch.equal(torch.from_numpy(ret), out)
+    work = C.clone()
+    for bad in (torch.empty(300, 299, dtype=F64), torch.empty(300, 300), torch.empty(300, 300, dtype=F64).mT, work):
+        with pytest.raises((ValueError, TypeError)):
+            mod.cholesky_jittered(work.numpy(), [0.0], out=bad.numpy())
+    assert torch.equal(work, C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factorize_overwrite_c_leaves_c_usable_when_it_fails(backend):
+    """Bad input is refused before C is touched; an indefinite C (no jitter helps) comes back
+    exactly (it was symmetric); a C that cannot hold an fp64 factor is a typed error."""
+    d = 96
+    C = spd(d, seed=4).clone()
+    C[5, 5] = -C[5, 5]  # negative diagonal: rejected by the checks
+    before = C.clone()
+    with pytest.raises(NotPositiveDefiniteError):
+        pmsolve.factorize(C, backend=backend, overwrite_c=True)
+    assert torch.equal(C, before)
+    C = spd(d, seed=4).clone()
+    C[0, 1] = C[1, 0] = 10 * C.diagonal().mean()  # a 2 × 2 minor far from PSD: every jitter fails
+    before = C.clone()
+    with pytest.raises(NotPositiveDefiniteError, match="indefinite"):
+        pmsolve.factorize(C, backend=backend, overwrite_c=True)
+    assert torch.equal(C, before)
+    C[0, 1] = math.nan
+    with pytest.raises(InputError, match="NaN"):
+        pmsolve.factorize(C, backend=backend, overwrite_c=True)
+    before[0, 1] = 7.0
+    assert torch.equal(C.nan_to_num(nan=7.0), before)
+    for bad in (spd(d).float(), spd(d).mT, spd(d)[::2, ::2]):  # (spd is cached: these must stay intact)
+        with pytest.raises(InputError, match="overwrite_c"):
+            pmsolve.factorize(bad, backend=backend, overwrite_c=True)
 
 
 def _dup_keys(d: int, eps: float, consistent: bool):

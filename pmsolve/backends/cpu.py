@@ -42,7 +42,7 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cond_estimate", "pm_solve", "pm_whitened", "triangular_solve",
+    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cholesky_jittered_inplace", "cond_estimate", "pm_solve", "pm_whitened", "triangular_solve",
                 "blas_get_num_threads", "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
@@ -79,12 +79,22 @@ class CpuBackend:
             # bf16/fp16 -> fp32 is exact and half the size of an fp64 copy.
             C = C.to(torch.float32)
             extra = C.numel() * C.element_size()
-        # Any strides are fine: the kernel copies the lower triangle into L anyway.
-        L, k = self._C.cholesky_jittered(C.numpy(), [float(s) for s in shifts])
         d = C.shape[0]
+        # The factor lives in torch's memory rather than a fresh numpy array: torch's allocator
+        # asks for transparent huge pages, which made first-touching a d = 6400 factor 0.1 s
+        # instead of 0.5-1.5 s on the session-7 VM (bench/RESULTS.md).
+        L = torch.empty((d, d), dtype=torch.float64)
+        # Any strides are fine: the kernel copies the lower triangle into L anyway.
+        _, k = self._C.cholesky_jittered(C.numpy(), [float(s) for s in shifts], out=L.numpy())
         if k < 0:
             return CholeskyResult(None, -1, d * d * _F64 + extra)
-        return CholeskyResult(torch.from_numpy(L), k, d * d * _F64 + extra)
+        return CholeskyResult(L, k, d * d * _F64 + extra)
+
+    def cholesky_jittered_inplace(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
+        """As cholesky_jittered, in C's own storage (fp64, C-contiguous, on the CPU): no d × d buffer."""
+        self._sync_threads()
+        k = self._C.cholesky_jittered_inplace(C.detach().numpy(), [float(s) for s in shifts])
+        return CholeskyResult(C if k >= 0 else None, k, C.shape[0] * _F64)
 
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
         """DPOCON's estimate, computed by the same iteration on torch's (MKL's) triangular
