@@ -493,7 +493,7 @@ def with_prompt_preservation(factor: Factor, P: torch.Tensor, alpha: float) -> F
     C = L @ L.T
     P = P.to(C.device, torch.float64)
     C.addmm_(P.T, P, alpha=alpha / P.shape[0])
-    return factorize(C)
+    return factorize(C, overwrite_c=True)  # C is ours: no second d × d buffer
 
 
 def _sensitivity(factor: Factor, keys: torch.Tensor) -> float:

@@ -55,4 +55,5 @@ def factors_for(stats, layers: Sequence[int]) -> dict:
     edit batch then costs O(d²n) instead of refactoring C."""
     from ..solver import factorize
 
-    return {layer: factorize(stats.stats[layer].mean()) for layer in layers}
+    # mean() is a fresh tensor: factor it in place rather than beside a copy.
+    return {layer: factorize(stats.stats[layer].mean(), overwrite_c=True) for layer in layers}
