@@ -42,8 +42,8 @@ def blas_threads() -> int:
 class CpuBackend:
     name = "cpu"
 
-    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cholesky_jittered_inplace", "cond_estimate", "pm_solve", "pm_whitened", "triangular_solve",
-                "blas_get_num_threads", "blas_set_num_threads")
+    REQUIRED = ("symmetric_stats", "cholesky_jittered", "cholesky_jittered_inplace", "cond_estimate", "pm_solve",
+                "pm_whitened", "triangular_solve", "blas_get_num_threads", "blas_set_num_threads")
 
     def __init__(self, module: ModuleType) -> None:
         missing = [f for f in self.REQUIRED if not hasattr(module, f)]
