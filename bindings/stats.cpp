@@ -65,10 +65,19 @@ void merge(PyCovAccumulator& self, PyCovAccumulator& other) {
   self.acc.merge(other.acc);
 }
 
-py::array_t<double> square(int64_t d) { return py::array_t<double>({d, d}); }
+// A d × d fp64 result: `out` when given (C-contiguous, writeable; e.g. a torch tensor's memory,
+// which torch backs with huge pages), else a new array.
+py::array_t<double> square_result(int64_t d, const py::object& out) {
+  if (out.is_none()) return py::array_t<double>({d, d});
+  auto a = py::reinterpret_borrow<py::array>(out);
+  if (!a.dtype().is(py::dtype::of<double>())) throw py::type_error("out must be float64");
+  if (a.ndim() != 2 || a.shape(0) != d || a.shape(1) != d || !(a.flags() & py::array::c_style) || !a.writeable())
+    throw py::value_error("out must be a writeable C-contiguous d x d array, d = " + std::to_string(d));
+  return py::reinterpret_borrow<py::array_t<double>>(out);
+}
 
-py::array_t<double> second_moment_sum(PyCovAccumulator& self) {
-  auto out = square(self.acc.d());
+py::array_t<double> second_moment_sum(PyCovAccumulator& self, const py::object& out_arg) {
+  auto out = square_result(self.acc.d(), out_arg);
   double* p = out.mutable_data();
   py::gil_scoped_release nogil;
   std::lock_guard<std::mutex> lock(self.mu);
@@ -76,9 +85,9 @@ py::array_t<double> second_moment_sum(PyCovAccumulator& self) {
   return out;
 }
 
-py::array_t<double> centered_m2(PyCovAccumulator& self) {
+py::array_t<double> centered_m2(PyCovAccumulator& self, const py::object& out_arg) {
   if (!self.acc.centered()) throw py::value_error("this accumulator does not collect centred statistics");
-  auto out = square(self.acc.d());
+  auto out = square_result(self.acc.d(), out_arg);
   double* p = out.mutable_data();
   py::gil_scoped_release nogil;
   std::lock_guard<std::mutex> lock(self.mu);
@@ -122,8 +131,10 @@ void register_stats(py::module_& m) {
       .def("update", &update, py::arg("rows"), py::arg("format") = "f32",
            "Add T × d rows (float32, or raw bf16/f16 words as uint16 with format='bf16'/'f16')")
       .def("merge", &merge, py::arg("other"))
-      .def("second_moment_sum", &second_moment_sum, "Σ xxᵀ, full symmetric d × d fp64")
-      .def("centered_m2", &centered_m2, "Σ (x−μ)(x−μ)ᵀ, full symmetric d × d fp64 (centred mode)")
+      .def("second_moment_sum", &second_moment_sum, py::arg("out") = py::none(),
+           "Σ xxᵀ, full symmetric d × d fp64 (into `out` when given)")
+      .def("centered_m2", &centered_m2, py::arg("out") = py::none(),
+           "Σ (x−μ)(x−μ)ᵀ, full symmetric d × d fp64 (centred mode; into `out` when given)")
       .def("mean_vector", &mean_vector, "running mean (centred mode), else None")
       .def("set_state", &set_state, py::arg("count"), py::arg("matrix"), py::arg("mean") = py::none(),
            "matrix: Σxxᵀ (uncentred) or M2 (centred); lower triangle read")

@@ -170,6 +170,16 @@ def test_native_binding_checks():
         acc.update(np.zeros((2, 4), dtype=np.float32), "bf16")
     with pytest.raises(ValueError, match="centred state needs"):
         native().CovAccumulator(4, centered=True).set_state(1, np.eye(4))
+    # results into a given buffer: the same values as a new array; wrong buffers refused
+    rng = np.random.default_rng(0)
+    for centered, get in ((False, "second_moment_sum"), (True, "centered_m2")):
+        acc = native().CovAccumulator(4, centered=centered)
+        acc.update(rng.standard_normal((9, 4)).astype(np.float32))
+        out = np.full((4, 4), np.nan)
+        assert getattr(acc, get)(out=out) is not None and np.array_equal(out, getattr(acc, get)())
+        for bad in (np.zeros((4, 5)), np.zeros((4, 4), dtype=np.float32), np.zeros((4, 8))[:, ::2]):
+            with pytest.raises((ValueError, TypeError), match="out must"):
+                getattr(acc, get)(out=bad)
 
 
 def test_native_requested_but_missing(monkeypatch):

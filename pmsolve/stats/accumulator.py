@@ -117,9 +117,12 @@ class _NativeEngine:
         self.acc.merge(other)
 
     def state(self) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-        mat = self.acc.centered_m2() if self.centered else self.acc.second_moment_sum()
+        # Into torch's memory, not a new numpy array: torch asks for huge pages, which makes the
+        # first touch of a large d × d result several times cheaper on some VMs (bench/RESULTS.md).
+        mat = torch.empty((self.acc.d, self.acc.d), dtype=torch.float64)
+        (self.acc.centered_m2 if self.centered else self.acc.second_moment_sum)(out=mat.numpy())
         mean = self.acc.mean_vector()
-        return self.acc.count, torch.from_numpy(mat), None if mean is None else torch.from_numpy(mean)
+        return self.acc.count, mat, None if mean is None else torch.from_numpy(mean)
 
     def set_state(self, count: int, mat: torch.Tensor, mean: torch.Tensor | None) -> None:
         self.acc.set_state(count, _np(mat), None if mean is None else _np(mean))
