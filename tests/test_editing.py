@@ -54,6 +54,36 @@ def test_edit_then_restore_is_bit_exact(arch, tok):
     assert same_weights(m, snap)
 
 
+def test_user_statistics_are_left_intact_and_accumulators_factor_in_place(tok, monkeypatch):
+    """A C the user passes is read, never overwritten; an accumulator's fresh mean() is factored
+    in its own storage, with the same edit (bit for bit) as from the same C as a tensor."""
+    import pmsolve.editing.editor as editor
+    from pmsolve.stats import CovarianceAccumulator
+
+    calls = []
+    real = editor.factorize
+    monkeypatch.setattr(editor, "factorize", lambda C, **kw: calls.append(kw.get("overwrite_c")) or real(C, **kw))
+    m = model("llama", len(tok))
+    C = stats(m, tok, layers=[2])
+    before = C[2].clone()
+    snap = snapshot(m)
+    res = _edit(m, tok, C, method="emmet")
+    assert torch.equal(C[2], before)
+    W = {e.module: dict(m.named_parameters())[e.module + ".weight"].clone() for e in res.edits}
+    res.restore()
+    assert same_weights(m, snap)
+
+    class Exact(CovarianceAccumulator):  # mean() returns the very same C, as a fresh tensor
+        def mean(self):
+            return before.clone()
+
+    res = _edit(m, tok, {2: Exact(before.shape[0])}, method="emmet")
+    assert calls == [False, True]
+    for name, w in W.items():
+        assert torch.equal(dict(m.named_parameters())[name + ".weight"], w)
+    res.restore()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_equality_edit_maps_keys_to_values(arch, tok):
     """Single-layer EMMET: the rewrite module now sends k* to W0 k* + R exactly (fp32 rounding)."""

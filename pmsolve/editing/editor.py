@@ -168,7 +168,11 @@ def _factors(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str 
             raise CacheError(f"statistics for layer {layer} are {d}-dimensional but the rewrite module "
                              f"{adapter.rewrite_name(layer)} takes {adapter.d_in}-dimensional keys: "
                              "they belong to another model")
-        out[layer] = m if isinstance(m, Factor) else factorize(m)
+        if isinstance(m, Factor):
+            out[layer] = m
+        else:  # an accumulator's mean() is a fresh tensor of ours: factor it in place
+            ours = m is not obj and m.dtype == torch.float64 and m.is_contiguous()
+            out[layer] = factorize(m, overwrite_c=ours)
     return out
 
 
