@@ -1,10 +1,17 @@
-"""Times the CUDA backend against torch.linalg on one GPU, fp64 (DESIGN.md §2 sizes: d = 6400, n = 256).
+"""Times the CUDA backend against torch.linalg and the reference formulas on one GPU.
 
     PMSOLVE_NATIVE_LIB=build/cuda-gpu/lib/_C....so python bench/gpu_bench.py --out result.json
 
-Each figure is the median of --reps runs after one warm-up, the device synchronised
-around each run. The MEMIT reference formula solve(λC + KKᵀ, K) gives the same B as
-the PM solve with μ = λ (push-through identity), so its relative difference is reported too.
+Solver (fp64, issue 2's grid by default: d in {1536, 4096, 6400}, n in {1, 16, 256, 1024}):
+factorize (cuda backend vs torch.linalg.cholesky), pm solve (cuda vs torch backend), and the
+MEMIT reference formula solve(λC + KKᵀ, K), which gives the same B as the PM solve with μ = λ
+(push-through identity), so its relative difference is reported too.
+
+Statistics (--stats-d, --stats-tokens): CovarianceAccumulator on the GPU (fp32 chunk products
+into an fp64 master) against the reference code's `mom2 += aᵀa` in fp32, tokens/s and the
+relative error of each against an fp64 accumulation of the same fp32 rows.
+
+Each time is the median of --reps runs after one warm-up, the device synchronised around each.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import pmsolve
 from pmsolve._native import require_native
 from pmsolve.backends.cuda import CudaBackend
 from pmsolve.backends.torch_backend import TorchBackend
+from pmsolve.stats import CovarianceAccumulator
 
 
 def timed(fn: Callable[[], Any], reps: int) -> tuple[float, int, Any]:
@@ -30,6 +38,7 @@ def timed(fn: Callable[[], Any], reps: int) -> tuple[float, int, Any]:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    out = None
     for _ in range(reps):
         out = None  # so that the peak counts one result, not two
         torch.cuda.synchronize()
@@ -44,76 +53,135 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d", type=int, default=6400)
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--lam", type=float, default=15000.0)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
-    d, n, lam = args.d, args.n, args.lam
+def gemm_rate(d: int, reps: int) -> float:
+    """fp64 GFLOP/s of a d × d × d product on this GPU, the yardstick for factorize."""
+    a = torch.randn(d, d, dtype=torch.float64, device="cuda")
+    sec, _, _ = timed(lambda: a @ a, reps)
+    return 2 * d**3 / sec / 1e9
 
+
+def bench_solver(d: int, ns: list[int], lam: float, reps: int) -> dict[str, Any]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     X = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64, device=dev)
     C = X @ X.mT / X.shape[1]
     del X
-    K = torch.randn(d, n, generator=gen, dtype=torch.float64, device=dev)
-    R = torch.randn(d, n, generator=gen, dtype=torch.float64, device=dev)
     cuda, ref = CudaBackend(require_native()), TorchBackend()
-
     rows: dict[str, dict[str, float]] = {}
 
-    def record(name: str, fn: Callable[[], Any]) -> Any:
-        sec, peak, out = timed(fn, args.reps)
-        rows[name] = {"seconds": sec, "peak_bytes": peak}
+    def record(into: dict[str, dict[str, float]], name: str, fn: Callable[[], Any]) -> Any:
+        sec, peak, out = timed(fn, reps)
+        into[name] = {"seconds": sec, "peak_bytes": peak}
         return out
 
-    chol = record("factor: cuda backend (fill + cusolverDnXpotrf)", lambda: cuda.cholesky_jittered(C, [0.0]))
-    L_t = record("factor: torch.linalg.cholesky", lambda: torch.linalg.cholesky(C))
     flops = d**3 / 3
-    for name in list(rows):
+    chol = record(rows, "factor: cuda backend (fill + cusolverDnXpotrf)", lambda: cuda.cholesky_jittered(C, [0.0]))
+    L_t = record(rows, "factor: torch.linalg.cholesky", lambda: torch.linalg.cholesky(C))
+    record(rows, "factor: pmsolve.factorize(backend='cuda') (+ cond estimate)", lambda: pmsolve.factorize(C, backend="cuda"))
+    for name in rows:
         rows[name]["gflops"] = flops / rows[name]["seconds"] / 1e9
-
-    L = chol.L
-    sol = record("solve: cuda backend pm_solve", lambda: cuda.pm_solve(L, K, [lam], 1e12))
-    sol_t = record("solve: torch backend pm_solve", lambda: ref.pm_solve(L, K, [lam], 1e12))
-    B_ref = record("solve: MEMIT reference torch.linalg.solve(lam C + K K^T, K)",
-                   lambda: torch.linalg.solve(lam * C + K @ K.mT, K))
-
     factor = pmsolve.factorize(C, backend="cuda")
-    record("public: pmsolve.factorize(backend='cuda')", lambda: pmsolve.factorize(C, backend="cuda"))
-    record("public: pmsolve.factorize(backend='torch')", lambda: pmsolve.factorize(C, backend="torch"))
-    record("public: pmsolve.solve(memit, backend='cuda')",
-           lambda: pmsolve.solve(factor, K, R, method="memit", mu=lam, backend="cuda"))
-    record("public: pmsolve.solve(memit, backend='torch')",
-           lambda: pmsolve.solve(factor, K, R, method="memit", mu=lam, backend="torch"))
+    result: dict[str, Any] = {"d": d, "gemm_gflops": gemm_rate(d, reps), "timings": rows,
+                              "rel_diff": {"L cuda vs torch.linalg.cholesky": rel(chol.L, L_t)}, "solve": {}}
+    for n in ns:
+        K = torch.randn(d, n, generator=gen, dtype=torch.float64, device=dev)
+        R = torch.randn(d, n, generator=gen, dtype=torch.float64, device=dev)
+        srows: dict[str, dict[str, float]] = {}
+        sol = record(srows, "cuda backend pm_solve", lambda: cuda.pm_solve(chol.L, K, [lam], 1e12))
+        sol_t = record(srows, "torch backend pm_solve", lambda: ref.pm_solve(chol.L, K, [lam], 1e12))
+        B_ref = record(srows, "MEMIT reference solve(lam C + K K^T, K)", lambda: torch.linalg.solve(lam * C + K @ K.mT, K))
+        record(srows, "pmsolve.solve(memit, backend='cuda')",
+               lambda: pmsolve.solve(factor, K, R, method="memit", mu=lam, backend="cuda"))
+        result["solve"][str(n)] = {
+            "timings": srows,
+            "speedup_vs_memit_reference": srows["MEMIT reference solve(lam C + K K^T, K)"]["seconds"]
+            / srows["pmsolve.solve(memit, backend='cuda')"]["seconds"],
+            "rel_diff": {"B cuda vs torch backend": rel(sol.B, sol_t.B), "B cuda vs MEMIT reference": rel(sol.B, B_ref)},
+            "cond_G": sol.cond,
+        }
+    return result
 
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "d": d,
-        "n": n,
-        "lambda": lam,
-        "reps": args.reps,
-        "timings": rows,
-        "rel_diff": {
-            "L cuda vs torch.linalg.cholesky": rel(chol.L, L_t),
-            "B cuda vs torch backend": rel(sol.B, sol_t.B),
-            "B cuda vs MEMIT reference": rel(sol.B, B_ref),
-        },
-        "cond_G": sol.cond,
-        "mu_index": [sol.mu_index, sol_t.mu_index],
+
+def bench_stats(d: int, tokens: int, chunk: int, reps: int) -> dict[str, Any]:
+    """GPU statistics: pmsolve's accumulator vs the reference fp32 `mom2 += aᵀa`, against fp64."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    # Activations with a mean and a spread of scales, like an MLP input, so fp32 sums lose digits.
+    mean = torch.randn(d, generator=gen, device="cuda")
+    scale = torch.rand(d, generator=gen, device="cuda") * 2 + 0.1
+    chunks = [(torch.randn(chunk, d, generator=gen, device="cuda") * scale + mean) for _ in range(8)]
+    steps = tokens // chunk
+
+    def ours() -> torch.Tensor:
+        acc = CovarianceAccumulator(d)
+        for i in range(steps):
+            acc.update(chunks[i % len(chunks)])
+        return acc.sum()
+
+    def reference() -> torch.Tensor:
+        mom2 = torch.zeros(d, d, device="cuda")
+        for i in range(steps):
+            a = chunks[i % len(chunks)]
+            mom2 += a.T @ a
+        return mom2
+
+    def exact() -> torch.Tensor:
+        s = torch.zeros(d, d, dtype=torch.float64, device="cuda")
+        for i in range(steps):
+            a = chunks[i % len(chunks)].double()
+            s += a.T @ a
+        return s
+
+    t_ours, peak_ours, S = timed(ours, reps)
+    t_ref, peak_ref, S_ref = timed(reference, reps)
+    truth = exact()
+    return {
+        "d": d, "tokens": steps * chunk, "chunk_rows": chunk,
+        "tokens_per_s": {"pmsolve CovarianceAccumulator (cuda)": steps * chunk / t_ours,
+                         "reference mom2 += a^T a (fp32)": steps * chunk / t_ref},
+        "peak_bytes": {"pmsolve": peak_ours, "reference": peak_ref},
+        "rel_err_vs_fp64": {"pmsolve": rel(S.double(), truth), "reference": rel(S_ref.double(), truth)},
     }
-    width = max(map(len, rows))
-    print(f"{result['device']}, torch {result['torch']} (CUDA {result['torch_cuda']}), fp64, d={d}, n={n}")
-    for name, r in rows.items():
-        extra = f"  {r['gflops']:8.1f} GFLOP/s" if "gflops" in r else ""
-        print(f"  {name:<{width}}  {r['seconds'] * 1e3:9.2f} ms  peak {r['peak_bytes'] / 2**20:8.1f} MiB{extra}")
-    for name, v in result["rel_diff"].items():
-        print(f"  rel diff {name}: {v:.2e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d", type=int, nargs="+", default=[1536, 4096, 6400])
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 16, 256, 1024])
+    ap.add_argument("--lam", type=float, default=15000.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stats-d", type=int, nargs="*", default=[1536, 6400])
+    ap.add_argument("--stats-tokens", type=int, default=4_000_000)
+    ap.add_argument("--stats-chunk", type=int, default=8192)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "torch_cuda": torch.version.cuda, "lambda": args.lam, "reps": args.reps,
+                              "solver": [], "stats": []}
+    print(f"{result['device']}, torch {result['torch']} (CUDA {result['torch_cuda']}), median of {args.reps}")
+    for d in args.d:
+        r = bench_solver(d, [n for n in args.n if n <= d], args.lam, args.reps)
+        result["solver"].append(r)
+        print(f"\nfp64 d = {d}: dgemm {r['gemm_gflops']:.0f} GFLOP/s")
+        for name, t in r["timings"].items():
+            print(f"  {name:<62} {t['seconds'] * 1e3:9.2f} ms  {t['gflops']:8.1f} GFLOP/s "
+                  f"({t['gflops'] / r['gemm_gflops']:.0%} of dgemm)  peak {t['peak_bytes'] / 2**20:8.1f} MiB")
+        print(f"  rel diff L vs torch: {r['rel_diff']['L cuda vs torch.linalg.cholesky']:.1e}")
+        for n, s in r["solve"].items():
+            print(f"  n = {n}: {s['speedup_vs_memit_reference']:.1f}x the MEMIT reference; cond(G+mu I) {s['cond_G']:.1e}; "
+                  + "; ".join(f"{k} {v:.1e}" for k, v in s["rel_diff"].items()))
+            for name, t in s["timings"].items():
+                print(f"    {name:<48} {t['seconds'] * 1e3:9.3f} ms  peak {t['peak_bytes'] / 2**20:8.1f} MiB")
+        if args.out:  # partial results survive a time-out
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=2)
+    for d in args.stats_d:
+        s = bench_stats(d, args.stats_tokens, args.stats_chunk, max(1, args.reps // 2))
+        result["stats"].append(s)
+        print(f"\nstatistics d = {d}, {s['tokens']} tokens (fp32 rows):")
+        for name, v in s["tokens_per_s"].items():
+            print(f"  {name:<40} {v / 1e6:8.2f} M tokens/s")
+        print("  rel err vs fp64: " + ", ".join(f"{k} {v:.1e}" for k, v in s["rel_err_vs_fp64"].items()))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend's check on a GPU machine, in one command of under 5 minutes:
-# build pmsolve._C with CUDA, run tests/test_cuda.py, run its quick tests under
-# compute-sanitizer, time factorize/solve at d = 6400, n = 256 against torch.linalg.
+# build pmsolve._C with CUDA, run tests/test_cuda.py and tests/test_gpu_pipeline.py, run
+# the quick CUDA tests under compute-sanitizer, time factorize/solve on issue 2's grid
+# against torch.linalg and the MEMIT formula, and the statistics accumulator on the GPU.
 # Everything it prints also goes to $OUT (bench/README-GPU.md says how to run it).
 #
 #   bench/gpu_check.sh --fetch   # here, with network: the one wheel the GPU image lacks
@@ -49,16 +50,17 @@ main() {
   PMSOLVE_NATIVE_LIB=$(ls "$PWD"/build/cuda-gpu/lib/_C*.so)
   export PMSOLVE_NATIVE_LIB
 
-  step "tests/test_cuda.py"
-  "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" || status=1
+  step "tests/test_cuda.py tests/test_gpu_pipeline.py"
+  "$PY" -m pytest tests/test_cuda.py tests/test_gpu_pipeline.py -q -rs -s -p no:cacheprovider \
+    --junitxml="$OUT/test_cuda.xml" || status=1
 
   step "compute-sanitizer memcheck (quick tests; torch's caching allocator off so overruns reach memcheck)"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "dead_units or repeated_keys or indefinite or argument_checks"
   rc=$?
   case $rc in 0) echo "memcheck: clean" ;; 124) echo "memcheck: TIMED OUT (not a failure of the code)" ;; *) echo "memcheck: FAILED (rc $rc)"; status=1 ;; esac
 
-  step "bench: d = 6400, n = 256, fp64"
+  step "bench: solver fp64 d in {1536, 4096, 6400} x n in {1, 16, 256, 1024}; GPU statistics d in {1536, 6400}"
   "$PY" bench/gpu_bench.py --out "$OUT/gpu_bench.json" || status=1
 
   step "done: $([ $status = 0 ] && echo OK || echo FAILURES)"
