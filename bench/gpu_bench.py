@@ -60,6 +60,32 @@ def gemm_rate(d: int, reps: int) -> float:
     return 2 * d**3 / sec / 1e9
 
 
+def potrf_fill_modes(C: torch.Tensor, reps: int) -> dict[str, Any]:
+    """cuSOLVER's dpotrf on the lower vs the upper triangle (column-major), through CuPy's
+    bindings (in the GPU image, not a pmsolve dependency): our backend factors the upper
+    one, torch.linalg.cholesky the lower one. Each time includes a d × d copy (~0.15 ms)."""
+    try:
+        from cupy.cuda import device
+        from cupy_backends.cuda.libs import cusolver
+
+        handle, d, out = device.get_cusolver_handle(), C.shape[0], {}
+        for name, uplo in (("lower", 0), ("upper", 1)):  # cublasFillMode_t
+            A = C.clone()
+            lwork = cusolver.dpotrf_bufferSize(handle, uplo, d, A.data_ptr(), d)
+            work = torch.empty(max(1, lwork), dtype=torch.float64, device=C.device)
+            info = torch.zeros(1, dtype=torch.int32, device=C.device)
+
+            def run(A=A, uplo=uplo, lwork=lwork, work=work, info=info) -> None:
+                A.copy_(C)
+                cusolver.dpotrf(handle, uplo, d, A.data_ptr(), d, work.data_ptr(), lwork, info.data_ptr())
+
+            out[f"dpotrf {name} seconds"] = timed(run, reps)[0]
+            out[f"dpotrf {name} info"] = int(info.item())
+        return out
+    except Exception as exc:  # an experiment: report, never fail the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def bench_solver(d: int, ns: list[int], lam: float, reps: int) -> dict[str, Any]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -82,6 +108,7 @@ def bench_solver(d: int, ns: list[int], lam: float, reps: int) -> dict[str, Any]
         rows[name]["gflops"] = flops / rows[name]["seconds"] / 1e9
     factor = pmsolve.factorize(C, backend="cuda")
     result: dict[str, Any] = {"d": d, "gemm_gflops": gemm_rate(d, reps), "timings": rows,
+                              "potrf_fill_modes": potrf_fill_modes(C, reps),
                               "rel_diff": {"L cuda vs torch.linalg.cholesky": rel(chol.L, L_t)}, "solve": {}}
     for n in ns:
         K = torch.randn(d, n, generator=gen, dtype=torch.float64, device=dev)
@@ -102,13 +129,16 @@ def bench_solver(d: int, ns: list[int], lam: float, reps: int) -> dict[str, Any]
     return result
 
 
-def bench_stats(d: int, tokens: int, chunk: int, reps: int) -> dict[str, Any]:
-    """GPU statistics: pmsolve's accumulator vs the reference fp32 `mom2 += aᵀa`, against fp64."""
+def bench_stats(d: int, tokens: int, chunk: int, reps: int, dtype: torch.dtype) -> dict[str, Any]:
+    """GPU statistics: pmsolve's accumulator vs the reference fp32 `mom2 += aᵀa`, against fp64.
+
+    Rows in ``dtype`` (as a model running in that dtype hands them over); the reference
+    upcasts them to fp32 first, as the reference code does."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     # Activations with a mean and a spread of scales, like an MLP input, so fp32 sums lose digits.
     mean = torch.randn(d, generator=gen, device="cuda")
     scale = torch.rand(d, generator=gen, device="cuda") * 2 + 0.1
-    chunks = [(torch.randn(chunk, d, generator=gen, device="cuda") * scale + mean) for _ in range(8)]
+    chunks = [(torch.randn(chunk, d, generator=gen, device="cuda") * scale + mean).to(dtype) for _ in range(8)]
     steps = tokens // chunk
 
     def ours() -> torch.Tensor:
@@ -120,7 +150,7 @@ def bench_stats(d: int, tokens: int, chunk: int, reps: int) -> dict[str, Any]:
     def reference() -> torch.Tensor:
         mom2 = torch.zeros(d, d, device="cuda")
         for i in range(steps):
-            a = chunks[i % len(chunks)]
+            a = chunks[i % len(chunks)].float()
             mom2 += a.T @ a
         return mom2
 
@@ -135,7 +165,7 @@ def bench_stats(d: int, tokens: int, chunk: int, reps: int) -> dict[str, Any]:
     t_ref, peak_ref, S_ref = timed(reference, reps)
     truth = exact()
     return {
-        "d": d, "tokens": steps * chunk, "chunk_rows": chunk,
+        "d": d, "rows_dtype": str(dtype).removeprefix("torch."), "tokens": steps * chunk, "chunk_rows": chunk,
         "tokens_per_s": {"pmsolve CovarianceAccumulator (cuda)": steps * chunk / t_ours,
                          "reference mom2 += a^T a (fp32)": steps * chunk / t_ref},
         "peak_bytes": {"pmsolve": peak_ours, "reference": peak_ref},
@@ -167,6 +197,7 @@ def main() -> None:
             print(f"  {name:<62} {t['seconds'] * 1e3:9.2f} ms  {t['gflops']:8.1f} GFLOP/s "
                   f"({t['gflops'] / r['gemm_gflops']:.0%} of dgemm)  peak {t['peak_bytes'] / 2**20:8.1f} MiB")
         print(f"  rel diff L vs torch: {r['rel_diff']['L cuda vs torch.linalg.cholesky']:.1e}")
+        print(f"  cuSOLVER dpotrf by fill mode (CuPy): {r['potrf_fill_modes']}")
         for n, s in r["solve"].items():
             print(f"  n = {n}: {s['speedup_vs_memit_reference']:.1f}x the MEMIT reference; cond(G+mu I) {s['cond_G']:.1e}; "
                   + "; ".join(f"{k} {v:.1e}" for k, v in s["rel_diff"].items()))
@@ -176,12 +207,13 @@ def main() -> None:
             with open(args.out, "w") as fh:
                 json.dump(result, fh, indent=2)
     for d in args.stats_d:
-        s = bench_stats(d, args.stats_tokens, args.stats_chunk, max(1, args.reps // 2))
-        result["stats"].append(s)
-        print(f"\nstatistics d = {d}, {s['tokens']} tokens (fp32 rows):")
-        for name, v in s["tokens_per_s"].items():
-            print(f"  {name:<40} {v / 1e6:8.2f} M tokens/s")
-        print("  rel err vs fp64: " + ", ".join(f"{k} {v:.1e}" for k, v in s["rel_err_vs_fp64"].items()))
+        for dtype in (torch.float32, torch.bfloat16):
+            s = bench_stats(d, args.stats_tokens, args.stats_chunk, max(1, args.reps // 2), dtype)
+            result["stats"].append(s)
+            print(f"\nstatistics d = {d}, {s['tokens']} tokens ({s['rows_dtype']} rows):")
+            for name, v in s["tokens_per_s"].items():
+                print(f"  {name:<40} {v / 1e6:8.2f} M tokens/s")
+            print("  rel err vs fp64: " + ", ".join(f"{k} {v:.1e}" for k, v in s["rel_err_vs_fp64"].items()))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

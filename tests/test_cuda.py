@@ -139,7 +139,7 @@ def test_cond_estimate_matches_torch(cuda_backend, gpu_only):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,n", [(8, 1), (256, 1), (256, 16), (1024, 128)])
+@pytest.mark.parametrize("d,n", [(8, 1), (256, 1), (256, 16), (1024, 128), (2048, 1), (2048, 2)])
 def test_pm_solve_matches_torch(cuda_backend, gpu_only, d, n):
     C = spd(d, gpu_only)
     L = torch.linalg.cholesky(C)

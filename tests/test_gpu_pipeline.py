@@ -1,4 +1,5 @@
-"""The editing pipeline with the model on a CUDA device: statistics, keys, v*, solve, apply.
+"""The editing pipeline with the model on a CUDA device: statistics, keys, v*, solve, apply;
+the statistics accumulator's tensor-core path for bf16/fp16 rows.
 
 Everything else tests these stages on CPU tensors; here the same model is edited on
 the GPU and on the CPU and the two are compared. Skips where torch sees no CUDA device.
@@ -17,7 +18,7 @@ from editing_fixtures import ARCHS, CORPUS, REQUESTS, model, same_weights, snaps
 from pmsolve.editing import ValueConfig, load_requests
 from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
 from pmsolve.models.adapters import adapter_for
-from pmsolve.stats import collect_stats
+from pmsolve.stats import CovarianceAccumulator, collect_stats
 
 FAST = ValueConfig(steps=4)  # autocast "auto": bf16 on a GPU with fast bf16
 FAST_FP32 = ValueConfig(steps=4, autocast=None)  # the same arithmetic on both devices
@@ -100,3 +101,24 @@ def test_collect_stats_on_cuda_matches_cpu(tok, gpu_only, tmp_path):
         assert C_gpu.device == gpu_only
         # Same tokens; fp32 activations differ between devices by ~1e-6 relative.
         assert rel(C_gpu.cpu(), C_cpu) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rows_on_cuda_are_as_accurate_as_fp32(dtype, gpu_only):
+    """bf16/fp16 rows go to cuBLAS unconverted with an fp32 result; by the flash-attention
+    rule, that path's error against fp64 stays within a small multiple of the fp32 path's
+    error on the same rows (products are exact in fp32, both sum in fp32)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    d, rows = 512, 40_000
+    scale, mean = torch.rand(d, generator=g) * 2 + 0.1, torch.randn(d, generator=g)
+    x = (torch.randn(rows, d, generator=g) * scale + mean).to(dtype).to(gpu_only)
+    truth = x.double().mT @ x.double()
+    fast, ref = CovarianceAccumulator(d), CovarianceAccumulator(d)
+    fast.update(x)
+    ref.update(x.float())
+    assert fast._engine._low_precision_gram(x)  # the path under test really ran
+    assert fast.count == ref.count == rows
+    e_fast, e_ref = rel(fast.sum(), truth), rel(ref.sum(), truth)
+    print(f"{dtype}: rel err vs fp64 {e_fast:.1e} (fp32 path {e_ref:.1e})")
+    assert e_fast <= 4 * e_ref and e_fast < 1e-6

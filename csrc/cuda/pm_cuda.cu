@@ -251,6 +251,24 @@ bool potrf(Session& s, double* A, int64_t n, const Workspace& ws, std::vector<ch
   return info == 0;
 }
 
+// Xc ← Xc op(U)⁻¹ for the n × d column-major Xc (ld n) and the d × d upper U.
+// A single row is a vector: x op(U)⁻¹ = (op(U)⁻ᵀ xᵀ)ᵀ, one trsv with the other op.
+// cuBLAS's right-sided trsm with one row took ~3 ms at d = 6400 on an H200, its
+// trsv ~0.5 ms (bench/RESULTS.md, session 8); both are latency-bound there.
+void solve_right(Session& s, const double* U, int64_t d, double* Xc, int64_t n, cublasOperation_t op,
+                 const char* what) {
+  if (n == 1) {
+    check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, op == CUBLAS_OP_N ? CUBLAS_OP_T : CUBLAS_OP_N,
+                         CUBLAS_DIAG_NON_UNIT, d, U, d, Xc, 1),
+          (std::string("cublasDtrsv_64(") + what + ")").c_str());
+    return;
+  }
+  const double one = 1.0;
+  check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, op, CUBLAS_DIAG_NON_UNIT, n, d, &one, U,
+                       d, Xc, n),
+        (std::string("cublasDtrsm_64(") + what + ")").c_str());
+}
+
 // 1 / DPOCON's rcond = (1/‖A⁻¹‖₁)/‖A‖₁, with its convention that rcond = 0 means inf.
 double reciprocal_cond(double ainv_norm, double anorm) {
   if (ainv_norm == 0.0) return std::numeric_limits<double>::infinity();
@@ -417,9 +435,7 @@ PMResult pm_solve(const PMParams& p) {
 
   // Zc = Kc U⁻¹ (that is Z = L⁻¹K): one right-sided triangular solve on a copy of K.
   check(cudaMemcpyAsync(p.Z, p.K, dn_bytes, cudaMemcpyDeviceToDevice, s.stream), "cudaMemcpyAsync(Z <- K)");
-  check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, d,
-                       &one, p.L, d, p.Z, n),
-        "cublasDtrsm_64(Z = L^-1 K)");
+  solve_right(s, p.L, d, p.Z, n, CUBLAS_OP_N, "Z = L^-1 K");
   // G = Zc Zcᵀ = ZᵀZ: a symmetric rank-d product (PSD by construction), mirrored so both triangles hold it.
   check(cublasDsyrk_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, n, d, &one, p.Z, n, &zero, p.G, n),
         "cublasDsyrk_64(G = Z^T Z)");
@@ -451,9 +467,7 @@ PMResult pm_solve(const PMParams& p) {
     check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n, d,
                          &one, p.M, n, p.B, n),
           "cublasDtrsm_64(M^-T M^-1 Z^T)");
-    check(cublasDtrsm_64(s.h.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT, n, d,
-                         &one, p.L, d, p.B, n),
-          "cublasDtrsm_64(B = L^-T ...)");
+    solve_right(s, p.L, d, p.B, n, CUBLAS_OP_T, "B = L^-T ...");
     return {static_cast<int64_t>(i), cond};
   }
   return {-1, std::numeric_limits<double>::infinity()};
