@@ -9,7 +9,8 @@ MEMIT reference formula solve(λC + KKᵀ, K), which gives the same B as the PM 
 
 Statistics (--stats-d, --stats-tokens): CovarianceAccumulator on the GPU (fp32 chunk products
 into an fp64 master) against the reference code's `mom2 += aᵀa` in fp32, tokens/s and the
-relative error of each against an fp64 accumulation of the same fp32 rows.
+relative error of each against an fp64 accumulation of the same rows (fp32 and bf16 rows);
+and an experiment: bf16 rows multiplied as they are on the tensor cores.
 
 Each time is the median of --reps runs after one warm-up, the device synchronised around each.
 """
@@ -173,6 +174,37 @@ def bench_stats(d: int, tokens: int, chunk: int, reps: int, dtype: torch.dtype) 
     }
 
 
+def bf16_gram_experiment(d: int, tokens: int, reps: int) -> dict[str, Any]:
+    """bf16 rows multiplied as they are, torch.mm(aᵀ, a, out_dtype=float32) on the tensor
+    cores, each product added into an fp64 sum: error against fp64 and tokens/s by rows per
+    product. Not a pmsolve path (the accumulator upcasts): the measurement behind that choice."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    mean = torch.randn(d, generator=gen, device="cuda")
+    scale = torch.rand(d, generator=gen, device="cuda") * 2 + 0.1
+    rows = 8192
+    chunks = [(torch.randn(rows, d, generator=gen, device="cuda") * scale + mean).bfloat16() for _ in range(4)]
+    steps = max(1, tokens // rows)
+    truth = torch.zeros(d, d, dtype=torch.float64, device="cuda")
+    for i in range(steps):
+        a = chunks[i % len(chunks)].double()
+        truth += a.T @ a
+    out: dict[str, Any] = {"d": d, "tokens": steps * rows}
+    for k in (256, 2048, 8192):
+        def run(k: int = k) -> torch.Tensor:
+            acc = torch.zeros(d, d, dtype=torch.float64, device="cuda")
+            for i in range(steps):
+                a = chunks[i % len(chunks)]
+                for j in range(0, rows, k):
+                    acc += torch.mm(a[j : j + k].mT, a[j : j + k], torch.float32)
+            return acc
+        try:
+            sec, _, S = timed(run, reps)
+            out[f"rows per product {k}"] = {"tokens_per_s": steps * rows / sec, "rel_err_vs_fp64": rel(S, truth)}
+        except Exception as exc:  # an experiment: report, never fail the benchmark
+            out[f"rows per product {k}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, nargs="+", default=[1536, 4096, 6400])
@@ -214,6 +246,9 @@ def main() -> None:
             for name, v in s["tokens_per_s"].items():
                 print(f"  {name:<40} {v / 1e6:8.2f} M tokens/s")
             print("  rel err vs fp64: " + ", ".join(f"{k} {v:.1e}" for k, v in s["rel_err_vs_fp64"].items()))
+        x = bf16_gram_experiment(d, args.stats_tokens // 4, max(1, args.reps // 2))
+        result.setdefault("bf16_gram_experiment", []).append(x)
+        print(f"\nexperiment, d = {d}: bf16 rows on the tensor cores, fp32 products folded into fp64: {x}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

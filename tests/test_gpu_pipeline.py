@@ -1,5 +1,5 @@
 """The editing pipeline with the model on a CUDA device: statistics, keys, v*, solve, apply;
-the statistics accumulator's tensor-core path for bf16/fp16 rows.
+the statistics accumulator's accuracy on bf16/fp16 rows there.
 
 Everything else tests these stages on CPU tensors; here the same model is edited on
 the GPU and on the CPU and the two are compared. Skips where torch sees no CUDA device.
@@ -106,9 +106,10 @@ def test_collect_stats_on_cuda_matches_cpu(tok, gpu_only, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_rows_on_cuda_are_as_accurate_as_fp32(dtype, gpu_only):
-    """bf16/fp16 rows go to cuBLAS unconverted with an fp32 result; by the flash-attention
-    rule, that path's error against fp64 stays within a small multiple of the fp32 path's
-    error on the same rows (products are exact in fp32, both sum in fp32)."""
+    """bf16/fp16 rows on a GPU keep the fp32 product's accuracy (flash-attention's rule: the
+    error against fp64 within a small multiple of the fp32 path's on the same rows). A
+    tensor-core product of the rows as they are, with an fp32 result, failed this on an
+    H200 (7e-6 vs 5e-8), which is why the accumulator upcasts them first."""
     g = torch.Generator(device="cpu").manual_seed(0)
     d, rows = 512, 40_000
     scale, mean = torch.rand(d, generator=g) * 2 + 0.1, torch.randn(d, generator=g)
@@ -117,7 +118,6 @@ def test_low_precision_rows_on_cuda_are_as_accurate_as_fp32(dtype, gpu_only):
     fast, ref = CovarianceAccumulator(d), CovarianceAccumulator(d)
     fast.update(x)
     ref.update(x.float())
-    assert fast._engine._low_precision_gram(x)  # the path under test really ran
     assert fast.count == ref.count == rows
     e_fast, e_ref = rel(fast.sum(), truth), rel(ref.sum(), truth)
     print(f"{dtype}: rel err vs fp64 {e_fast:.1e} (fp32 path {e_ref:.1e})")

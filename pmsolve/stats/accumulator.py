@@ -5,10 +5,7 @@ Two engines compute the same thing:
 - native (``pmsolve._C.CovAccumulator``, CPU): per-chunk ``ssyrk`` of one triangle
   in fp32 (or ``dsyrk``), added into an fp64 master;
 - torch (any device, the fallback and the test oracle): per-chunk fp32 (or fp64)
-  product added into an fp64 master on the tensor's device. bf16/fp16 rows on a
-  CUDA device go to cuBLAS as they are, with an fp32 result (``torch.mm(..., out_dtype)``):
-  their products are exact in fp32 and the GEMM accumulates in fp32, so this is the
-  fp32 product's accuracy at the tensor cores' rate.
+  product added into an fp64 master on the tensor's device.
 
 Either way the fp32 rounding error is that of one chunk and does not grow with
 the token count (the reference's fp32 running sum does). Centred statistics keep
@@ -31,21 +28,6 @@ _PRODUCT_DTYPES = ("fp32", "fp64")
 TORCH_CHUNK_ROWS = 4096
 
 
-_MM_OUT_DTYPE: bool | None = None
-
-
-def _mm_out_dtype_works() -> bool:
-    """torch.mm(a, b, out_dtype) with bf16 inputs and an fp32 result (CUDA, torch >= 2.8)."""
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE is None:
-        try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
-            _MM_OUT_DTYPE = torch.mm(a, a, torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-    return _MM_OUT_DTYPE
-
-
 class _TorchEngine:
     """fp32 (or fp64) product per chunk, fp64 master; full GEMM (torch has no syrk)."""
 
@@ -61,25 +43,18 @@ class _TorchEngine:
         if not bool(torch.isfinite(x).all()):
             row = int((~torch.isfinite(x)).any(1).nonzero()[0])
             raise InputError(f"keys contain NaN or Inf (row {row} of {x.shape[0]})")
-        x = x.to(self.mat.device)
-        if not self._low_precision_gram(x):
-            x = x.to(torch.float32)
+        # bf16/fp16 rows are upcast before the product, on a GPU too: cuBLAS's bf16 GEMM
+        # with an fp32 result (tensor cores) ran 8x faster on an H200 but its error against
+        # fp64 was 7e-6, against 3e-8 for this fp32 product (bench/RESULTS.md, session 8).
+        x = x.to(self.mat.device, torch.float32)
         for i in range(0, x.shape[0], self.chunk_rows):
             self._chunk(x[i : i + self.chunk_rows])
-
-    def _low_precision_gram(self, x: torch.Tensor) -> bool:
-        """Whether aᵀa of these rows may run in their own bf16/fp16 with an fp32 result."""
-        return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda"
-                and not self.fp64 and not self.centered and _mm_out_dtype_works())
 
     def _chunk(self, a: torch.Tensor) -> None:
         work = torch.float64 if self.fp64 else torch.float32
         if not self.centered:
-            if a.dtype in (torch.bfloat16, torch.float16):
-                self.mat += torch.mm(a.mT, a, torch.float32)  # exact products, fp32 sums (see the module doc)
-            else:
-                a = a.to(work)
-                self.mat += (a.mT @ a).to(torch.float64)
+            a = a.to(work)
+            self.mat += (a.mT @ a).to(torch.float64)
             self.count += a.shape[0]
             return
         # Centre on the chunk's own fp64 mean, round once, then merge (same as csrc/accumulate.cpp).
