@@ -274,17 +274,6 @@ def test_native_argument_checks(cuda_backend, gpu_only):
         with pytest.raises(ValueError, match=message):
             C_mod.cuda_cholesky_jittered(**{**args, **override})
 
-    X = torch.ones(8, 32, device=gpu_only)
-    G = torch.empty(32, 32, device=gpu_only)
-    gram = dict(device=dev, stream=stream, X=X.data_ptr(), rows=8, d=32, G=G.data_ptr())
-    C_mod.cuda_gram_f32(**gram)
-    assert torch.equal(G, torch.full_like(G, 8.0))
-    for override, message in [(dict(X=host.data_ptr()), "X is not CUDA device memory|X is not a CUDA pointer"),
-                              (dict(G=G.data_ptr() + 2), "G is not aligned"), (dict(rows=0), "rows must be positive"),
-                              (dict(d=-1), "d must be positive")]:
-        with pytest.raises(ValueError, match=message):
-            C_mod.cuda_gram_f32(**{**gram, **override})
-
 
 def test_module_without_cuda_is_unavailable():
     with pytest.raises(BackendUnavailableError, match="built without CUDA"):

@@ -141,18 +141,4 @@ void register_cuda(py::module_& m) {
       py::arg("work_bytes"),
       "Z = L⁻¹K, G = ZᵀZ, the first mu with chol(G + mu I) = M Mᵀ and cond <= max_cond, B = L⁻ᵀ Z M⁻ᵀ M⁻¹; "
       "returns (mu_index, cond)");
-
-  m.def(
-      "cuda_gram_f32",
-      [](int device, uintptr_t stream, uintptr_t X, int64_t rows, int64_t d, uintptr_t G) {
-        const pc::Context ctx = context(device, stream);
-        positive(rows, "rows");
-        positive(d, "d");
-        on_device(X, ctx, sizeof(float), "X");
-        on_device(G, ctx, sizeof(float), "G");
-        py::gil_scoped_release nogil;
-        pc::gram_f32({ctx, static_cast<const float*>(ptr(X)), rows, d, static_cast<float*>(ptr(G))});
-      },
-      py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("rows"), py::arg("d"), py::arg("G"),
-      "G = Xᵀ X (fp32, both triangles) for the row-major rows × d X, by cublasSsyrk");
 }

@@ -242,8 +242,7 @@ __global__ void lower_to_row_major(double* A, int64_t n) {
 }
 
 // Copies the upper triangle of A onto its lower triangle (syrk fills one).
-template <typename T>
-__global__ void mirror_upper(T* A, int64_t n) {
+__global__ void mirror_upper(double* A, int64_t n) {
   PM_MATRIX_STRIDE(r, c, n) {
     if (r > c) A[r + c * n] = A[c + r * n];
   }
@@ -526,17 +525,6 @@ PMResult pm_solve(const PMParams& p) {
     return {static_cast<int64_t>(i), cond};
   }
   return {-1, std::numeric_limits<double>::infinity()};
-}
-
-void gram_f32(const GramParams& p) {
-  Session s(p.ctx);
-  const float one = 1.0f, zero = 0.0f;
-  // Read column-major, X is d × rows (ld d), so Xᵀ X (row-major terms) is X Xᵀ here.
-  // The handle's default math mode keeps this in true fp32 (no TF32).
-  check(cublasSsyrk_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, p.d, p.rows, &one, p.X, p.d, &zero, p.G, p.d),
-        "cublasSsyrk_64(G = X^T X)");
-  mirror_upper<<<matrix_grid(p.d), kThreads, 0, s.stream>>>(p.G, p.d);
-  check_launch("mirror_upper");
 }
 
 }  // namespace pmsolve::cuda

@@ -3,9 +3,8 @@
 // Every matrix is a contiguous row-major torch tensor, passed as a raw device
 // pointer. Read column-major (as cuBLAS does), a row-major lower triangle is
 // an upper triangle of the same memory, so "lower factor L with A = L Lᵀ" in
-// torch terms is cuSOLVER's uplo=UPPER factor U = Lᵀ with A = Uᵀ U. Only the
-// d × d factorisation transposes (in place, tiled): cuSOLVER's potrf is faster
-// on the column-major lower triangle.
+// torch terms is cuSOLVER's uplo=UPPER factor U = Lᵀ with A = Uᵀ U, and no
+// transpose is ever materialised.
 //
 // Workspaces are allocated by the caller (torch's caching allocator on the
 // Python side) with the sizes the *_workspace_bytes functions return. Work is
@@ -66,21 +65,11 @@ struct PMResult {
   double cond;       // 1-norm condition estimate of G + mu I (inf on failure)
 };
 
-struct GramParams {
-  Context ctx;
-  const float* X;  // rows × d, row-major
-  int64_t rows, d;
-  float* G;  // d × d out: Xᵀ X, both triangles
-};
-
 // Index of the shift that factored, or -1 when every one failed.
 int64_t cholesky_jittered(const CholeskyParams& p);
 // Hager/Higham 1-norm condition estimate, the same iteration as the torch backend's.
 double cond_estimate(const CondParams& p);
 PMResult pm_solve(const PMParams& p);
-// G = Xᵀ X in fp32 by one syrk (half a GEMM's flops), mirrored into both triangles:
-// the statistics accumulator's per-chunk product on a GPU.
-void gram_f32(const GramParams& p);
 
 size_t cholesky_workspace_bytes(const Context& ctx, int64_t d);
 size_t cond_workspace_bytes(int64_t n);

@@ -5,9 +5,7 @@ Two engines compute the same thing:
 - native (``pmsolve._C.CovAccumulator``, CPU): per-chunk ``ssyrk`` of one triangle
   in fp32 (or ``dsyrk``), added into an fp64 master;
 - torch (any device, the fallback and the test oracle): per-chunk fp32 (or fp64)
-  product added into an fp64 master on the tensor's device. On a GPU, with
-  backend "auto" and a CUDA build of ``pmsolve._C``, the fp32 product is one
-  ``cublasSsyrk`` (half the flops of torch's full GEMM; torch has no syrk).
+  product added into an fp64 master on the tensor's device.
 
 Either way the fp32 rounding error is that of one chunk and does not grow with
 the token count (the reference's fp32 running sum does). Centred statistics keep
@@ -17,7 +15,7 @@ the token count (the reference's fp32 running sum does). Centred statistics keep
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -35,10 +33,8 @@ class _TorchEngine:
 
     name = "torch"
 
-    def __init__(self, d: int, fp64: bool, centered: bool, device: torch.device, chunk_rows: int,
-                 cuda_gram: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, d: int, fp64: bool, centered: bool, device: torch.device, chunk_rows: int) -> None:
         self.d, self.fp64, self.centered, self.chunk_rows = d, fp64, centered, chunk_rows
-        self.cuda_gram, self._gram_buf = cuda_gram, None
         self.count = 0
         self.mat = torch.zeros(d, d, dtype=torch.float64, device=device)  # Σxxᵀ, or M2 when centred
         self.mean = torch.zeros(d, dtype=torch.float64, device=device) if centered else None
@@ -57,21 +53,14 @@ class _TorchEngine:
     def _chunk(self, a: torch.Tensor) -> None:
         work = torch.float64 if self.fp64 else torch.float32
         if not self.centered:
-            self.mat += self._gram(a.to(work)).to(torch.float64)
+            a = a.to(work)
+            self.mat += (a.mT @ a).to(torch.float64)
             self.count += a.shape[0]
             return
         # Centre on the chunk's own fp64 mean, round once, then merge (same as csrc/accumulate.cpp).
         m = a.to(torch.float64).mean(0)
         c = (a.to(torch.float64) - m).to(work)
-        self.fold(a.shape[0], m, self._gram(c).to(torch.float64))
-
-    def _gram(self, a: torch.Tensor) -> torch.Tensor:
-        """aᵀa in a's dtype; the fp32 result may live in a buffer reused by the next call."""
-        if self.cuda_gram is None or a.dtype != torch.float32:
-            return a.mT @ a
-        if self._gram_buf is None:
-            self._gram_buf = torch.empty(self.d, self.d, dtype=torch.float32, device=a.device)
-        return self.cuda_gram(a.contiguous(), self._gram_buf)
+        self.fold(a.shape[0], m, (c.mT @ c).to(torch.float64))
 
     def fold(self, n_b: int, mean_b: torch.Tensor | None, mat_b: torch.Tensor) -> None:
         """Chan/Pébay merge of (n_b, mean_b, M2_b) (centred) or a plain sum (uncentred)."""
@@ -166,24 +155,6 @@ def _resolve_native(backend: str) -> Any | None:
     return None
 
 
-def _cuda_gram(backend: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """pmsolve._C's syrk product for fp32 rows on a CUDA device (backend "auto" only:
-    "torch" stays pure torch, the oracle), or None."""
-    if backend != "auto" or device.type != "cuda":
-        return None
-    mod = native()
-    if mod is None or not hasattr(mod, "cuda_gram_f32") or mod.cuda_device_count() == 0:
-        return None
-
-    def gram(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(a.device).cuda_stream
-        mod.cuda_gram_f32(index, stream, a.data_ptr(), a.shape[0], a.shape[1], out.data_ptr())
-        return out
-
-    return gram
-
-
 class CovarianceAccumulator:
     """Running Σ xxᵀ (and optionally the centred M2) of d-dimensional rows, in fp64.
 
@@ -232,8 +203,7 @@ class CovarianceAccumulator:
             if mod is not None:
                 self._engine = _NativeEngine(mod, self.d, fp64, self.centered, self.chunk_rows)
             else:
-                self._engine = _TorchEngine(self.d, fp64, self.centered, device, self.chunk_rows or TORCH_CHUNK_ROWS,
-                                            _cuda_gram(self.backend, device))
+                self._engine = _TorchEngine(self.d, fp64, self.centered, device, self.chunk_rows or TORCH_CHUNK_ROWS)
         return self._engine
 
     @property
