@@ -61,7 +61,8 @@ main() {
   case $rc in 0) echo "memcheck: clean" ;; 124) echo "memcheck: TIMED OUT (not a failure of the code)" ;; *) echo "memcheck: FAILED (rc $rc)"; status=1 ;; esac
 
   step "bench: solver fp64 d in {1536, 4096, 6400} x n in {1, 16, 256, 1024}; GPU statistics d in {1536, 6400}, fp32 and bf16 rows"
-  "$PY" bench/gpu_bench.py --out "$OUT/gpu_bench.json" || status=1
+  # shellcheck disable=SC2086  # GPU_BENCH_ARGS: extra options, e.g. "--d 6400 --no-experiment"
+  "$PY" bench/gpu_bench.py --out "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} || status=1
 
   step "done: $([ $status = 0 ] && echo OK || echo FAILURES)"
   return $status

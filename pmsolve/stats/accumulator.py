@@ -29,7 +29,12 @@ TORCH_CHUNK_ROWS = 4096
 
 
 class _TorchEngine:
-    """fp32 (or fp64) product per chunk, fp64 master; full GEMM (torch has no syrk)."""
+    """fp32 (or fp64) product per chunk, fp64 master; full GEMM (torch has no syrk).
+
+    On a GPU, cuBLAS's Ssyrk (half the flops, tried through _C) ran 1.44x faster at
+    d = 6400 and no faster at 1536 on an H200, with 2-8x this GEMM's error against fp64
+    (2.3e-7 vs 1.2e-7 at d = 6400, 3.4e-7 vs 5.2e-8 at d = 700): not worth it
+    (bench/RESULTS.md, session 8)."""
 
     name = "torch"
 
