@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         "blas": mod.blas_config() if mod else None,
         "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "cuda_available": torch.cuda.is_available(),
+        "cuda_backend": _cuda_backend_status(),
         # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
         "v_star_precision_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -39,3 +40,17 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _cuda_backend_status() -> str:
+    """"available", or why backend "cuda" is not (no CUDA build of _C, no device, ...)."""
+    import torch
+
+    from pmsolve.backends import get_backend
+    from pmsolve.errors import BackendUnavailableError
+
+    try:
+        get_backend("cuda", torch.device("cuda"))
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return "available"
