@@ -25,7 +25,7 @@ from pathlib import Path
 import pmsolve
 from pmsolve.editing import preset_for
 from pmsolve.editing.keys import cache_dir
-from pmsolve.evaluation import generate_greedy, ngram_entropy
+from pmsolve.evaluation import generate_greedy, generate_sampled, ngram_entropy
 from pmsolve.evaluation.records import load_builtin_facts
 from pmsolve.experiments import runner
 from pmsolve.experiments.precompute import WeightSnapshot, solve_and_apply
@@ -34,8 +34,18 @@ from pmsolve.models import load_model
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 
-def generate(model, tok, prompts: list[str], tokens: int) -> tuple[list[float], list[str]]:
-    texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)
+GEN_BATCH = 16
+
+
+def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None,
+             first: int = 0) -> tuple[list[float], list[str]]:
+    """Entropies and texts of `prompts`, which start at row `first` of the full prompt list."""
+    if top_k is None:
+        texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=GEN_BATCH)
+    else:  # generation batch b of the full list draws from seed b, before and after the edit
+        assert first % GEN_BATCH == 0
+        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=first // GEN_BATCH,
+                                 batch_size=GEN_BATCH)
     return [ngram_entropy(t) for t in texts], texts
 
 
@@ -62,8 +72,12 @@ def main() -> None:
                    help="emmet memit emmet-pp (single layer, as experiment 1; default: these three), "
                         "preset-emmet preset-memit (pmsolve.edit with the preset's layers, spread and key options)")
     p.add_argument("--texts", action="store_true", help="keep every generation (before and after) in the output")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the top k tokens (the reference metric: 5) instead of greedy decoding")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.top_k is not None and (args.batch * args.prompts) % GEN_BATCH:
+        p.error(f"--top-k pairs generations batch by batch: --batch x --prompts must be a multiple of {GEN_BATCH}")
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
     values = preset_for(model, lm.model_id).values
@@ -78,8 +92,9 @@ def main() -> None:
             prompts.append(g)
             owner.append(i)
     t0 = time.perf_counter()
-    pre, pre_texts = generate(model, tok, prompts, args.tokens)
+    pre, pre_texts = generate(model, tok, prompts, args.tokens, args.top_k)
     out = {"batch": args.batch, "layer": env.layer, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
+           "decoding": "greedy" if args.top_k is None else f"top-{args.top_k} sampling, seed 0 per batch",
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
     if args.texts:
         out["unedited"] = pre_texts
@@ -110,7 +125,8 @@ def main() -> None:
             try:
                 members = set(chunk)
                 rows = [j for j, i in enumerate(owner) if i in members]
-                for j, e, text in zip(rows, *generate(model, tok, [prompts[j] for j in rows], args.tokens)):
+                texts = generate(model, tok, [prompts[j] for j in rows], args.tokens, args.top_k, first=rows[0])
+                for j, e, text in zip(rows, *texts):
                     post[j], post_texts[j] = e, text
                 parts.append(runner.score(env, chunk, full=chunk))
             finally:

@@ -15,6 +15,7 @@ from pmsolve.evaluation import (
     RecordError,
     evaluate_records,
     generate_greedy,
+    generate_sampled,
     harmonic_score,
     load_builtin_facts,
     load_records,
@@ -226,6 +227,23 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     single = [generate_greedy(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == single
     assert all(b.startswith(p) for b, p in zip(batched, prompts))
+
+
+def test_sampled_generation_is_seeded_paired_and_top1_is_greedy(tiny):
+    model, tok = tiny
+    prompts = ["The capital of France is", "Hi", "Toyota is a car company from the country of"]
+    state = torch.random.get_rng_state()
+    a = generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=5, seed=3, batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert a == generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=5, seed=3, batch_size=2)
+    others = [generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=5, seed=s, batch_size=2) for s in (4, 5)]
+    assert any(o != a for o in others)  # the seed matters (three draws of 36 tokens from 5 each)
+    # Sampling from the single most likely token is greedy decoding.
+    assert generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=1) == generate_greedy(
+        model, tok, prompts, max_new_tokens=12)
+    assert all(t.startswith(p) for t, p in zip(a, prompts))
+    with pytest.raises(InputError, match="top_k"):
+        generate_sampled(model, tok, prompts, top_k=0)
 
 
 # --- the real model -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from statistics import mean
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from .records import EditRecord
 
 
@@ -246,26 +247,47 @@ def ngram_entropy(text: str) -> float:
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                     batch_size: int = 16) -> list[str]:
     """Prompt + greedy continuation for each prompt, generated in left-padded batches."""
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, top_k=None, seed=0)
+
+
+def generate_sampled(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
+                     seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Prompt + a continuation sampled from the top_k most likely tokens at each step (the
+    reference fluency metric samples from the top 5). Reproducible without touching torch's
+    global random state: batch b draws from seed + b, so the same prompts in the same batches
+    draw the same random numbers before and after an edit and the comparison stays paired."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise InputError(f"top_k must be a positive int, got {top_k!r}")
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, top_k=top_k, seed=seed)
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+              top_k: int | None, seed: int) -> list[str]:
     out = []
     device = _input_device(model)
-    for start in range(0, len(prompts), batch_size):
+    sampling = {"do_sample": False} if top_k is None else {"do_sample": True, "top_k": top_k, "top_p": 1.0,
+                                                            "temperature": 1.0}
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
         texts = prompts[start:start + batch_size]
         chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in texts]
         width = max(map(len, chunk))
         # Left padding so every row's last real token sits at the end, where generation continues.
         ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(c)) + c for c in chunk])
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-        with torch.no_grad():
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + b)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=_pad_id(tokenizer))
+                                 max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer), **sampling)
         for prompt, row in zip(texts, gen[:, width:]):
             out.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
     return out
 
 
 def generation_entropy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
-                       batch_size: int = 16) -> float:
-    """Mean n-gram entropy of greedy generations (prompt included, as in the reference metric)."""
-    texts = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+                       batch_size: int = 16, top_k: int | None = None, seed: int = 0) -> float:
+    """Mean n-gram entropy of generations (prompt included, as in the reference metric):
+    greedy with top_k=None, else sampled from the top_k tokens (the reference samples, k = 5)."""
+    texts = (generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size) if top_k is None
+             else generate_sampled(model, tokenizer, prompts, max_new_tokens, top_k, seed, batch_size))
     return float(mean(ngram_entropy(t) for t in texts)) if texts else 0.0
