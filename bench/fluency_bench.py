@@ -34,18 +34,11 @@ from pmsolve.models import load_model
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 
-GEN_BATCH = 16
-
-
-def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None,
-             first: int = 0) -> tuple[list[float], list[str]]:
-    """Entropies and texts of `prompts`, which start at row `first` of the full prompt list."""
+def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None) -> tuple[list[float], list[str]]:
     if top_k is None:
-        texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=GEN_BATCH)
-    else:  # generation batch b of the full list draws from seed b, before and after the edit
-        assert first % GEN_BATCH == 0
-        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=first // GEN_BATCH,
-                                 batch_size=GEN_BATCH)
+        texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)
+    else:  # each prompt draws the same random numbers before and after the edit (paired)
+        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=0, batch_size=16)
     return [ngram_entropy(t) for t in texts], texts
 
 
@@ -76,8 +69,6 @@ def main() -> None:
                    help="sample from the top k tokens (the reference metric: 5) instead of greedy decoding")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.top_k is not None and (args.batch * args.prompts) % GEN_BATCH:
-        p.error(f"--top-k pairs generations batch by batch: --batch x --prompts must be a multiple of {GEN_BATCH}")
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
     values = preset_for(model, lm.model_id).values
@@ -94,7 +85,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pre, pre_texts = generate(model, tok, prompts, args.tokens, args.top_k)
     out = {"batch": args.batch, "layer": env.layer, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
-           "decoding": "greedy" if args.top_k is None else f"top-{args.top_k} sampling, seed 0 per batch",
+           "decoding": "greedy" if args.top_k is None else f"top-{args.top_k} sampling, seed 0, per-prompt random numbers",
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
     if args.texts:
         out["unedited"] = pre_texts
@@ -125,7 +116,7 @@ def main() -> None:
             try:
                 members = set(chunk)
                 rows = [j for j, i in enumerate(owner) if i in members]
-                texts = generate(model, tok, [prompts[j] for j in rows], args.tokens, args.top_k, first=rows[0])
+                texts = generate(model, tok, [prompts[j] for j in rows], args.tokens, args.top_k)
                 for j, e, text in zip(rows, *texts):
                     post[j], post_texts[j] = e, text
                 parts.append(runner.score(env, chunk, full=chunk))

@@ -229,7 +229,7 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     assert all(b.startswith(p) for b, p in zip(batched, prompts))
 
 
-def test_sampled_generation_is_seeded_paired_and_top1_is_greedy(tiny):
+def test_sampled_generation_is_seeded_per_prompt_and_top1_is_greedy(tiny):
     model, tok = tiny
     prompts = ["The capital of France is", "Hi", "Toyota is a car company from the country of"]
     state = torch.random.get_rng_state()
@@ -238,12 +238,28 @@ def test_sampled_generation_is_seeded_paired_and_top1_is_greedy(tiny):
     assert a == generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=5, seed=3, batch_size=2)
     others = [generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=5, seed=s, batch_size=2) for s in (4, 5)]
     assert any(o != a for o in others)  # the seed matters (three draws of 36 tokens from 5 each)
+    # Each prompt's random numbers are its own: batching does not change its sample.
+    assert [generate_sampled(model, tok, [p], max_new_tokens=12, top_k=5, seed=3)[0] for p in prompts] == a
     # Sampling from the single most likely token is greedy decoding.
     assert generate_sampled(model, tok, prompts, max_new_tokens=12, top_k=1) == generate_greedy(
         model, tok, prompts, max_new_tokens=12)
     assert all(t.startswith(p) for t, p in zip(a, prompts))
     with pytest.raises(InputError, match="top_k"):
         generate_sampled(model, tok, prompts, top_k=0)
+
+
+def test_seeded_top_k_draws_from_the_softmax_of_the_top_k():
+    """Gumbel-max identity: argmax(logit + Gumbel noise) over the top k is a draw from their softmax."""
+    from pmsolve.evaluation.metrics import _SeededTopK
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    n = 4000
+    picks = torch.tensor([int(_SeededTopK(3, [r])(None, logits).argmax()) for r in range(n)])
+    p = torch.softmax(torch.tensor([3.0, 2.0, 1.0]), 0)
+    for token, prob in zip((5, 0, 1), p.tolist()):
+        freq = float((picks == token).double().mean())
+        assert abs(freq - prob) <= 4 * math.sqrt(prob * (1 - prob) / n), (token, freq, prob)
+    assert set(picks.tolist()) <= {5, 0, 1}  # never outside the top 3
 
 
 # --- the real model -----------------------------------------------------------------------

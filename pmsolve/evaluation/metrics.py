@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -252,33 +253,73 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
 def generate_sampled(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
                      seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Prompt + a continuation sampled from the top_k most likely tokens at each step (the
-    reference fluency metric samples from the top 5). Reproducible without touching torch's
-    global random state: batch b draws from seed + b, so the same prompts in the same batches
-    draw the same random numbers before and after an edit and the comparison stays paired."""
+    """Prompt + a continuation sampled from the top_k most likely tokens at each step (as the
+    reference fluency metric does, with k = 5), reproducible and paired.
+
+    Each prompt draws its own random numbers, fixed by (seed, prompt text, step) and not by the
+    batch it lands in: an edited and an unedited model given the same prompt see the same
+    numbers (common random numbers), so before/after comparisons stay paired whatever the
+    batching. torch's global random state is not used.
+    """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise InputError(f"top_k must be a positive int, got {top_k!r}")
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, top_k=top_k, seed=seed)
 
 
+class _SeededTopK:
+    """A logits processor that turns greedy decoding into top-k sampling: the Gumbel-max trick
+    (argmax of logit + Gumbel noise samples from the softmax) over the k best tokens, with the
+    noise of row r at step t drawn from a generator seeded by (row_seeds[r], t).
+
+    Written here because transformers' sampling draws from torch's global generator, shared by
+    the whole batch, which would tie each prompt's sample to its batch."""
+
+    def __init__(self, top_k: int, row_seeds: Sequence[int]) -> None:
+        self.top_k, self.row_seeds, self.step = top_k, list(row_seeds), 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        values, index = torch.topk(scores.float(), k, dim=-1)
+        u = torch.stack([torch.rand(k, generator=torch.Generator().manual_seed(_mix(s, self.step)),
+                                    dtype=torch.float64) for s in self.row_seeds])
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300))).to(values.device, values.dtype)
+        choice = index.gather(-1, (values + gumbel).argmax(-1, keepdim=True))
+        self.step += 1
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, choice, 0.0)
+
+
+def _mix(seed: int, step: int) -> int:
+    """A generator seed from a row seed and a step: SplitMix64's finaliser, so that every input
+    bit reaches the low 32 bits, the only ones torch's CPU generator (mt19937) keeps."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) >> 1
+
+
 def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
               top_k: int | None, seed: int) -> list[str]:
+    from transformers import LogitsProcessorList
+
     out = []
     device = _input_device(model)
-    sampling = {"do_sample": False} if top_k is None else {"do_sample": True, "top_k": top_k, "top_p": 1.0,
-                                                            "temperature": 1.0}
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
+    for start in range(0, len(prompts), batch_size):
         texts = prompts[start:start + batch_size]
         chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in texts]
         width = max(map(len, chunk))
         # Left padding so every row's last real token sits at the end, where generation continues.
         ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(c)) + c for c in chunk])
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-        devices = [device] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + b)
+        extra = {}
+        if top_k is not None:
+            row_seeds = [zlib.crc32(p.encode()) ^ (seed << 32) for p in texts]
+            extra["logits_processor"] = LogitsProcessorList([_SeededTopK(top_k, row_seeds)])
+        with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer), **sampling)
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=_pad_id(tokenizer), **extra)
         for prompt, row in zip(texts, gen[:, width:]):
             out.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
     return out
