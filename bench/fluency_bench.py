@@ -34,11 +34,12 @@ from pmsolve.models import load_model
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 
-def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None) -> tuple[list[float], list[str]]:
+def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None,
+             seed: int = 0) -> tuple[list[float], list[str]]:
     if top_k is None:
         texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)
     else:  # each prompt draws the same random numbers before and after the edit (paired)
-        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=0, batch_size=16)
+        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=seed, batch_size=16)
     return [ngram_entropy(t) for t in texts], texts
 
 
@@ -65,6 +66,7 @@ def main() -> None:
                    help="emmet memit emmet-pp (single layer, as experiment 1; default: these three), "
                         "preset-emmet preset-memit (pmsolve.edit with the preset's layers, spread and key options)")
     p.add_argument("--texts", action="store_true", help="keep every generation (before and after) in the output")
+    p.add_argument("--gen-seed", type=int, default=0, help="random numbers of --top-k sampling")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the top k tokens (the reference metric: 5) instead of greedy decoding")
     p.add_argument("--out", default=None)
@@ -83,9 +85,9 @@ def main() -> None:
             prompts.append(g)
             owner.append(i)
     t0 = time.perf_counter()
-    pre, pre_texts = generate(model, tok, prompts, args.tokens, args.top_k)
+    pre, pre_texts = generate(model, tok, prompts, args.tokens, args.top_k, args.gen_seed)
     out = {"batch": args.batch, "layer": env.layer, "facts": args.facts, "generations": len(prompts), "tokens": args.tokens,
-           "decoding": "greedy" if args.top_k is None else f"top-{args.top_k} sampling, seed 0, per-prompt random numbers",
+           "decoding": "greedy" if args.top_k is None else f"top-{args.top_k} sampling, seed {args.gen_seed}, per-prompt random numbers",
            "value_config": asdict(values), "statistics": env.corpus, "unedited_s": time.perf_counter() - t0, "series": {}}
     if args.texts:
         out["unedited"] = pre_texts
@@ -116,7 +118,7 @@ def main() -> None:
             try:
                 members = set(chunk)
                 rows = [j for j, i in enumerate(owner) if i in members]
-                texts = generate(model, tok, [prompts[j] for j in rows], args.tokens, args.top_k)
+                texts = generate(model, tok, [prompts[j] for j in rows], args.tokens, args.top_k, args.gen_seed)
                 for j, e, text in zip(rows, *texts):
                     post[j], post_texts[j] = e, text
                 parts.append(runner.score(env, chunk, full=chunk))
