@@ -185,6 +185,7 @@ def test_quick_experiments_write_results_and_figures(tmp_path):
     res = json.loads((docs / "results.json").read_text())
     assert res["n_facts"] == 8 and res["layer"] == 5 and res["spread"] == [4, 5, 6, 7, 8]
     sweep = res["sweep"]["points"]
+    assert res["config"]["fluency_top_k"] == 5 and "sampled from the top 5 tokens" in (docs / "RESULTS.md").read_text()
     assert [(p["method"], p["batch_size"]) for p in sweep] == [
         (m, b) for b in (1, 4, 8) for m in ("emmet", "memit", "emmet-pp")]
     pp = [p for p in sweep if p["method"] == "emmet-pp"]
@@ -212,6 +213,7 @@ def test_quick_experiments_write_results_and_figures(tmp_path):
     again = json.loads((docs / "results.json").read_text())
     assert again["timings"]["keys_values"] < res["timings"]["keys_values"]
     assert [p["es"] for p in again["sweep"]["points"]] == [p["es"] for p in sweep]
+    assert [p["fluency_change"] for p in again["sweep"]["points"]] == [p["fluency_change"] for p in sweep]
     assert "sequential" in again  # kept from the first run
 
 

@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="malformed records / failing batches: stop (default) or report and skip")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N valid records")
     p.add_argument("--max-new-tokens", type=int, default=100, help="generation length for fluency (0: skip)")
+    p.add_argument("--fluency-top-k", type=int, default=5,
+                   help="fluency generations sample from the top K tokens (default 5, as the reference metric; "
+                        "each prompt draws the same random numbers before and after the edit); 0: greedy")
     p.add_argument("--generations", type=int, default=1,
                    help="generation prompts per record used for fluency (default 1; each costs a generation)")
     p.add_argument("--cache-dir", default=None, help="baseline/statistics cache (default: the pmsolve cache)")
@@ -83,9 +86,10 @@ def load_indexed(data: str | None, fmt: str) -> tuple[list[tuple[int, Any]], lis
 # ---------------------------------------------------------------------------
 
 
-def score(model, tokenizer, records: list, max_new_tokens: int, generations: int) -> list[dict[str, Any]]:
+def score(model, tokenizer, records: list, max_new_tokens: int, generations: int,
+          top_k: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Per record: the evaluation scores and the mean generation entropy of its first
-    ``generations`` generation prompts."""
+    ``generations`` generation prompts (greedy, or sampled from the top_k tokens)."""
     from ..evaluation import evaluate_records
     from ..experiments.common import fluency, mean_or_none
 
@@ -94,23 +98,25 @@ def score(model, tokenizer, records: list, max_new_tokens: int, generations: int
         return [dict(r, fluency=None) for r in rows]
     owners = [i for i, r in enumerate(records) for _ in r.generation_prompts[:generations]]
     ent = fluency(model, tokenizer, [p for r in records for p in r.generation_prompts[:generations]],
-                  max_new_tokens=max_new_tokens)
+                  max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
     per = [[e for o, e in zip(owners, ent) if o == i] for i in range(len(records))]
     return [dict(r, fluency=mean_or_none(f)) for r, f in zip(rows, per)]
 
 
 def baseline(model, tokenizer, indexed: list[tuple[int, Any]], cache_dir: Path, max_new_tokens: int,
-             generations: int, fingerprint: str) -> tuple[dict[int, dict[str, Any]], bool, Path]:
+             generations: int, fingerprint: str, top_k: int | None = None,
+             seed: int = 0) -> tuple[dict[int, dict[str, Any]], bool, Path]:
     """Pre-edit scores per record index, cached by weights fingerprint + records + settings."""
     from ..experiments.common import cached_json, content_hash
 
     key = content_hash({"records": [(i, r.to_dict()) for i, r in indexed], "max_new_tokens": max_new_tokens,
-                        "generations": generations, "version": _EVAL_VERSION,
+                        "generations": generations, "version": _EVAL_VERSION, "fluency_top_k": top_k,
+                        "fluency_seed": seed,
                         "document_start": document_start_tag(tokenizer)})
     path = cache_dir / "eval-baselines" / f"{fingerprint}-{key}.json"
 
     def compute() -> dict[str, Any]:
-        rows = score(model, tokenizer, [r for _, r in indexed], max_new_tokens, generations)
+        rows = score(model, tokenizer, [r for _, r in indexed], max_new_tokens, generations, top_k, seed)
         return {str(i): row for (i, _), row in zip(indexed, rows)}
 
     data, hit = cached_json(path, compute)
@@ -155,6 +161,7 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "layers": layers, "distribution": args.distribution, "mu": args.mu, "batch_size": args.batch_size,
             "seed": args.seed, "stats_tokens": args.stats_tokens, "corpus": args.corpus,
             "max_new_tokens": args.max_new_tokens, "generations": args.generations, "preset": args.preset,
+            "fluency_top_k": _top_k(args),
             "start_key": args.start_key, "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
             "values": args.values,
             "document_start": document_start}
@@ -188,15 +195,23 @@ def _edit_and_score(lm, args, batch, layers, factors) -> tuple[list[dict[str, An
                   distribution=args.distribution, stats=factors, mu=args.mu, seed=args.seed, preset=args.preset,
                   model_id=lm.model_id, **key_options(args))
     try:
-        post = score(lm.model, lm.tokenizer, [r for _, r in batch], args.max_new_tokens, args.generations)
+        post = score(lm.model, lm.tokenizer, [r for _, r in batch], args.max_new_tokens, args.generations,
+                     _top_k(args), args.seed)
         return post, _edit_summary(result)
     finally:
         result.restore()
 
 
+def _top_k(args: argparse.Namespace) -> int | None:
+    return args.fluency_top_k or None  # 0: greedy
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.method == "rome" and args.batch_size != 1):
         print(f"pmsolve eval: --batch-size must be ≥ 1 (and 1 for ROME), got {args.batch_size}", file=sys.stderr)
+        return 2
+    if args.fluency_top_k < 0:
+        print(f"pmsolve eval: --fluency-top-k must be ≥ 0 (0: greedy), got {args.fluency_top_k}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +261,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     write_json(out / "run.json", config)
     t0 = time.perf_counter()
     pre, hit, path = baseline(lm.model, lm.tokenizer, indexed, cache_dir, args.max_new_tokens, args.generations,
-                              fingerprint)
+                              fingerprint, _top_k(args), args.seed)
     print(f"pre-edit baseline: {'cache hit' if hit else 'computed'} ({path}, {time.perf_counter() - t0:.1f}s)",
           file=sys.stderr)
     stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,

@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of experiment 1's emmet-pp series (default 1; 0 leaves the series out)")
     p.add_argument("--layer", type=int, default=None, help="single edit layer (default: the EMMET preset's)")
     p.add_argument("--spread", type=parse_layers, default=None, help="MEMIT's layers, e.g. 4-8 (default: preset)")
+    p.add_argument("--fluency-top-k", type=int, default=None,
+                   help="fluency generations sample from the top K tokens (default 5, as the reference metric); 0: greedy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -52,6 +54,10 @@ def _config(args):
     over = {"n_facts": args.facts, "seq_facts": args.seq_facts, "dist_facts": args.dist_facts,
             "stats_tokens": args.stats_tokens, "layer": args.layer, "fluency_prompts": args.fluency_prompts,
             "prompt_preservation": args.prompt_preservation, "spread": tuple(args.spread) if args.spread else None}
+    if args.fluency_top_k is not None:
+        if args.fluency_top_k < 0:
+            raise SystemExit("pmsolve experiments: --fluency-top-k must be >= 0 (0: greedy)")
+        cfg = replace(cfg, fluency_top_k=args.fluency_top_k or None)
     return replace(cfg, seed=args.seed, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -70,6 +76,7 @@ def _command(args: argparse.Namespace) -> str:
             ("seq_facts", args.seq_facts), ("dist_facts", args.dist_facts), ("stats_tokens", args.stats_tokens),
             ("fluency_prompts", args.fluency_prompts), ("prompt_preservation", args.prompt_preservation),
             ("layer", args.layer), ("spread", ",".join(map(str, args.spread)) if args.spread else None),
+            ("fluency_top_k", args.fluency_top_k),
             ("seed", args.seed or None)]
     return "pmsolve experiments" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in opts if v is not None)

@@ -35,13 +35,19 @@ def cached_json(path: Path, compute: Callable[[], Any]) -> tuple[Any, bool]:
 
 
 def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
-            batch_size: int = 16) -> list[float]:
-    """Generation entropy (weighted bi/trigram entropy) of a greedy continuation per prompt."""
-    from ..evaluation import generate_greedy, ngram_entropy
+            batch_size: int = 16, top_k: int | None = None, seed: int = 0) -> list[float]:
+    """Generation entropy (weighted bi/trigram entropy) of a continuation per prompt: greedy
+    (top_k None) or sampled from the top_k tokens with per-prompt random numbers (seed), so
+    that the same prompt before and after an edit is a paired comparison."""
+    from ..evaluation import generate_greedy, generate_sampled, ngram_entropy
 
     if not prompts:
         return []
-    texts = generate_greedy(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if top_k is None:
+        texts = generate_greedy(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        texts = generate_sampled(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, top_k=top_k,
+                                 seed=seed, batch_size=batch_size)
     return [ngram_entropy(t) for t in texts]
 
 

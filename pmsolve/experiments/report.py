@@ -190,8 +190,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "wall times of the last invocation per stage (s; cached setup stages take ~0): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items()),
         "- ES/PS/NS: share of prompts where the new target beats the old one (rewrite prompt, paraphrases) or "
         "the neighbour keeps its answer; Score = harmonic mean × 100; fluency = weighted bi/trigram entropy of "
-        f"{res['config']['max_new_tokens']}-token greedy generations, change relative to the unedited model "
-        "on the same prompts. All in %.",
+        f"{res['config']['max_new_tokens']}-token {_decoding(res['config'])}, change relative to the unedited "
+        "model on the same prompts. All in %.",
         "",
     ]
     for name, fn in (("sweep", _md_sweep), ("distribution", _md_distribution), ("stability", _md_stability),
@@ -199,6 +199,14 @@ def markdown(res: dict[str, Any], command: str) -> str:
         if name in res:
             out += fn(res[name], res)
     return "\n".join(out) + "\n"
+
+
+def _decoding(config: dict[str, Any]) -> str:
+    """How the fluency generations were decoded (results from before session 8 name none: greedy)."""
+    k = config.get("fluency_top_k")
+    return "greedy generations" if k is None else (
+        f"generations sampled from the top {k} tokens (as the reference metric; each prompt draws the same "
+        "random numbers before and after the edit)")
 
 
 def _with_se(p: dict[str, Any]) -> str:
