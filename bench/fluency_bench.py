@@ -25,7 +25,7 @@ from pathlib import Path
 import pmsolve
 from pmsolve.editing import preset_for
 from pmsolve.editing.keys import cache_dir
-from pmsolve.evaluation import generate_greedy, generate_sampled, ngram_entropy
+from pmsolve.evaluation import generate_texts, ngram_entropy
 from pmsolve.evaluation.records import load_builtin_facts
 from pmsolve.experiments import runner
 from pmsolve.experiments.precompute import WeightSnapshot, solve_and_apply
@@ -36,10 +36,8 @@ warnings.simplefilter("ignore", pmsolve.NumericalWarning)
 
 def generate(model, tok, prompts: list[str], tokens: int, top_k: int | None,
              seed: int = 0) -> tuple[list[float], list[str]]:
-    if top_k is None:
-        texts = generate_greedy(model, tok, prompts, max_new_tokens=tokens, batch_size=16)
-    else:  # each prompt draws the same random numbers before and after the edit (paired)
-        texts = generate_sampled(model, tok, prompts, max_new_tokens=tokens, top_k=top_k, seed=seed, batch_size=16)
+    # Sampled: each prompt draws the same random numbers before and after the edit (paired).
+    texts = generate_texts(model, tok, prompts, tokens, batch_size=16, top_k=top_k, seed=seed)
     return [ngram_entropy(t) for t in texts], texts
 
 

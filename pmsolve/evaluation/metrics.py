@@ -325,10 +325,17 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, bat
     return out
 
 
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 16,
+                   top_k: int | None = None, seed: int = 0) -> list[str]:
+    """Greedy continuations (top_k None) or :func:`generate_sampled` ones (top_k, seed)."""
+    if top_k is None:
+        return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return generate_sampled(model, tokenizer, prompts, max_new_tokens, top_k, seed, batch_size)
+
+
 def generation_entropy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                        batch_size: int = 16, top_k: int | None = None, seed: int = 0) -> float:
     """Mean n-gram entropy of generations (prompt included, as in the reference metric):
     greedy with top_k=None, else sampled from the top_k tokens (the reference samples, k = 5)."""
-    texts = (generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size) if top_k is None
-             else generate_sampled(model, tokenizer, prompts, max_new_tokens, top_k, seed, batch_size))
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, top_k, seed)
     return float(mean(ngram_entropy(t) for t in texts)) if texts else 0.0

@@ -39,15 +39,11 @@ def fluency(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 1
     """Generation entropy (weighted bi/trigram entropy) of a continuation per prompt: greedy
     (top_k None) or sampled from the top_k tokens with per-prompt random numbers (seed), so
     that the same prompt before and after an edit is a paired comparison."""
-    from ..evaluation import generate_greedy, generate_sampled, ngram_entropy
+    from ..evaluation import generate_texts, ngram_entropy
 
     if not prompts:
         return []
-    if top_k is None:
-        texts = generate_greedy(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    else:
-        texts = generate_sampled(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, top_k=top_k,
-                                 seed=seed, batch_size=batch_size)
+    texts = generate_texts(model, tokenizer, list(prompts), max_new_tokens, batch_size, top_k, seed)
     return [ngram_entropy(t) for t in texts]
 
 
