@@ -14,6 +14,7 @@ import sys
 _COMMANDS = {
     "demo": "pmsolve.commands.demo",
     "edit": "pmsolve.commands.edit",
+    "apply": "pmsolve.commands.apply",
     "stats": "pmsolve.commands.stats",
     "eval": "pmsolve.commands.evaluate",
     "profile": "pmsolve.commands.profile",

@@ -256,6 +256,80 @@ def test_save_and_reapply_updates(tmp_path, tok):
     assert report["n_requests"] == 2 and len(report["edits"]) == 4
 
 
+@pytest.fixture()
+def saved_edit(tmp_path, tok):
+    """A gpt2 model, its unedited weights, the edited ones and the saved updates (restored)."""
+    m = model("gpt2", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    res = _edit(m, tok, C, method="emmet", layers=[1, 2], batch_size=1)
+    edited = snapshot(m)
+    path = tmp_path / "updates.safetensors"
+    res.save_updates(path)
+    res.restore()
+    return m, snap, edited, path
+
+
+def test_updates_refuse_a_second_application_and_other_weights(saved_edit):
+    m, snap, edited, path = saved_edit
+    apply_updates(m, path)
+    with pytest.raises(InputError, match="already carries these updates"):
+        apply_updates(m, path)
+    assert same_weights(m, edited)  # refused before any change
+    other = model("gpt2", m.config.vocab_size, seed=1)  # same architecture, other weights
+    other_snap = snapshot(other)
+    with pytest.raises(InputError, match="not the ones these updates were computed on"):
+        apply_updates(other, path)
+    assert same_weights(other, other_snap)
+    originals = apply_updates(other, path, check=False)  # the user insists
+    assert not same_weights(other, other_snap)
+    for name, w0 in originals.items():
+        assert torch.equal(w0, other_snap[name + ".weight"])
+
+
+def test_damaged_updates_files_are_refused_with_a_clear_error(saved_edit, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m, snap, _, path = saved_edit
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CacheError, match="cannot read updates file"):
+        apply_updates(m, truncated)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors["1.B"][3, 0] = float("nan")
+    poisoned = tmp_path / "nan.safetensors"
+    save_file(tensors, str(poisoned), metadata=meta)
+    with pytest.raises(CacheError, match=r"entry 1 \(.*\) has NaN/Inf in B"):
+        apply_updates(m, poisoned)
+    not_ours = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(not_ours))
+    with pytest.raises(CacheError, match="not a pmsolve updates file"):
+        apply_updates(m, not_ours)
+    with pytest.raises(CacheError):
+        apply_updates(m, tmp_path / "missing.safetensors")
+    assert same_weights(m, snap)
+
+
+def test_format_1_updates_still_apply_with_a_warning(saved_edit, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m, _, edited, path = saved_edit
+    with safe_open(str(path), framework="pt") as fh:
+        header = json.loads(fh.metadata()["pmsolve"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    header["format"] = "pmsolve.updates/1"
+    del header["weights"]
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={"pmsolve": json.dumps(header)})
+    with pytest.warns(UserWarning, match="records no weight fingerprints"):
+        apply_updates(m, old)
+    assert same_weights(m, edited)
+
+
 BAD_REQUESTS = [
     ([{"prompt": "The capital is", "subject": "France", "target_new": "Rome"}], "request 0.*'\\{\\}'"),
     ([REQUESTS[0], {"prompt": "{} is in", "subject": "", "target_new": "Rome"}], "request 1.*subject is empty"),

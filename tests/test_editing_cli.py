@@ -55,6 +55,31 @@ def test_edit_command_writes_model_updates_and_report(tiny_folder, tmp_path, mon
         assert torch.equal(a, b), n
 
 
+def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, tmp_path, monkeypatch, capsys):
+    reqs = _two_requests(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    assert cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2",
+                     "--method", "emmet", "--stats-tokens", "3000", "--preset", "llama", "--out", str(out)]) == 0
+    capsys.readouterr()
+    applied = tmp_path / "applied"
+    updates = str(out / "updates.safetensors")
+    assert cli.main(["apply", "--updates", updates, "--model", str(tiny_folder), "--out", str(applied)]) == 0
+    printed = capsys.readouterr().out
+    assert "applied 1 updates (emmet) to 1 modules" in printed and REQUESTS[0]["subject"] in printed
+    from transformers import AutoModelForCausalLM
+
+    edited = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for n, w in AutoModelForCausalLM.from_pretrained(applied).state_dict().items():
+        assert torch.equal(w, edited[n]), n
+    # The edited model already carries them: refused, nothing written.
+    again = tmp_path / "again"
+    assert cli.main(["apply", "--updates", updates, "--model", str(applied), "--out", str(again)]) == 2
+    assert "already carries these updates" in capsys.readouterr().err
+    assert not again.exists()
+    assert cli.main(["apply", "--updates", str(tmp_path / "nope.safetensors"), "--out", str(again)]) == 2
+    assert "cannot read updates file" in capsys.readouterr().err
+
+
 def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):
     reqs = tmp_path / "bad.json"
     reqs.write_text(json.dumps([{"prompt": "no slot", "subject": "X", "target_new": "Y"}]))

@@ -9,12 +9,13 @@ after the first weight change restores all touched weights bit-exactly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,9 @@ from .presets import Preset, load_preset, preset_for
 from .requests import EditRequest, load_requests
 from .values import ValueConfig, ValueResult, optimize_values
 
-_UPDATES_FORMAT = "pmsolve.updates/1"
+# /2 adds the fingerprints of each touched weight before and after the edit ("weights").
+_UPDATES_FORMAT = "pmsolve.updates/2"
+_UPDATES_FORMATS_READ = ("pmsolve.updates/1", _UPDATES_FORMAT)
 STAGES = ("stats", "keys", "values", "solve", "apply")
 
 
@@ -70,6 +73,8 @@ class EditResult:
     _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     key_options: dict[str, Any] = field(default_factory=dict)  # key_source, start_key, preserve_prompts
     value_config: dict[str, Any] = field(default_factory=dict)  # the v* settings used
+    # module -> {"before": ..., "after": ...}: weight_fingerprint of each touched weight
+    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def restore(self) -> None:
         """Put back the original weights, bit for bit."""
@@ -79,7 +84,8 @@ class EditResult:
         """Write the updates alone (factored U, B per layer and batch): re-apply with
         :func:`apply_updates` to the unedited model."""
         save_updates(self.edits, path, meta={"method": self.method, "layers": self.layers,
-                                             "requests": [r.as_dict() for r in self.requests]})
+                                             "requests": [r.as_dict() for r in self.requests],
+                                             "weights": self.fingerprints})
 
     def report(self) -> dict[str, Any]:
         return {
@@ -398,9 +404,12 @@ def edit(
         raise
     finally:
         model.train(was_training)
+    fingerprints = {name: {"before": weight_fingerprint(w0),
+                           "after": weight_fingerprint(model.get_submodule(name).weight)}
+                    for name, w0 in originals.items()}
     return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
                       {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg))
+                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg), fingerprints)
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
@@ -511,8 +520,20 @@ def _sensitivity(factor: Factor, keys: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------
 
 
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """Hash of a weight's dtype, shape and every byte: tells the weights an update file was
+    made on from any other (another checkpoint or dtype, or the same weights already edited)."""
+    t = weight.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:24]
+
+
 def save_updates(edits: Sequence[LayerEdit], path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
+    """Write the factored updates (safetensors, atomically: a crash leaves the old file or none)."""
+    from safetensors.torch import save
+
+    from .._io import atomic_write
 
     tensors, entries = {}, []
     for i, e in enumerate(edits):
@@ -520,34 +541,44 @@ def save_updates(edits: Sequence[LayerEdit], path: str | os.PathLike[str], meta:
         tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
         entries.append({"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout})
     header = {"format": _UPDATES_FORMAT, "edits": entries, **(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"pmsolve": json.dumps(header)})
+    atomic_write(path, save(tensors, metadata={"pmsolve": json.dumps(header)}))
 
 
 def load_updates(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The saved updates in application order: dicts with module, layout, U, B; and the header."""
+    """The saved updates in application order: dicts with module, layout, U, B; and the header.
+
+    Raises CacheError for a file that is missing, truncated, not ours, or holds non-finite values.
+    """
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = json.loads((fh.metadata() or {}).get("pmsolve", "{}"))
-            if header.get("format") != _UPDATES_FORMAT:
-                raise CacheError(f"{path} is not a pmsolve updates file")
+            if header.get("format") not in _UPDATES_FORMATS_READ:
+                raise CacheError(f"{path} is not a pmsolve updates file (format {header.get('format')!r})")
             entries = [{**e, "U": fh.get_tensor(f"{i}.U"), "B": fh.get_tensor(f"{i}.B")}
                        for i, e in enumerate(header["edits"])]
-    except (OSError, json.JSONDecodeError) as exc:
+    except CacheError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CacheError(f"cannot read updates file {path}: {exc}") from None
+    for i, e in enumerate(entries):
+        for part in ("U", "B"):
+            if not bool(torch.isfinite(e[part]).all()):
+                raise CacheError(f"updates file {path}: entry {i} ({e['module']}) has NaN/Inf in {part}")
     return entries, header
 
 
-def apply_updates(model, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def apply_updates(model, path: str | os.PathLike[str], *, check: bool = True) -> dict[str, torch.Tensor]:
     """Re-apply saved updates to ``model`` in place (in the order they were made).
 
-    Returns the original weights of the touched modules (to restore them). Checks every
-    shape before changing anything.
+    Returns the original weights of the touched modules (to restore them). Before changing
+    anything it checks every shape and, with ``check`` (files written since format /2), that
+    each touched weight is bit for bit the one the updates were computed on: applying them to
+    another checkpoint or dtype, or a second time, raises InputError naming the module.
+    ``check=False`` applies them anyway. A failure half-way restores every weight.
     """
-    entries, _ = load_updates(path)
+    entries, header = load_updates(path)
     targets = []
     for e in entries:
         try:
@@ -558,9 +589,33 @@ def apply_updates(model, path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         if tuple(w.shape) != shape:
             raise InputError(f"{e['module']} has shape {tuple(w.shape)}, the saved update is {shape}")
         targets.append((w, e))
-    originals = {}
-    for w, e in targets:
-        originals.setdefault(e["module"], w.detach().clone())
-        upd = Update(e["U"], e["B"], diagnostics=None)  # type: ignore[arg-type]
-        upd.apply_(w.data, layout=e["layout"])
+    if check:
+        _check_base_weights(model, header, path)
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for w, e in targets:
+            originals.setdefault(e["module"], w.detach().clone())
+            upd = Update(e["U"], e["B"], diagnostics=None)  # type: ignore[arg-type]
+            upd.apply_(w.data, layout=e["layout"])
+    except BaseException:
+        _restore(model, originals)
+        raise
     return originals
+
+
+def _check_base_weights(model, header: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    weights = header.get("weights")
+    if not weights:
+        warnings.warn(f"{path} records no weight fingerprints (format {header.get('format')}): "
+                      "cannot check that the model is the one the updates were made on", stacklevel=3)
+        return
+    for module, fp in weights.items():
+        now = weight_fingerprint(model.get_submodule(module).weight)
+        if now == fp["before"]:
+            continue
+        if now == fp["after"]:
+            raise InputError(f"{module} already carries these updates (its weights equal the edited ones): "
+                             "apply them to the unedited model")
+        raise InputError(f"{module}'s weights are not the ones these updates were computed on (another "
+                         "checkpoint, dtype or device precision, or other edits): pass check=False "
+                         "(`pmsolve apply --force`) to apply them anyway")

@@ -1,0 +1,59 @@
+"""`pmsolve apply`: put the updates that `pmsolve edit` saved into a model and save it.
+
+An updates file holds only the factors U, B of each layer's update (d × n per batch, a few
+hundred KiB for dozens of facts): it is the cheap way to share or archive an edit. The
+file records a fingerprint of every weight before and after the edit, so applying it to
+another checkpoint, or a second time, is refused unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import PMSolveError
+from .edit import add_document_start, load, margins
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apply", help="apply saved updates (updates.safetensors) to a model and save it")
+    p.add_argument("--updates", required=True, help="updates file written by `pmsolve edit`")
+    p.add_argument("--model", default=None, help="the unedited model: folder or Hugging Face id "
+                                                 "(default: built-in SmolLM2)")
+    add_document_start(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    p.add_argument("--out", required=True, help="folder for the edited model (weights and tokenizer)")
+    p.add_argument("--force", action="store_true",
+                   help="apply even if the weights are not the ones the updates were computed on")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..editing import apply_updates, load_requests, load_updates
+
+    try:
+        _, header = load_updates(args.updates)  # a damaged file fails before the model loads
+        lm = load(args)
+        requests = load_requests(header["requests"]) if header.get("requests") else []
+        before = margins(lm.model, lm.tokenizer, requests) if requests else []
+        apply_updates(lm.model, args.updates, check=not args.force)
+        after = margins(lm.model, lm.tokenizer, requests) if requests else []
+    except (PMSolveError, OSError, json.JSONDecodeError) as exc:
+        print(f"pmsolve apply: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    modules = sorted(header.get("weights") or {e["module"] for e in header["edits"]})
+    print(f"applied {len(header['edits'])} updates ({header.get('method', '?')}) to {len(modules)} modules of "
+          f"{lm.model_id}; {len(requests)} facts")
+    fmt = (lambda x: "   n/a" if x is None else f"{x:+6.2f}")
+    if requests:
+        print(f"{'subject':<28} {'target':<16}  margin before → after")
+    for r, b, a in zip(requests, before, after):
+        print(f"{r.subject[:28]:<28} {r.target_new[:16]:<16}  {fmt(b)} → {fmt(a)}")
+    print(f"wrote {out}/")
+    return 0
