@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import PMSolveError
+
 # subcommand name -> module exposing add_parser(subparsers) and run(args) -> int
 _COMMANDS = {
     "demo": "pmsolve.commands.demo",
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except PMSolveError as exc:  # bad input or data that a command did not catch itself
+        print(f"pmsolve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

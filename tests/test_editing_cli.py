@@ -80,6 +80,23 @@ def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, t
     assert "cannot read updates file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["stats", "--layers", "2", "--max-tokens", "0", "--out", "x"], "--max-tokens"),
+    (["stats", "--layers", "two", "--out", "x"], "--layers"),
+    (["edit", "--requests", "r.json", "--out", "x", "--batch-size", "-1"], "--batch-size"),
+    (["eval", "--out", "x", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["profile", "--d-in", "-5"], "--d-in"),
+    (["demo", "--facts", "0"], "--facts"),
+    (["experiments", "--facts", "1.5"], "--facts"),
+])
+def test_bad_numbers_are_refused_before_any_model_loads(argv, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and ("positive integer" in err or "≥ 0" in err or "layers must" in err)
+
+
 def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):
     reqs = tmp_path / "bad.json"
     reqs.write_text(json.dumps([{"prompt": "no slot", "subject": "X", "target_new": "Y"}]))

@@ -182,10 +182,10 @@ def test_profile_model_mode_fields(files, tmp_path):
 
 def test_bad_batch_settings_rejected_before_work(files, tmp_path, capsys):
     assert main(_args(files, tmp_path / "x", "--method", "rome")) == 2  # ROME edits one fact per solve
-    assert main(_args(files, tmp_path / "y", "--batch-size", "0")) == 2
-    assert "--batch-size" in capsys.readouterr().err
-    assert main(_args(files, tmp_path / "z", "--fluency-top-k", "-1")) == 2
-    assert "--fluency-top-k" in capsys.readouterr().err
+    for option, value in (("--batch-size", "0"), ("--fluency-top-k", "-1")):  # refused by argparse: exit 2
+        with pytest.raises(SystemExit) as exc:
+            main(_args(files, tmp_path / "y", option, value))
+        assert exc.value.code == 2 and f"argument {option}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

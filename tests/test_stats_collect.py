@@ -308,7 +308,12 @@ def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
     tiny_llama().save_pretrained(folder)
     out = tmp_path / "stats"
-    rc = main(["stats", "--model", str(folder), "--layers", "0,1", "--corpus", str(corpus), "--max-tokens", "300",
+    # A layer the model lacks: one line naming it, exit status 2, no traceback, nothing written.
+    rc = main(["stats", "--model", str(folder), "--layers", "0,9", "--corpus", str(corpus), "--max-tokens", "300",
+               "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pmsolve stats: error: layer 9" in err and "Traceback" not in err
+    rc = main(["stats", "--model", str(folder), "--layers", "0-1", "--corpus", str(corpus), "--max-tokens", "300",
                "--out", str(out), "--npz", "--quiet"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)

@@ -8,16 +8,17 @@ import sys
 import time
 
 from ..errors import PMSolveError
+from ._args import nonneg_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="edit built-in facts into the default model and show the effect")
-    p.add_argument("--facts", type=int, default=8, help="how many facts to edit (default 8)")
-    p.add_argument("--control", type=int, default=4, help="unrelated facts to check (default 4)")
+    p.add_argument("--facts", type=positive_int, default=8, help="how many facts to edit (default 8)")
+    p.add_argument("--control", type=nonneg_int, default=4, help="unrelated facts to check (default 4)")
     p.add_argument("--method", default="emmet", choices=["emmet", "memit", "rome"])
-    p.add_argument("--stats-tokens", type=int, default=50_000,
+    p.add_argument("--stats-tokens", type=positive_int, default=50_000,
                    help="tokens of the offline corpus for the statistics (cached after the first run)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=run)
 
 

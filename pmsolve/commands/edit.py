@@ -10,18 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PMSolveError
-
-
-def parse_layers(text: str) -> list[int]:
-    """'5' or '3,4,5' or '3-8' (inclusive) or a mix: '1,4-6'."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must look like '5', '3,4,5' or '3-8', got {text!r}") from None
-    return out
+from ._args import nonneg_int, parse_layers, positive_int
 
 
 def add_document_start(p: argparse.ArgumentParser) -> None:
@@ -43,10 +32,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distribution", default=None, choices=["single", "memit", "balanced"])
     p.add_argument("--mu", type=float, default=None, help="ridge / MEMIT lambda (default: the preset's)")
     p.add_argument("--preset", default="auto", help="preset name or JSON file (default: matched to the model)")
-    p.add_argument("--stats-tokens", type=int, default=100_000,
+    p.add_argument("--stats-tokens", type=positive_int, default=100_000,
                    help="tokens for the covariance statistics when not cached (default 100000)")
     p.add_argument("--corpus", default=None, help="text/JSONL file or hf:name for statistics (default: offline)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--start-key", default="preset", choices=["preset", "on", "off"],
                    help="also constrain the bare prompt's key for subject-first prompts (default: the preset's)")
     p.add_argument("--key-source", default=None, choices=["average", "prompt", "both"],
@@ -80,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET)")
     p.add_argument("--requests", required=True, help="JSON or JSONL file of edit requests")
     add_common(p)
-    p.add_argument("--batch-size", type=int, default=None, help="requests per solve (default: all at once)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="requests per solve (default: all at once)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--templates", default=None, help="JSON module-name templates for unknown architectures")
     p.add_argument("--out", required=True, help="output folder: model/, updates.safetensors, report.json")

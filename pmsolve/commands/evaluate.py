@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import PMSolveError
 from ..models.document_start import document_start_tag
+from ._args import nonneg_int, positive_int
 
 _EVAL_VERSION = 1  # bump when what a baseline contains changes
 
@@ -35,16 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="records file, JSON or JSONL (default: the built-in facts)")
     p.add_argument("--format", default="auto", choices=["auto", "builtin", "counterfact", "flat", "zsre"])
     add_common(p)
-    p.add_argument("--batch-size", type=int, default=16, help="records edited together (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="records edited together (default 16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="malformed records / failing batches: stop (default) or report and skip")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N valid records")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="generation length for fluency (0: skip)")
-    p.add_argument("--fluency-top-k", type=int, default=5,
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N valid records")
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=100, help="generation length for fluency (0: skip)")
+    p.add_argument("--fluency-top-k", type=nonneg_int, default=5,
                    help="fluency generations sample from the top K tokens (default 5, as the reference metric; "
                         "each prompt draws the same random numbers before and after the edit); 0: greedy")
-    p.add_argument("--generations", type=int, default=1,
+    p.add_argument("--generations", type=positive_int, default=1,
                    help="generation prompts per record used for fluency (default 1; each costs a generation)")
     p.add_argument("--cache-dir", default=None, help="baseline/statistics cache (default: the pmsolve cache)")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR has a matching run")

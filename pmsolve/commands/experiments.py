@@ -16,7 +16,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .edit import add_document_start, document_start, parse_layers
+from ._args import nonneg_int, parse_layers, positive_int
+from .edit import add_document_start, document_start
 
 EXPERIMENTS = ("sweep", "stability", "distribution", "sequential")  # run in this order
 
@@ -32,18 +33,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="cache for statistics, keys/values, baselines")
     p.add_argument("--quick", action="store_true", help="a reduced run (few facts, short generations)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
-    p.add_argument("--facts", type=int, default=None, help="facts sampled (default 256; quick 8)")
-    p.add_argument("--seq-facts", type=int, default=None, help="facts in the sequential experiment")
-    p.add_argument("--dist-facts", type=int, default=None, help="facts in the distribution experiment")
-    p.add_argument("--stats-tokens", type=int, default=None, help="statistics tokens per layer")
-    p.add_argument("--fluency-prompts", type=int, default=None, help="generations per point for fluency (default 64)")
+    p.add_argument("--facts", type=positive_int, default=None, help="facts sampled (default 256; quick 8)")
+    p.add_argument("--seq-facts", type=positive_int, default=None, help="facts in the sequential experiment")
+    p.add_argument("--dist-facts", type=positive_int, default=None, help="facts in the distribution experiment")
+    p.add_argument("--stats-tokens", type=positive_int, default=None, help="statistics tokens per layer")
+    p.add_argument("--fluency-prompts", type=positive_int, default=None, help="generations per point for fluency (default 64)")
     p.add_argument("--prompt-preservation", type=float, default=None, metavar="ALPHA",
                    help="weight of experiment 1's emmet-pp series (default 1; 0 leaves the series out)")
-    p.add_argument("--layer", type=int, default=None, help="single edit layer (default: the EMMET preset's)")
+    p.add_argument("--layer", type=nonneg_int, default=None, help="single edit layer (default: the EMMET preset's)")
     p.add_argument("--spread", type=parse_layers, default=None, help="MEMIT's layers, e.g. 4-8 (default: preset)")
-    p.add_argument("--fluency-top-k", type=int, default=None,
+    p.add_argument("--fluency-top-k", type=nonneg_int, default=None,
                    help="fluency generations sample from the top K tokens (default 5, as the reference metric); 0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=run)
 
 

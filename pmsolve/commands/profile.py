@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._args import nonneg_int, positive_int
 from .edit import add_document_start, document_start
 
 
@@ -21,22 +22,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model path or id; 'default' for the built-in SmolLM2 (model mode)")
     add_document_start(p)
-    p.add_argument("--d-in", type=int, help="key width (dimension mode: synthetic data, extrapolated)")
-    p.add_argument("--d-out", type=int, help="value width (dimension mode; default: d_in)")
-    p.add_argument("--n", type=int, default=16, help="edits per batch (default 16)")
+    p.add_argument("--d-in", type=positive_int, help="key width (dimension mode: synthetic data, extrapolated)")
+    p.add_argument("--d-out", type=positive_int, help="value width (dimension mode; default: d_in)")
+    p.add_argument("--n", type=positive_int, default=16, help="edits per batch (default 16)")
     p.add_argument("--layers", help="model mode: comma-separated layer indices (default: preset); "
                                     "dimension mode: number of edited layers (default 1)")
-    p.add_argument("--tokens", type=int, help="preservation tokens per layer (default: 20000 in model mode, "
+    p.add_argument("--tokens", type=positive_int, help="preservation tokens per layer (default: 20000 in model mode, "
                                               "44M, the reference pipeline's count, in dimension mode)")
     p.add_argument("--method", default="emmet", choices=("emmet", "memit", "rome"))
     p.add_argument("--mu", type=float, help="ridge / MEMIT lambda (default: the solver's)")
     p.add_argument("--requests", help="model mode: requests file (default: the built-in facts)")
     p.add_argument("--corpus", help="model mode: corpus for the statistics (default: offline)")
     p.add_argument("--weight-bytes", type=int, default=2, choices=(2, 4), help="dimension mode: bytes per weight")
-    p.add_argument("--max-d", type=int, default=2048, help="dimension mode: largest d_in actually run here")
+    p.add_argument("--max-d", type=positive_int, default=2048, help="dimension mode: largest d_in actually run here")
     p.add_argument("--device", default="cpu", help="dimension mode: where to run (cpu, cuda)")
     p.add_argument("--backend", default="auto", help="solver backend: auto, cpu (native), cuda, torch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", dest="json_out", help="write the profile as JSON to this file ('-': stdout only)")
     p.set_defaults(func=run)
 

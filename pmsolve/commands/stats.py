@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import parse_layers, positive_int
 from .edit import add_document_start, document_start
 
 
@@ -15,15 +16,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="collect covariance statistics C = E[k kᵀ] of rewrite-module inputs")
     p.add_argument("--model", default=None, help="model folder or Hub id (default: the built-in SmolLM2-135M)")
     add_document_start(p)
-    p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 4,5,6")
+    p.add_argument("--layers", required=True, type=parse_layers, help="layer indices, e.g. 4,5,6 or 4-6")
     p.add_argument("--corpus", default=None, help="text/JSONL file, saved HF dataset, 'hf:<name>' or 'offline' (default)")
-    p.add_argument("--max-tokens", type=int, default=100_000, help="real tokens per layer")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
-    p.add_argument("--seq-len", type=int, default=512, help="truncate documents to this many tokens")
+    p.add_argument("--max-tokens", type=positive_int, default=100_000, help="real tokens per layer")
+    p.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per forward batch")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="truncate documents to this many tokens")
     p.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32", help="product precision (master sum is fp64)")
     p.add_argument("--centered", action="store_true", help="also collect the mean and centred covariance")
     p.add_argument("--module-template", default=None, help="rewrite module name with {} for the layer")
-    p.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=200_000, help="tokens between checkpoints")
     p.add_argument("--stop-tol", type=float, default=None, help="stop once C changes less than this per checkpoint")
     p.add_argument("--report-condition", action="store_true", help="condition estimate of C at each checkpoint")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
@@ -31,15 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _layers(text: str) -> list[int]:
-    from pmsolve.errors import InputError
-
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     res = collect_stats(
         loaded.model,
         loaded.tokenizer,
-        _layers(args.layers),
+        args.layers,
         args.corpus,
         max_tokens=args.max_tokens,
         batch_tokens=args.batch_tokens,
