@@ -233,7 +233,10 @@ def test_values_are_deterministic_and_clamped(tok):
     assert context_templates(m, tok, seed=0) == ctx and ctx[0] == "{}" and len(ctx) == 6
 
 
-def test_save_and_reapply_updates(tmp_path, tok):
+@pytest.fixture()
+def saved_edit(tmp_path, tok):
+    """A gpt2 model (restored after an edit), its unedited and edited weights, the saved
+    updates and the edit's result."""
     m = model("gpt2", len(tok))
     C = stats(m, tok)
     snap = snapshot(m)
@@ -242,6 +245,11 @@ def test_save_and_reapply_updates(tmp_path, tok):
     path = tmp_path / "updates.safetensors"
     res.save_updates(path)
     res.restore()
+    return m, snap, edited, path, res
+
+
+def test_save_and_reapply_updates(saved_edit, tok):
+    m, snap, edited, path, res = saved_edit
     assert same_weights(m, snap)
     originals = apply_updates(m, path)
     assert same_weights(m, edited)  # same arithmetic in the same order: bit-identical
@@ -256,22 +264,8 @@ def test_save_and_reapply_updates(tmp_path, tok):
     assert report["n_requests"] == 2 and len(report["edits"]) == 4
 
 
-@pytest.fixture()
-def saved_edit(tmp_path, tok):
-    """A gpt2 model, its unedited weights, the edited ones and the saved updates (restored)."""
-    m = model("gpt2", len(tok))
-    C = stats(m, tok)
-    snap = snapshot(m)
-    res = _edit(m, tok, C, method="emmet", layers=[1, 2], batch_size=1)
-    edited = snapshot(m)
-    path = tmp_path / "updates.safetensors"
-    res.save_updates(path)
-    res.restore()
-    return m, snap, edited, path
-
-
 def test_updates_refuse_a_second_application_and_other_weights(saved_edit):
-    m, snap, edited, path = saved_edit
+    m, snap, edited, path, _ = saved_edit
     apply_updates(m, path)
     with pytest.raises(InputError, match="already carries these updates"):
         apply_updates(m, path)
@@ -291,7 +285,7 @@ def test_damaged_updates_files_are_refused_with_a_clear_error(saved_edit, tmp_pa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    m, snap, _, path = saved_edit
+    m, snap, _, path, _ = saved_edit
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CacheError, match="cannot read updates file"):
@@ -317,7 +311,7 @@ def test_format_1_updates_still_apply_with_a_warning(saved_edit, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    m, _, edited, path = saved_edit
+    m, _, edited, path, _ = saved_edit
     with safe_open(str(path), framework="pt") as fh:
         header = json.loads(fh.metadata()["pmsolve"])
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
