@@ -122,3 +122,44 @@ def test_low_precision_rows_on_cuda_are_as_accurate_as_fp32(dtype, gpu_only):
     e_fast, e_ref = rel(fast.sum(), truth), rel(ref.sum(), truth)
     print(f"{dtype}: rel err vs fp64 {e_fast:.1e} (fp32 path {e_ref:.1e})")
     assert e_fast <= 4 * e_ref and e_fast < 1e-6
+
+
+def _edit_cli(folder, reqs, out, *extra: str) -> dict:
+    from pmsolve import cli
+
+    argv = ["edit", "--model", str(folder), "--requests", str(reqs), "--layers", "1-2", "--method", "emmet",
+            "--stats-tokens", "3000", "--preset", "llama", "--values", '{"steps": 4, "autocast": null}',
+            "--no-save-model", "--out", str(out), *extra]
+    assert cli.main(argv) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.gpu
+def test_edit_and_apply_commands_on_cuda(tok, gpu_only, tmp_path, monkeypatch):
+    """`pmsolve edit --device-map cuda` (statistics, keys, v*, solve, apply on the GPU) makes
+    the updates the CPU run makes, and `pmsolve apply` puts them into a model loaded on the CPU
+    (the weight hashes do not depend on the device)."""
+    pytest.importorskip("accelerate")  # transformers' device_map needs it
+    from pmsolve import cli
+    from pmsolve.editing import load_updates
+
+    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("\n".join(json.dumps(r) for r in REQUESTS))
+    on_gpu = _edit_cli(folder, reqs, tmp_path / "gpu", "--device-map", str(gpu_only))
+    on_cpu = _edit_cli(folder, reqs, tmp_path / "cpu")
+    assert on_gpu["layers"] == on_cpu["layers"] == [1, 2]
+    assert {e["solve_backend"] for e in on_gpu["edits"]} == {expected_backend()}
+    assert max(e["residual_rounded"] for e in on_gpu["edits"]) < 1e-5  # fp32 weights
+    (gpu_upd, _), (cpu_upd, _) = load_updates(tmp_path / "gpu" / "updates.safetensors"), \
+        load_updates(tmp_path / "cpu" / "updates.safetensors")
+    for g, c in zip(gpu_upd, cpu_upd, strict=True):
+        assert g["module"] == c["module"]
+        # As in test_edit_on_cuda_matches_cpu: fp32 rounding amplified by a few Adam steps.
+        assert rel(g["U"] @ g["B"].mT, c["U"] @ c["B"].mT) < 5e-2
+    applied = tmp_path / "applied"
+    assert cli.main(["apply", "--updates", str(tmp_path / "gpu" / "updates.safetensors"), "--model", str(folder),
+                     "--out", str(applied)]) == 0
