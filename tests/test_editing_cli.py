@@ -80,6 +80,27 @@ def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, t
     assert "cannot read updates file" in capsys.readouterr().err
 
 
+def test_edit_command_uses_precomputed_statistics(tiny_folder, tmp_path, monkeypatch, capsys):
+    """`pmsolve stats` then `pmsolve edit --stats DIR` edits exactly as collecting them in `edit`."""
+    from pmsolve.editing import load_updates
+
+    reqs = _two_requests(tmp_path, monkeypatch)
+    stats_dir = tmp_path / "stats"
+    assert cli.main(["stats", "--model", str(tiny_folder), "--layers", "2", "--max-tokens", "3000",
+                     "--out", str(stats_dir), "--quiet"]) == 0
+    common = ["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2", "--method", "emmet",
+              "--preset", "llama", "--no-save-model"]
+    capsys.readouterr()
+    assert cli.main(common + ["--stats", str(stats_dir), "--out", str(tmp_path / "a")]) == 0
+    assert f"from {stats_dir}" in capsys.readouterr().err
+    assert cli.main(common + ["--stats-tokens", "3000", "--out", str(tmp_path / "b")]) == 0
+    (a,), _ = load_updates(tmp_path / "a" / "updates.safetensors")
+    (b,), _ = load_updates(tmp_path / "b" / "updates.safetensors")
+    assert torch.equal(a["U"], b["U"]) and torch.equal(a["B"], b["B"])
+    assert cli.main(common + ["--stats", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    assert "expected one file named model.layers.2.mlp.down_proj" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, option", [
     (["stats", "--layers", "2", "--max-tokens", "0", "--out", "x"], "--max-tokens"),
     (["stats", "--layers", "two", "--out", "x"], "--layers"),

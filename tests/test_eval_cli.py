@@ -103,6 +103,9 @@ def test_run_skip_malformed_then_baseline_cache_hit(files, tmp_path, capsys):
     assert cached.stat().st_mtime_ns == stamp
     again = _lines(tmp_path / "c")
     assert [ln["pre"] for ln in again] == [ln["pre"] for ln in lines]
+    # The statistics that run collected, given back with --stats: the same edits, the same scores.
+    assert main(_args(files, tmp_path / "d", "--on-error", "skip", "--stats", str(files / "cache" / "stats"))) == 0
+    assert [ln["post"] for ln in _lines(tmp_path / "d")] == [ln["post"] for ln in lines]
 
 
 def test_crash_keeps_partial_results_and_rerun_resumes(files, tmp_path, monkeypatch):

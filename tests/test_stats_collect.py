@@ -322,3 +322,61 @@ def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
         acc = CovarianceAccumulator.load(path, expect={"model_id": "tiny", "max_tokens": 300})
         back = CovarianceAccumulator.from_npz(Path(path).with_suffix(".npz"))
         assert back.count == acc.count == 300 and rel(back.sum(), acc.sum()) < 1e-6
+
+
+def test_load_stats_finds_ours_and_the_references_files_by_module(tmp_path, corpus):
+    from pmsolve.stats import load_stats
+
+    model = tiny_llama()
+    res = collect_stats(model, ByteTokenizer(), [0, 2], corpus, max_tokens=500, batch_tokens=256,
+                        cache_dir=tmp_path / "ours", progress=False)
+    got = load_stats(tmp_path / "ours", model, [2, 0])  # searched recursively
+    assert got.from_cache and got.tokens == 500 and got.paths == res.paths
+    for layer in (0, 2):
+        assert torch.equal(got.stats[layer].sum(), res.stats[layer].sum())
+    ref = tmp_path / "reference" / "wikipedia_stats"  # the reference's names: {module}_{dtype}_mom2_{n}.npz
+    for layer in (0, 2):
+        res.stats[layer].to_npz(ref / f"{res.modules[layer]}_float32_mom2_500.npz")
+    from_npz = load_stats(tmp_path / "reference", model, [0, 2])
+    for layer in (0, 2):
+        # float32 in the file, as the reference stores it: one rounding
+        assert rel(from_npz.stats[layer].sum(), res.stats[layer].sum()) < 1e-7
+        assert from_npz.stats[layer].count == 500
+    single = load_stats(ref / f"{res.modules[2]}_float32_mom2_500.npz", model, 2)  # one file, one layer
+    assert single.stats[2].count == 500
+
+
+def test_load_stats_refuses_what_does_not_fit(tmp_path, corpus):
+    from pmsolve.stats import load_stats
+
+    model = tiny_llama()
+    res = collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=300, batch_tokens=256,
+                        cache_dir=tmp_path / "ours", progress=False)
+    with pytest.raises(InputError, match=r"layer 2 .*found none"):
+        load_stats(tmp_path / "ours", model, [0, 2])
+    with pytest.raises(InputError, match="does not exist"):
+        load_stats(tmp_path / "nowhere", model, [0])
+    with pytest.raises(InputError, match="no module"):
+        load_stats(tmp_path / "ours", model, [9])
+    # Two candidates for one module: ambiguous, both named.
+    second = tmp_path / "ours" / "copy" / res.paths[0].name
+    second.parent.mkdir()
+    second.write_bytes(res.paths[0].read_bytes())
+    with pytest.raises(InputError, match="found .*copy"):
+        load_stats(tmp_path / "ours", model, [0])
+    # Layer 0's file under layer 1's name: its metadata says otherwise.
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / res.paths[1].name).write_bytes(res.paths[0].read_bytes())
+    with pytest.raises(CacheError, match="not of 'model.layers.1.mlp.down_proj'"):
+        load_stats(swapped, model, [1])
+    # Another width: the reference file of some other model.
+    other = tmp_path / "other"
+    acc = CovarianceAccumulator(32)
+    acc.update(torch.randn(10, 32))
+    acc.to_npz(other / f"{res.modules[0]}_float32_mom2_10.npz")
+    with pytest.raises(CacheError, match="32-dimensional"):
+        load_stats(other, model, [0])
+    # Statistics of other weights of the same architecture: usable, with a warning.
+    with pytest.warns(UserWarning, match="other weights"):
+        load_stats(tmp_path / "ours", tiny_llama(seed=1), [1])

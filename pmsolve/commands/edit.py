@@ -35,6 +35,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-tokens", type=positive_int, default=100_000,
                    help="tokens for the covariance statistics when not cached (default 100000)")
     p.add_argument("--corpus", default=None, help="text/JSONL file or hf:name for statistics (default: offline)")
+    p.add_argument("--stats", default=None, metavar="PATH",
+                   help="precomputed statistics instead of collecting them: a folder with `pmsolve stats` files "
+                        "or the reference's layer_stats .npz files (matched by module name), or one file")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--start-key", default="preset", choices=["preset", "on", "off"],
                    help="also constrain the bare prompt's key for subject-first prompts (default: the preset's)")
@@ -164,9 +167,15 @@ def _stats(args, lm, templates, auto_stats):
     layers, *_ = resolve_settings(lm.model, args.method, args.layers, args.distribution, args.mu, args.preset, None,
                           adapter, lm.model_id)
     t0 = time.perf_counter()
-    res = auto_stats(lm.model, lm.tokenizer, layers, lm.model_id, max_tokens=args.stats_tokens,
-                     corpus=args.corpus, progress=True)
-    how = "cached" if res.from_cache else f"{res.tokens} tokens"
+    if args.stats:
+        from ..stats import load_stats
+
+        res = load_stats(args.stats, lm.model, layers)
+        how = "from " + ", ".join(str(p) for p in res.paths.values())
+    else:
+        res = auto_stats(lm.model, lm.tokenizer, layers, lm.model_id, max_tokens=args.stats_tokens,
+                         corpus=args.corpus, progress=True)
+        how = "cached" if res.from_cache else f"{res.tokens} tokens"
     print(f"statistics for layers {layers}: {how}, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return res
 

@@ -165,7 +165,8 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "fluency_top_k": _top_k(args),
             "start_key": args.start_key, "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
             "values": args.values,
-            "document_start": document_start}
+            "document_start": document_start,
+            **({"stats": args.stats} if args.stats else {})}
 
 
 def _resume(out: Path, config: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
@@ -250,7 +251,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     from tqdm.auto import tqdm
 
     from ..experiments.common import factors_for, write_json
-    from ..stats import collect_stats, weights_fingerprint
+    from ..stats import collect_stats, load_stats, weights_fingerprint
     from .edit import load
 
     cache_dir = _cache_dir(args)
@@ -265,8 +266,11 @@ def _run(args, out: Path, indexed, malformed) -> int:
                               fingerprint, _top_k(args), args.seed)
     print(f"pre-edit baseline: {'cache hit' if hit else 'computed'} ({path}, {time.perf_counter() - t0:.1f}s)",
           file=sys.stderr)
-    stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,
-                          cache_dir=cache_dir / "stats", model_id=lm.model_id, progress=True)
+    if args.stats:
+        stats = load_stats(args.stats, lm.model, layers)
+    else:
+        stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,
+                              cache_dir=cache_dir / "stats", model_id=lm.model_id, progress=True)
     factors = factors_for(stats, layers)
     finished = {ln["batch"] for ln in done}
     failed: list[dict[str, Any]] = []

@@ -6,11 +6,12 @@
 
 Building blocks: :class:`CovarianceAccumulator` (streaming, mergeable, native or
 torch), :func:`open_corpus` (text/JSONL/HF datasets/offline default), and the
-reference ``.npz`` reader/writer in :mod:`pmsolve.stats.io`.
+reference ``.npz`` reader/writer in :mod:`pmsolve.stats.io`. :func:`load_stats` finds
+precomputed statistics for given layers in a folder (ours or the reference's files).
 """
 
 from .accumulator import CovarianceAccumulator
-from .collect import CollectResult, collect_stats, weights_fingerprint
+from .collect import CollectResult, collect_stats, load_stats, weights_fingerprint
 from .corpus import Corpus, offline_default, open_corpus
 from .io import read_reference_npz, write_reference_npz
 
@@ -19,6 +20,7 @@ __all__ = [
     "Corpus",
     "CovarianceAccumulator",
     "collect_stats",
+    "load_stats",
     "offline_default",
     "open_corpus",
     "read_reference_npz",

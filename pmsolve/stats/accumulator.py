@@ -344,12 +344,19 @@ class CovarianceAccumulator:
         cls, path: Any, *, expect: dict[str, Any] | None = None, backend: str = "auto"
     ) -> CovarianceAccumulator:
         """Read a file written by :meth:`save`; ``expect`` fields must match its metadata (else CacheError)."""
+        return cls.load_with_metadata(path, expect=expect, backend=backend)[0]
+
+    @classmethod
+    def load_with_metadata(
+        cls, path: Any, *, expect: dict[str, Any] | None = None, backend: str = "auto"
+    ) -> tuple[CovarianceAccumulator, dict[str, str]]:
+        """As :meth:`load`, also returning the file's metadata (model, fingerprint, module, ...)."""
         from .io import load_state
 
-        state, _ = load_state(path, expect=expect)
+        state, meta = load_state(path, expect=expect)
         acc = cls(state["d"], dtype_products=state["dtype_products"], centered=state["centered"], backend=backend)
         acc.load_state_dict(state)
-        return acc
+        return acc, meta
 
     def to_npz(self, path: Any, *, dtype: Any = None, **extra: Any) -> None:
         """Write Σxxᵀ and the count in the reference ``layer_stats`` ``.npz`` layout (float32 unless ``dtype``)."""

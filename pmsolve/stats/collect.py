@@ -530,3 +530,73 @@ def _write_cache(run: _Run, paths: dict[int, Path], common: dict[str, Any], extr
         dist.barrier()  # the cache exists before any rank drops its checkpoint
     if run.checkpoint is not None:
         run.checkpoint.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# precomputed statistics from elsewhere
+# ---------------------------------------------------------------------------
+
+
+def load_stats(
+    path: str | Path,
+    model: torch.nn.Module,
+    layers: int | list[int],
+    *,
+    module_template: str | None = None,
+    backend: str = "auto",
+) -> CollectResult:
+    """Precomputed statistics for ``layers`` of ``model``, from ``path``: a folder searched
+    recursively for `pmsolve stats` files (``{module}.*.safetensors``) or the ROME/MEMIT/EMMET
+    reference's ``layer_stats`` files (``{module}_*.npz``), or one such file for one layer.
+
+    Each file's integrity is verified on load. A `pmsolve stats` file must be for the layer's
+    module (else CacheError); if its weights fingerprint differs from the model's, a warning
+    says so (statistics of another checkpoint of the same architecture: usable, not the same).
+    Reference files carry no metadata and are matched by name alone.
+
+    Raises:
+        InputError: no file, or several, for a layer (the message lists what was found).
+        CacheError: an unreadable, corrupt or mismatched file.
+    """
+    layer_list = sorted({layers} if isinstance(layers, int) else set(layers))
+    template = rewrite_template(model, module_template)
+    modules = {layer: template.format(layer) for layer in layer_list}
+    for layer, name in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"layer {layer}: the model has no module {name!r}") from None
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InputError(f"statistics path {root} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".npz"))
+    result = CollectResult(stats={}, modules=modules, from_cache=True)
+    fingerprint = None
+    for layer, module in modules.items():
+        found = [p for p in files if not p.name.startswith("checkpoint.")
+                 and (p.name.startswith(module + ".") and p.suffix == ".safetensors"
+                      or p.name.startswith(module + "_") and p.suffix == ".npz")]
+        if root.is_file() and len(layer_list) == 1:
+            found = [root]
+        if len(found) != 1:
+            what = "none" if not found else ", ".join(str(p) for p in found)
+            raise InputError(f"statistics for layer {layer} under {root}: expected one file named {module}.*.safetensors "
+                             f"(pmsolve stats) or {module}_*.npz (reference layer_stats), found {what}")
+        file = found[0]
+        if file.suffix == ".npz":
+            acc = CovarianceAccumulator.from_npz(file, backend=backend)
+        else:
+            acc, meta = CovarianceAccumulator.load_with_metadata(file, backend=backend)
+            if meta.get("module") not in (None, module):
+                raise CacheError(f"{file} holds statistics of {meta['module']!r}, not of {module!r} (layer {layer})")
+            theirs = meta.get("weights_fingerprint")
+            fingerprint = fingerprint or weights_fingerprint(model)
+            if theirs and theirs != fingerprint:
+                warnings.warn(f"{file} was collected on other weights (fingerprint {theirs}, this model {fingerprint}): "
+                              "statistics of another checkpoint", stacklevel=2)
+        width = _rewrite_input_width(model.get_submodule(module))
+        if acc.d != width:
+            raise CacheError(f"{file} is {acc.d}-dimensional; {module} takes {width}-dimensional inputs")
+        result.stats[layer], result.paths[layer] = acc, file
+    result.tokens = min(acc.count for acc in result.stats.values())
+    return result
