@@ -1,6 +1,7 @@
 #include "accumulate.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -46,25 +47,51 @@ float f16_to_f32(uint16_t h) {
   return f;
 }
 
-// Index of the first NaN/Inf among n values (all-ones exponent), or -1. Integer tests on
-// the raw bits vectorise, so this pass costs a few ms where torch.isfinite costs 100s.
-int64_t first_nonfinite(const void* data, size_t n, RowFormat fmt) {
+// Largest |x| of n values, as the raw bits with the sign cleared: for IEEE formats that order
+// is the order of the magnitudes, and NaN/Inf (all-ones exponent) sort above every finite
+// value. An integer max reduction vectorises, so this pass costs a few ms where
+// torch.isfinite costs 100s.
+uint32_t max_magnitude_bits(const void* data, size_t n, RowFormat fmt) {
   if (fmt == RowFormat::f32) {
     const uint32_t* u = static_cast<const uint32_t*>(data);
-    bool bad = false;
-    for (size_t i = 0; i < n; ++i) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
-    if (!bad) return -1;
-    for (size_t i = 0; i < n; ++i)
-      if ((u[i] & 0x7f800000u) == 0x7f800000u) return static_cast<int64_t>(i);
+    uint32_t m = 0;
+    for (size_t i = 0; i < n; ++i) m = std::max(m, u[i] & 0x7fffffffu);
+    return m;
   }
   const uint16_t* h = static_cast<const uint16_t*>(data);
-  const uint16_t mask = fmt == RowFormat::bf16 ? 0x7f80u : 0x7c00u;
-  bool bad = false;
-  for (size_t i = 0; i < n; ++i) bad |= (h[i] & mask) == mask;
-  if (!bad) return -1;
-  for (size_t i = 0; i < n; ++i)
-    if ((h[i] & mask) == mask) return static_cast<int64_t>(i);
+  uint16_t m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max<uint16_t>(m, h[i] & 0x7fffu);
+  return m;
+}
+
+// Bits from which a value (sign cleared) is NaN/Inf, and the magnitude those bits stand for.
+uint32_t nonfinite_bits(RowFormat fmt) {
+  return fmt == RowFormat::f32 ? 0x7f800000u : fmt == RowFormat::bf16 ? 0x7f80u : 0x7c00u;
+}
+
+float magnitude(uint32_t bits, RowFormat fmt) {
+  if (fmt == RowFormat::bf16) return bf16_to_f32(static_cast<uint16_t>(bits));
+  if (fmt == RowFormat::f16) return f16_to_f32(static_cast<uint16_t>(bits));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Index of the first NaN/Inf among n values, or -1 (the slow path, after max_magnitude_bits
+// or a product's diagonal said there is one).
+int64_t first_nonfinite(const void* data, size_t n, RowFormat fmt) {
+  const uint32_t bad = nonfinite_bits(fmt);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t bits = fmt == RowFormat::f32 ? static_cast<const uint32_t*>(data)[i] & 0x7fffffffu
+                                                : static_cast<const uint16_t*>(data)[i] & 0x7fffu;
+    if (bits >= bad) return static_cast<int64_t>(i);
+  }
   return -1;
+}
+
+[[noreturn]] void throw_overflow() {
+  throw std::domain_error("overflow: a column's sum of squares exceeds the fp32 range (values above ~1e19); "
+                          "use fp64 products");
 }
 
 }  // namespace
@@ -77,14 +104,60 @@ CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int
 }
 
 void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
-  // Checked before anything is added, so a rejected update leaves the state untouched.
-  const int64_t bad = first_nonfinite(data, static_cast<size_t>(rows) * d_, fmt);
-  if (bad >= 0) throw std::domain_error("non-finite value (NaN/Inf) in row " + std::to_string(bad / d_));
+  // Nothing may be added from a batch with a NaN/Inf in it. A batch of one chunk whose fp32
+  // product goes to a scratch buffer is checked on that product instead of on the rows: a
+  // NaN/Inf in column i makes the diagonal entry Σₜ xₜᵢ² NaN/Inf (its terms are ≥ 0, nothing
+  // cancels), and the check happens before the fold. That saves a pass over the rows: 4-7 ms
+  // of ~70 for 4096 × 1536 fp32 rows on the session-9 machine (bench/RESULTS.md). Everything
+  // else (several chunks, fp64 or centred products, the AMX kernel, which adds into the
+  // master directly) is checked up front, so a rejected update leaves the state untouched.
+  const bool amx = fmt == RowFormat::bf16 && amx_enabled();
+  const bool check_after = rows <= chunk_ && !fp64_ && !centered_ && !amx;
+  if (!check_after) {
+    const size_t n = static_cast<size_t>(rows) * d_;
+    const uint32_t top = max_magnitude_bits(data, n, fmt);
+    if (top >= nonfinite_bits(fmt))
+      throw std::domain_error("non-finite value (NaN/Inf) in row " + std::to_string(first_nonfinite(data, n, fmt) / d_));
+    const double amax = magnitude(top, fmt);
+    if (!fp64_ && !centered_ && amax * amax * static_cast<double>(std::min(rows, chunk_)) > FLT_MAX)
+      check_squares_fit_f32(data, rows, fmt);
+  }
   size_t elem = fmt == RowFormat::f32 ? 4 : 2;
   const char* p = static_cast<const char*>(data);
   for (int64_t r = 0; r < rows; r += chunk_) {
     int64_t n = std::min(chunk_, rows - r);
-    process_chunk(p + static_cast<size_t>(r) * d_ * elem, n, fmt);
+    process_chunk(p + static_cast<size_t>(r) * d_ * elem, n, fmt, check_after);
+  }
+}
+
+// Throws if a diagonal entry of the chunk's fp32 products is NaN/Inf: names the first row with
+// a NaN/Inf, or (all rows finite) reports that squares overflowed fp32.
+void CovAccumulator::check_products_f32(const void* data, int64_t rows, RowFormat fmt, int parts) const {
+  const size_t dd = mat_.size();
+  bool ok = true;
+  for (int p = 0; p < parts; ++p)
+    for (int64_t i = 0; i < d_; ++i) ok &= std::isfinite(prod32_[p * dd + static_cast<size_t>(i) * d_ + i]);
+  if (ok) return;
+  const int64_t bad = first_nonfinite(data, static_cast<size_t>(rows) * d_, fmt);
+  if (bad >= 0) throw std::domain_error("non-finite value (NaN/Inf) in row " + std::to_string(bad / d_));
+  throw_overflow();
+}
+
+// Exact test, per chunk, of what amax² · rows only bounds: does a column's Σ x² exceed FLT_MAX?
+void CovAccumulator::check_squares_fit_f32(const void* data, int64_t rows, RowFormat fmt) const {
+  const size_t elem = fmt == RowFormat::f32 ? 4 : 2;
+  std::vector<double> sq(d_);
+  for (int64_t r = 0; r < rows; r += chunk_) {
+    std::fill(sq.begin(), sq.end(), 0.0);
+    for (int64_t t = r; t < std::min(rows, r + chunk_); ++t)
+      for (int64_t j = 0; j < d_; ++j) {
+        const size_t at = static_cast<size_t>(t * d_ + j);
+        uint32_t bits = 0;
+        std::memcpy(&bits, static_cast<const char*>(data) + at * elem, elem);  // little-endian
+        const double x = magnitude(bits & (fmt == RowFormat::f32 ? 0x7fffffffu : 0x7fffu), fmt);
+        sq[j] += x * x;
+      }
+    if (*std::max_element(sq.begin(), sq.end()) > FLT_MAX) throw_overflow();
   }
 }
 
@@ -148,7 +221,7 @@ class BlasThreads {
   int saved_;
 };
 
-void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt) {
+void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt, bool checked_after) {
   if (rows <= 0) return;
   if (fmt == RowFormat::bf16 && !fp64_ && !centered_ && amx_enabled()) {
     amx_gram_bf16_add(static_cast<const uint16_t*>(data), rows, d_, mat_.data(), product_threads(d_, rows), packed_);
@@ -178,6 +251,7 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   const int parts = product_threads(d_, rows);
   prod32_.resize(mat_.size() * parts);
   gram_parts_f32(direct ? static_cast<const float*>(data) : rows32_.data(), rows, parts);
+  if (checked_after) check_products_f32(data, rows, fmt, parts);
   fold_in(prod32_.data(), parts, nullptr, rows, chunk_mean.data());
 }
 

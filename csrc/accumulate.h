@@ -25,7 +25,8 @@ class CovAccumulator {
   CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows);
 
   // rows × d, row-major, in the given format (bf16/fp16 as raw 16-bit words).
-  // Throws std::domain_error, adding nothing, if any value is NaN or Inf.
+  // Throws std::domain_error, adding nothing, if any value is NaN or Inf ("non-finite
+  // value ... in row R"), or if fp32 products overflow ("overflow: ...").
   void update(const void* data, int64_t rows, RowFormat fmt);
   // Exact merge: sums add (uncentred) or Chan/Pébay (centred).
   void merge(const CovAccumulator& other);
@@ -47,7 +48,10 @@ class CovAccumulator {
   static constexpr int64_t kDefaultChunkRows = 4096;
 
  private:
-  void process_chunk(const void* data, int64_t rows, RowFormat fmt);
+  // checked_after: the rows were not checked for NaN/Inf; check the product before adding it.
+  void process_chunk(const void* data, int64_t rows, RowFormat fmt, bool checked_after);
+  void check_products_f32(const void* data, int64_t rows, RowFormat fmt, int parts) const;
+  void check_squares_fit_f32(const void* data, int64_t rows, RowFormat fmt) const;
   void load_rows_f32(const void* data, int64_t rows, RowFormat fmt);
   void center_rows(int64_t rows, std::vector<double>& chunk_mean);
   void gram_parts_f32(const float* x, int64_t rows, int parts);

@@ -157,6 +157,35 @@ def test_bad_updates(backend):
             CA(8, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejected_updates_add_nothing_whatever_the_path(backend):
+    """A NaN/Inf anywhere in a batch, in its first or its last chunk, with fp32, fp64 or centred
+    products, and fp32 squares that overflow: an error naming the problem, the state unchanged.
+    (The native fp32 path checks a one-chunk batch on its product's diagonal, the others up front.)"""
+    good = mlp_like(10, 8)
+    for kwargs in ({}, {"dtype_products": "fp64"}, {"centered": True}, {"chunk_rows": 3}):
+        acc = CA(8, backend=backend, **kwargs)
+        acc.update(good)
+        before = acc.state_dict()
+        for row in (0, 5):  # with chunk_rows=3: the first and the second chunk
+            bad = mlp_like(6, 8, seed=1)
+            bad[row, 7] = float("nan")
+            with pytest.raises(InputError, match=f"NaN or Inf.*row {row} of 6"):
+                acc.update(bad)
+        huge = torch.full((4, 8), 3e19)  # finite in fp32, but 4 · (3e19)² > 3.4e38
+        if kwargs.get("dtype_products") == "fp64":
+            acc.update(huge)  # fp64 products hold it
+            continue
+        if not kwargs.get("centered"):  # (centred products of equal rows are zero)
+            with pytest.raises(InputError, match="too large for fp32 products"):
+                acc.update(huge)
+        after = acc.state_dict()
+        assert after["count"] == before["count"] == 10 and torch.equal(after["sum"], before["sum"]), kwargs
+    acc = CA(8, backend=backend)
+    acc.update(torch.full((3, 8), 1e19))  # 3 · 1e38 < 3.4e38: still representable, accepted
+    assert torch.isfinite(acc.sum()).all()
+
+
 @needs_native
 def test_native_binding_checks():
     acc = native().CovAccumulator(4)

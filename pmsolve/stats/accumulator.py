@@ -14,6 +14,7 @@ the token count (the reference's fp32 running sum does). Centred statistics keep
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from ..errors import BackendUnavailableError, InputError, NativeUnavailableWarni
 
 ProductDtype = Literal["fp32", "fp64"]
 _PRODUCT_DTYPES = ("fp32", "fp64")
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 # Rows per fp32 product in the torch engine; the native default lives in csrc/accumulate.h.
 TORCH_CHUNK_ROWS = 4096
 
@@ -45,9 +47,17 @@ class _TorchEngine:
         self.mean = torch.zeros(d, dtype=torch.float64, device=device) if centered else None
 
     def update(self, x: torch.Tensor) -> None:
-        if not bool(torch.isfinite(x).all()):
+        amax = float(torch.linalg.vector_norm(x, float("inf")))  # NaN if any NaN, inf if any inf
+        if not math.isfinite(amax):
             row = int((~torch.isfinite(x)).any(1).nonzero()[0])
             raise InputError(f"keys contain NaN or Inf (row {row} of {x.shape[0]})")
+        if not (self.fp64 or self.centered) and amax * amax * min(x.shape[0], self.chunk_rows) > _FP32_MAX:
+            # Only then the exact test: does some column's sum of squares leave the fp32 range?
+            sq = x.to(torch.float64).square()
+            if any(float(sq[i : i + self.chunk_rows].sum(0).max()) > _FP32_MAX
+                   for i in range(0, x.shape[0], self.chunk_rows)):
+                raise InputError("keys too large for fp32 products (overflow: a column's sum of squares exceeds "
+                                 "the fp32 range; values above ~1e19); use fp64 products")
         # bf16/fp16 rows are upcast before the product, on a GPU too: cuBLAS's bf16 GEMM
         # with an fp32 result (tensor cores) ran 8x faster on an H200 but its error against
         # fp64 was 7e-6, against 3e-8 for this fp32 product (bench/RESULTS.md, session 8).
@@ -117,6 +127,8 @@ class _NativeEngine:
             if str(exc).startswith("non-finite"):
                 raise InputError(f"keys contain NaN or Inf ({str(exc)[len('non-finite value (NaN/Inf) in '):]} of "
                                  f"{x.shape[0]})") from None
+            if str(exc).startswith("overflow"):
+                raise InputError(f"keys too large for fp32 products ({exc})") from None
             raise
 
     def fold(self, n_b: int, mean_b: torch.Tensor | None, mat_b: torch.Tensor) -> None:
