@@ -125,6 +125,21 @@ def test_nan_activation_names_layer_and_batch(corpus):
         collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=10**6, batch_tokens=300, progress=False)
 
 
+def test_huge_activation_names_layer_and_batch(corpus):
+    """Finite activations whose fp32 squares overflow would add Inf to C: refused, located."""
+    model = tiny_llama()
+    seen = []
+
+    def blow_up(module, args):
+        seen.append(1)
+        if len(seen) == 2:
+            return (args[0] * 1e25,)
+
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(blow_up, prepend=True)
+    with pytest.raises(NumericalError, match=r"too large for fp32 products at layer 0 .* in batch 1"):
+        collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=300, progress=False)
+
+
 def test_resume_after_crash_equals_uninterrupted(tmp_path, corpus):
     model = tiny_llama()
     kw = dict(max_tokens=1500, batch_tokens=256, checkpoint_every=200, progress=False)

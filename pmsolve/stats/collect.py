@@ -182,12 +182,13 @@ class _Capture:
             try:  # the accumulator checks finiteness before adding anything
                 self.accs[layer].update(x[self.select.to(x.device)])
             except InputError as exc:
-                if "NaN or Inf" not in str(exc):
-                    raise
-                raise NumericalError(
-                    f"non-finite activation (NaN/Inf) at layer {layer} ({self.modules[layer]}) in batch "
-                    f"{self.batch_index}: {exc}; the model overflows on this text (try a wider dtype)"
-                ) from None
+                where = f"at layer {layer} ({self.modules[layer]}) in batch {self.batch_index}: {exc}"
+                if "NaN or Inf" in str(exc):
+                    raise NumericalError(f"non-finite activation (NaN/Inf) {where}; the model overflows on this "
+                                         "text (try a wider dtype)") from None
+                if "too large for fp32" in str(exc):
+                    raise NumericalError(f"activations too large for fp32 products {where}") from None
+                raise
             self.seconds += time.perf_counter() - t0
             if layer == self.deepest:
                 raise _StopForward
