@@ -83,6 +83,18 @@ def rewrite_template(model: torch.nn.Module, module_template: str | None = None)
     return _ARCHITECTURES[model_type].rewrite
 
 
+def rewrite_modules(model: torch.nn.Module, layers: list[int], module_template: str | None = None) -> dict[int, str]:
+    """layer -> rewrite module name, each checked to exist in ``model`` (InputError naming the layer)."""
+    template = rewrite_template(model, module_template)
+    modules = {layer: template.format(layer) for layer in layers}
+    for layer, name in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"layer {layer}: the model has no module {name!r}") from None
+    return modules
+
+
 def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     """Hash of every parameter's name, shape, dtype and ``samples`` evenly strided values.
 
@@ -435,13 +447,7 @@ def collect_stats(
             raise InputError(f"{name} must be a positive int, got {v!r}")
     if dtype not in ("fp32", "fp64"):
         raise InputError(f"dtype must be 'fp32' or 'fp64', got {dtype!r}")
-    template = rewrite_template(model, module_template)
-    modules = {layer: template.format(layer) for layer in layer_list}
-    for layer, name in modules.items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise InputError(f"layer {layer}: the model has no module {name!r}") from None
+    modules = rewrite_modules(model, layer_list, module_template)
     corpus = open_corpus(corpus)
     rank, world = _dist()
     common = {
@@ -560,13 +566,7 @@ def load_stats(
         CacheError: an unreadable, corrupt or mismatched file.
     """
     layer_list = sorted({layers} if isinstance(layers, int) else set(layers))
-    template = rewrite_template(model, module_template)
-    modules = {layer: template.format(layer) for layer in layer_list}
-    for layer, name in modules.items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise InputError(f"layer {layer}: the model has no module {name!r}") from None
+    modules = rewrite_modules(model, layer_list, module_template)
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"statistics path {root} does not exist")
