@@ -377,8 +377,17 @@ def test_load_stats_refuses_what_does_not_fit(tmp_path, corpus):
     second = tmp_path / "ours" / "copy" / res.paths[0].name
     second.parent.mkdir()
     second.write_bytes(res.paths[0].read_bytes())
-    with pytest.raises(InputError, match="found .*copy"):
+    with pytest.raises(InputError, match="several files .*copy.*glob pattern"):
         load_stats(tmp_path / "ours", model, [0])
+    # Statistics of two token counts side by side, as `pmsolve stats` leaves them: a pattern picks.
+    more = collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=400, batch_tokens=256,
+                         cache_dir=tmp_path / "two", progress=False)
+    collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=300, batch_tokens=256,
+                  cache_dir=tmp_path / "two", progress=False)
+    with pytest.raises(InputError, match="several files"):
+        load_stats(tmp_path / "two", model, [0, 1])
+    picked = load_stats(str(tmp_path / "two" / "**" / "*.400tok*"), model, [0, 1])
+    assert picked.tokens == 400 and picked.paths == more.paths
     # Layer 0's file under layer 1's name: its metadata says otherwise.
     swapped = tmp_path / "swapped"
     swapped.mkdir()

@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"loaded {lm.model_id} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         before = margins(lm.model, lm.tokenizer, requests)
         n_batches = 1 if not args.batch_size else -(-len(requests) // args.batch_size)
-        bar, cb = progress_bar(n_batches)
         stats = _stats(args, lm, templates, auto_stats)
+        bar, cb = progress_bar(n_batches)
         result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
                       distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
                       seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb,

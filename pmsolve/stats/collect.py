@@ -11,6 +11,7 @@ cached with metadata that is verified on load.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import re
 import time
@@ -554,7 +555,8 @@ def load_stats(
 ) -> CollectResult:
     """Precomputed statistics for ``layers`` of ``model``, from ``path``: a folder searched
     recursively for `pmsolve stats` files (``{module}.*.safetensors``) or the ROME/MEMIT/EMMET
-    reference's ``layer_stats`` files (``{module}_*.npz``), or one such file for one layer.
+    reference's ``layer_stats`` files (``{module}_*.npz``), a glob pattern (``**`` recursive)
+    that narrows such files down, e.g. to one token count, or one such file for one layer.
 
     Each file's integrity is verified on load. A `pmsolve stats` file must be for the layer's
     module (else CacheError); if its weights fingerprint differs from the model's, a warning
@@ -568,9 +570,14 @@ def load_stats(
     layer_list = sorted({layers} if isinstance(layers, int) else set(layers))
     modules = rewrite_modules(model, layer_list, module_template)
     root = Path(path).expanduser()
-    if not root.exists():
+    if glob.has_magic(str(root)):  # a pattern picks among files of several token counts or corpora
+        files = sorted(Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file())
+    elif root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".npz"))
+    else:
         raise InputError(f"statistics path {root} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".npz"))
     result = CollectResult(stats={}, modules=modules, from_cache=True)
     fingerprint = None
     for layer, module in modules.items():
@@ -579,10 +586,12 @@ def load_stats(
                       or p.name.startswith(module + "_") and p.suffix == ".npz")]
         if root.is_file() and len(layer_list) == 1:
             found = [root]
-        if len(found) != 1:
-            what = "none" if not found else ", ".join(str(p) for p in found)
+        if not found:
             raise InputError(f"statistics for layer {layer} under {root}: expected one file named {module}.*.safetensors "
-                             f"(pmsolve stats) or {module}_*.npz (reference layer_stats), found {what}")
+                             f"(pmsolve stats) or {module}_*.npz (reference layer_stats), found none")
+        if len(found) > 1:
+            raise InputError(f"statistics for layer {layer} under {root}: several files ({', '.join(map(str, found))}); "
+                             f"pass a narrower folder or a glob pattern, e.g. '{root}/**/*.100000tok*'")
         file = found[0]
         if file.suffix == ".npz":
             acc = CovarianceAccumulator.from_npz(file, backend=backend)
