@@ -78,6 +78,18 @@ def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, t
     assert not again.exists()
     assert cli.main(["apply", "--updates", str(tmp_path / "nope.safetensors"), "--out", str(again)]) == 2
     assert "cannot read updates file" in capsys.readouterr().err
+    # An edit made in bf16 is applied to the model loaded in bf16 unless told otherwise.
+    assert cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2", "--dtype",
+                     "bfloat16", "--stats-tokens", "3000", "--preset", "llama", "--no-save-model",
+                     "--out", str(tmp_path / "bf16")]) == 0
+    bf16_updates = str(tmp_path / "bf16" / "updates.safetensors")
+    assert cli.main(["apply", "--updates", bf16_updates, "--model", str(tiny_folder),
+                     "--out", str(tmp_path / "applied-bf16")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "applied-bf16").dtype == torch.bfloat16
+    capsys.readouterr()
+    assert cli.main(["apply", "--updates", bf16_updates, "--model", str(tiny_folder), "--dtype", "float32",
+                     "--out", str(tmp_path / "applied-fp32")]) == 2
+    assert "not the ones these updates were computed on" in capsys.readouterr().err
 
 
 def test_edit_command_uses_precomputed_statistics(tiny_folder, tmp_path, monkeypatch, capsys):

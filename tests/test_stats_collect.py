@@ -216,7 +216,10 @@ def test_cache_is_verified(tmp_path, corpus):
     again = collect_stats(model, ByteTokenizer(), [0, 1], corpus, **kw)
     assert again.from_cache and torch.equal(again.stats[1].sum(), first.stats[1].sum())
 
-    other = tiny_llama(seed=1)  # same architecture and id, other weights
+    other = tiny_llama(seed=1)  # same architecture and id, other weights (or another dtype): own files
+    theirs = collect_stats(other, ByteTokenizer(), [0], corpus, **kw)
+    assert not theirs.from_cache and theirs.paths[0] != first.paths[0]
+    theirs.paths[0].write_bytes(first.paths[0].read_bytes())  # a file that is not what its name says
     with pytest.raises(CacheError, match="weights_fingerprint"):
         collect_stats(other, ByteTokenizer(), [0], corpus, **kw)
     p0, p1 = first.paths[0], first.paths[1]

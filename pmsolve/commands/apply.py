@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import PMSolveError
+from ..errors import CacheError, PMSolveError
 from .edit import add_document_start, load, margins
 
 
@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="the unedited model: folder or Hugging Face id "
                                                  "(default: built-in SmolLM2)")
     add_document_start(p)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="load the model in this dtype (default: the dtype the edit was made in)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--out", required=True, help="folder for the edited model (weights and tokenizer)")
     p.add_argument("--force", action="store_true",
@@ -32,10 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..editing import apply_updates, load_requests, load_updates
 
     try:
         _, header = load_updates(args.updates)  # a damaged file fails before the model loads
+        args.dtype = args.dtype or header.get("weight_dtype") or "float32"
+        if not isinstance(getattr(torch, str(args.dtype), None), torch.dtype):
+            raise CacheError(f"{args.updates}: unknown weight dtype {args.dtype!r} in its header")
         lm = load(args)
         requests = load_requests(header["requests"]) if header.get("requests") else []
         before = margins(lm.model, lm.tokenizer, requests) if requests else []

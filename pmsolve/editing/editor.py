@@ -83,9 +83,11 @@ class EditResult:
     def save_updates(self, path: str | os.PathLike[str]) -> None:
         """Write the updates alone (factored U, B per layer and batch): re-apply with
         :func:`apply_updates` to the unedited model."""
+        dtypes = {str(w.dtype).removeprefix("torch.") for w in self._originals.values()}
         save_updates(self.edits, path, meta={"method": self.method, "layers": self.layers,
                                              "requests": [r.as_dict() for r in self.requests],
-                                             "weights": self.fingerprints})
+                                             "weights": self.fingerprints,
+                                             "weight_dtype": dtypes.pop() if len(dtypes) == 1 else None})
 
     def report(self) -> dict[str, Any]:
         return {

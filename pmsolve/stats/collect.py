@@ -464,7 +464,10 @@ def collect_stats(
     start = document_start_tag(tokenizer)  # statistics of texts that start with a token differ
     if start:
         common["document_start"] = start
-    tag = f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok{'.' + start if start else ''}"
+    # The weights' fingerprint is in the name: the same model in another dtype, or another
+    # checkpoint under the same id, gets files of its own instead of a mismatch error.
+    tag = (f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok{'.' + start if start else ''}"
+           f".w{common['weights_fingerprint'][:10]}")
     paths = {l: folder / f"{m}.{tag}.safetensors" for l, m in modules.items()} if folder else {}
 
     result = CollectResult(stats={}, modules=modules, paths=paths)
