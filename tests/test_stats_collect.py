@@ -288,6 +288,33 @@ def test_distributed_gloo_equals_single_process(tmp_path):
     assert meta_ok.count == single.stats[0].count
 
 
+def test_cli_stats_under_torchrun_equals_one_process(tmp_path, corpus):
+    """`torchrun --nproc-per-node 2 -m pmsolve.cli stats ...`: the two processes split the corpus
+    (gloo on loopback), rank 0 writes files holding the same statistics as one process."""
+    folder = tiny_folder(tmp_path)
+    common = ["stats", "--model", str(folder), "--layers", "0-1", "--corpus", str(corpus), "--max-tokens",
+              "100000", "--batch-tokens", "64", "--dtype", "fp64", "--quiet"]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "pmsolve.cli"]
+    two = subprocess.run(launch + common + ["--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads(two.stdout)  # rank 0 alone prints
+    assert report["processes"] == 2
+    one = subprocess.run([sys.executable, "-m", "pmsolve.cli"] + common + ["--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert json.loads(one.stdout)["processes"] == 1
+    for layer in ("0", "1"):
+        a = CovarianceAccumulator.load(report["files"][layer], expect={"world_size": 2})
+        b = CovarianceAccumulator.load(json.loads(one.stdout)["files"][layer])
+        assert a.count == b.count == report["tokens"] > 0
+        # Same tokens, other batches: the fp32 forward pass rounds differently per batch
+        # composition (~1e-8 relative measured); a lost or doubled token would be ~1e-3.
+        assert rel(a.sum(), b.sum()) < 1e-6
+
+
 def test_corpora(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first paragraph\nstill first\n\n\nsecond one\n")
@@ -313,11 +340,10 @@ def test_saved_hf_dataset(tmp_path):
     assert list(open_corpus(tmp_path / "ds").texts()) == ["one doc", "another doc"]
 
 
-def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
+def tiny_folder(tmp_path) -> Path:
+    """tiny_llama with a word-level tokenizer over WORDS, saved as a model folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from pmsolve.cli import main
 
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(sorted(set(WORDS)))}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -325,6 +351,13 @@ def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
     folder = tmp_path / "tiny"
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
     tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
+    from pmsolve.cli import main
+
+    folder = tiny_folder(tmp_path)
     out = tmp_path / "stats"
     # A layer the model lacks: one line naming it, exit status 2, no traceback, nothing written.
     rc = main(["stats", "--model", str(folder), "--layers", "0,9", "--corpus", str(corpus), "--max-tokens", "300",
