@@ -163,3 +163,13 @@ def test_edit_and_apply_commands_on_cuda(tok, gpu_only, tmp_path, monkeypatch):
     applied = tmp_path / "applied"
     assert cli.main(["apply", "--updates", str(tmp_path / "gpu" / "updates.safetensors"), "--model", str(folder),
                      "--out", str(applied)]) == 0
+    # `pmsolve stats --device-map cuda` (one process) against the CPU's statistics.
+    from pmsolve.stats import CovarianceAccumulator
+
+    files = {}
+    for where, extra in (("gpu", ["--device-map", str(gpu_only)]), ("cpu", [])):
+        assert cli.main(["stats", "--model", str(folder), "--layers", "1", "--max-tokens", "3000",
+                         "--out", str(tmp_path / f"stats-{where}"), "--quiet", *extra]) == 0
+        (files[where],) = (tmp_path / f"stats-{where}").rglob("*.safetensors")
+    on_gpu, on_cpu = CovarianceAccumulator.load(files["gpu"]), CovarianceAccumulator.load(files["cpu"])
+    assert on_gpu.count == on_cpu.count and rel(on_gpu.sum(), on_cpu.sum()) < 1e-4  # as collect_stats above
