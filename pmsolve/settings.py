@@ -3,7 +3,9 @@
     with pmsolve.settings.max_cond(1e10), pmsolve.settings.backend("torch"):
         upd = pmsolve.solve(factor, K, R)
 
-Values are process-wide defaults that explicit keyword arguments override.
+``set_value`` changes a process-wide default (every thread sees it); a ``with`` block
+overrides it for the code it wraps, in its own thread only, so concurrent solves in other
+threads keep their settings. Explicit keyword arguments override both.
 """
 
 from __future__ import annotations
@@ -27,33 +29,44 @@ _DEFAULTS: dict[str, Any] = {
     "backend": None,
 }
 
-_local = threading.local()
-
-
-def _values() -> dict[str, Any]:
-    if not hasattr(_local, "values"):
-        _local.values = dict(_DEFAULTS)
-    return _local.values
+_process = dict(_DEFAULTS)   # set_value
+_lock = threading.Lock()
+_local = threading.local()   # .overrides: name -> value, from the with-blocks active in this thread
 
 
 def get(name: str) -> Any:
-    return _values()[name]
+    overrides = getattr(_local, "overrides", None)
+    if overrides and name in overrides:
+        return overrides[name]
+    return _process[name]
+
+
+def _check_name(name: str) -> None:
+    if name not in _DEFAULTS:
+        raise KeyError(f"unknown pmsolve setting {name!r}; known: {sorted(_DEFAULTS)}")
 
 
 def set_value(name: str, value: Any) -> None:
-    if name not in _DEFAULTS:
-        raise KeyError(f"unknown pmsolve setting {name!r}; known: {sorted(_DEFAULTS)}")
-    _values()[name] = value
+    """Change the process-wide default of a setting."""
+    _check_name(name)
+    with _lock:
+        _process[name] = value
 
 
 @contextlib.contextmanager
 def _override(name: str, value: Any) -> Iterator[None]:
-    old = get(name)
-    set_value(name, value)
+    _check_name(name)
+    if not hasattr(_local, "overrides"):
+        _local.overrides = {}
+    had, old = name in _local.overrides, _local.overrides.get(name)
+    _local.overrides[name] = value
     try:
         yield
     finally:
-        set_value(name, old)
+        if had:
+            _local.overrides[name] = old
+        else:
+            del _local.overrides[name]
 
 
 def jitter_schedule(values: tuple[float, ...]) -> contextlib.AbstractContextManager[None]:

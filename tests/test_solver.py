@@ -703,3 +703,39 @@ def test_finite_check_survives_an_overflowing_sum_and_locates_bad_entries():
     mixed[1, 0], mixed[3, 1] = float("inf"), float("-inf")  # the sum is NaN, not ±inf
     with pytest.raises(InputError, match=r"first at index \(1, 0\)"):
         _check_finite("R", mixed)
+
+
+def test_settings_process_wide_defaults_and_thread_local_overrides():
+    """set_value reaches every thread; a with-block overrides only its own thread, nests, and
+    restores on exit (also on an exception)."""
+    import threading
+
+    seen: dict[str, float] = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        seen["default"] = settings.get("max_cond")
+        inside.wait(5)
+        seen["while_main_overrides"] = settings.get("max_cond")
+        release.set()
+
+    default = settings.get("max_cond")
+    settings.set_value("max_cond", 1e9)
+    try:
+        t = threading.Thread(target=other_thread)
+        t.start()
+        with settings.max_cond(1e5):
+            with settings.max_cond(1e3):
+                assert settings.get("max_cond") == 1e3
+            assert settings.get("max_cond") == 1e5
+            inside.set()
+            release.wait(5)
+        t.join(5)
+        assert seen == {"default": 1e9, "while_main_overrides": 1e9}
+        with pytest.raises(RuntimeError), settings.max_cond(7.0):
+            raise RuntimeError
+        assert settings.get("max_cond") == 1e9
+    finally:
+        settings.set_value("max_cond", default)
+    with pytest.raises(KeyError, match="unknown pmsolve setting"):
+        settings.set_value("max_condition", 1.0)
