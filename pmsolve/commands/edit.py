@@ -60,6 +60,11 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def note_ignored_corpus(args: argparse.Namespace, command: str) -> None:
+    if args.stats and args.corpus:
+        print(f"pmsolve {command}: --corpus is ignored: the statistics come from --stats", file=sys.stderr)
+
+
 def key_options(args: argparse.Namespace) -> dict[str, Any]:
     """edit() keyword arguments for the key options and v* settings on the command line
     (None: the preset's)."""
@@ -170,6 +175,7 @@ def _stats(args, lm, templates, auto_stats):
     if args.stats:
         from ..stats import load_stats
 
+        note_ignored_corpus(args, "edit")
         res = load_stats(args.stats, lm.model, layers)
         how = "from " + ", ".join(str(p) for p in res.paths.values())
     else:

@@ -252,7 +252,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
 
     from ..experiments.common import factors_for, write_json
     from ..stats import collect_stats, load_stats, weights_fingerprint
-    from .edit import load
+    from .edit import load, note_ignored_corpus
 
     cache_dir = _cache_dir(args)
     lm = load(args)
@@ -267,6 +267,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     print(f"pre-edit baseline: {'cache hit' if hit else 'computed'} ({path}, {time.perf_counter() - t0:.1f}s)",
           file=sys.stderr)
     if args.stats:
+        note_ignored_corpus(args, "eval")
         stats = load_stats(args.stats, lm.model, layers)
     else:
         stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,
