@@ -686,3 +686,49 @@ def test_key_options_are_checked_before_any_change(tok):
         with pytest.raises(InputError, match="preserve_prompts"):
             _edit(m, tok, C, preserve_prompts=bad)
     assert same_weights(m, snap)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_edit_resumes_from_its_checkpoint_bit_for_bit(tmp_path, tok):
+    """Killed before its third batch, an edit with a checkpoint restores the model; run again,
+    it re-applies the two saved batches, does the third, and ends where an uninterrupted run
+    ends, weight for weight. Another edit's checkpoint is not used."""
+    reqs = REQUESTS[:3]
+    m = model("gpt2", len(tok))
+    C = stats(m, tok)
+    snap = snapshot(m)
+    kw = dict(method="emmet", layers=[1, 2], batch_size=1, requests=reqs)
+    whole = _edit(m, tok, C, **kw)
+    want, want_values = snapshot(m), whole.values
+    whole.restore()
+
+    ck = tmp_path / "edit.ckpt"
+
+    def stop_at_third(stage, done, total):
+        if stage == "batch" and done == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _edit(m, tok, C, checkpoint=ck, progress=stop_at_third, **kw)
+    assert same_weights(m, snap) and ck.exists()
+    events = []
+    resumed = _edit(m, tok, C, checkpoint=ck, progress=lambda *a: events.append(a), **kw)
+    assert ("resumed", 2, 3) in events and [e for e in events if e[0] == "batch"] == [("batch", 2, 3)]
+    assert same_weights(m, want)
+    assert resumed.values == want_values and len(resumed.edits) == len(whole.edits) == 6
+    assert resumed.context_templates == whole.context_templates
+    assert resumed.fingerprints == whole.fingerprints  # "before" is the unedited model's
+    assert resumed.resumed_requests == 2 and resumed.report()["resumed_requests"] == 2
+    resumed.restore()
+    assert same_weights(m, snap)
+    with pytest.warns(UserWarning, match="checkpoint of another edit"):
+        other = _edit(m, tok, C, checkpoint=ck, **{**kw, "method": "memit"})
+    assert {e.update.diagnostics.method for e in other.edits} == {"memit"}
+    ck.write_bytes(ck.read_bytes()[:100])
+    other.restore()
+    with pytest.raises(CacheError, match="delete it to start over"):
+        _edit(m, tok, C, checkpoint=ck, **{**kw, "method": "memit"})
+    assert same_weights(m, snap)

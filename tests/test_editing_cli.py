@@ -113,6 +113,43 @@ def test_edit_command_uses_precomputed_statistics(tiny_folder, tmp_path, monkeyp
     assert "expected one file named model.layers.2.mlp.down_proj" in capsys.readouterr().err
 
 
+def test_interrupted_edit_command_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Killed during its second batch, `pmsolve edit` leaves a checkpoint in --out; the same
+    command again does the second batch only and writes what an uninterrupted run writes."""
+    import pmsolve.editing.editor as editor
+    from pmsolve.editing import load_updates
+
+    reqs = _two_requests(tmp_path, monkeypatch)
+    common = ["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2", "--method", "emmet",
+              "--batch-size", "1", "--stats-tokens", "3000", "--preset", "llama", "--no-save-model"]
+    assert cli.main(common + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = editor._edit_batch, []
+
+    def dies_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "_edit_batch", dies_in_the_second_batch)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(common + ["--out", str(out)])
+    assert "run the same command again" in capsys.readouterr().err
+    assert (out / "edit-checkpoint.safetensors").exists() and not (out / "updates.safetensors").exists()
+    monkeypatch.setattr(editor, "_edit_batch", real)
+    assert cli.main(common + ["--out", str(out)]) == 0
+    assert "(1 from an interrupted run's checkpoint)" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["resumed_requests"] == 1
+    assert not (out / "edit-checkpoint.safetensors").exists()
+    got, _ = load_updates(out / "updates.safetensors")
+    want, _ = load_updates(tmp_path / "whole" / "updates.safetensors")
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert torch.equal(g["U"], w["U"]) and torch.equal(g["B"], w["B"])
+
+
 @pytest.mark.parametrize("argv, option", [
     (["stats", "--layers", "2", "--max-tokens", "0", "--out", "x"], "--max-tokens"),
     (["stats", "--layers", "two", "--out", "x"], "--layers"),

@@ -73,6 +73,9 @@ def key_options(args: argparse.Namespace) -> dict[str, Any]:
             "value_config": args.values}
 
 
+CHECKPOINT = "edit-checkpoint.safetensors"  # in --out while an edit runs (see pmsolve.edit's checkpoint)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET)")
     p.add_argument("--requests", required=True, help="JSON or JSONL file of edit requests")
@@ -82,6 +85,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", default=None, help="JSON module-name templates for unknown architectures")
     p.add_argument("--out", required=True, help="output folder: model/, updates.safetensors, report.json")
     p.add_argument("--no-save-model", action="store_true", help="write only the updates and the report")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if --out holds the checkpoint of this same edit, interrupted")
     p.set_defaults(func=run)
 
 
@@ -101,7 +106,9 @@ def progress_bar(total_batches: int):
     bar = tqdm(total=total_batches, desc="editing", unit="batch", file=sys.stderr)
 
     def cb(stage: str, done: int, total: int) -> None:
-        if stage == "layer":
+        if stage == "resumed":
+            bar.update(done)
+        elif stage == "layer":
             bar.set_postfix_str(f"layer {done}/{total}")
             if done == total:
                 bar.update(1)
@@ -136,12 +143,22 @@ def run(args: argparse.Namespace) -> int:
         before = margins(lm.model, lm.tokenizer, requests)
         n_batches = 1 if not args.batch_size else -(-len(requests) // args.batch_size)
         stats = _stats(args, lm, templates, auto_stats)
+        checkpoint = Path(args.out) / CHECKPOINT
+        if args.no_resume:
+            checkpoint.unlink(missing_ok=True)
         bar, cb = progress_bar(n_batches)
-        result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
-                      distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
-                      seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id, progress=cb,
-                      **key_options(args))
-        bar.close()
+        try:
+            result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
+                          distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
+                          seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id,
+                          progress=cb, checkpoint=checkpoint, **key_options(args))
+        except BaseException:
+            if checkpoint.exists():
+                print(f"\npmsolve edit: the batches done so far are saved in {checkpoint}; "
+                      "run the same command again to go on from there", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
         after = margins(lm.model, lm.tokenizer, requests)
     except (PMSolveError, OSError, json.JSONDecodeError) as exc:
         print(f"pmsolve edit: error: {exc}", file=sys.stderr)
@@ -158,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_save_model:
         lm.model.save_pretrained(out / "model")
         lm.tokenizer.save_pretrained(out / "model")
+    checkpoint.unlink(missing_ok=True)  # everything it held is in the files above
     print(summary(result, report))
     print(f"\nwrote {out}/report.json, {out}/updates.safetensors" + ("" if args.no_save_model else f", {out}/model/"))
     return 0
@@ -188,7 +206,8 @@ def _stats(args, lm, templates, auto_stats):
 
 def summary(result, report) -> str:
     lines = [f"{result.method} on layers {result.layers} ({result.distribution}), "
-             f"{len(result.requests)} requests, {report['facts_per_second']:.2f} facts/s"]
+             f"{len(result.requests)} requests, {report['facts_per_second']:.2f} facts/s"
+             + (f" ({result.resumed_requests} from an interrupted run's checkpoint)" if result.resumed_requests else "")]
     lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     lines.append(f"{'subject':<28} {'target':<16} {'v* steps':>8}  margin before → after")
     for m, v, r in zip(report["margins"], result.values, result.requests):

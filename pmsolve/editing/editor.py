@@ -23,6 +23,7 @@ import torch
 from ..errors import CacheError, InputError
 from ..models.adapters import Adapter, Templates, adapter_for
 from ..solver import METHODS, Factor, Update, factorize, solve
+from . import checkpoint as resume
 from .distribution import Distribution, get_distribution, remaining_share
 from .keys import average_by_owner, cache_dir, capture, context_templates, key_prompts, pad_id
 from .presets import Preset, load_preset, preset_for
@@ -75,6 +76,8 @@ class EditResult:
     value_config: dict[str, Any] = field(default_factory=dict)  # the v* settings used
     # module -> {"before": ..., "after": ...}: weight_fingerprint of each touched weight
     fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
+    # requests whose batches came from a checkpoint (timings cover the others only)
+    resumed_requests: int = 0
 
     def restore(self) -> None:
         """Put back the original weights, bit for bit."""
@@ -98,7 +101,8 @@ class EditResult:
             **self.key_options,
             "n_requests": len(self.requests),
             "timings": self.timings,
-            "facts_per_second": len(self.requests) / max(sum(self.timings.values()), 1e-9),
+            "facts_per_second": (len(self.requests) - self.resumed_requests) / max(sum(self.timings.values()), 1e-9),
+            "resumed_requests": self.resumed_requests,
             "edits": [e.as_dict() for e in self.edits],
             "values": self.values,
             "value_config": self.value_config,
@@ -326,6 +330,7 @@ def edit(
     start_key: bool | None = None,
     key_source: str | None = None,
     preserve_prompts: float | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> EditResult:
     """Edit ``requests`` into ``model`` in place and return what was done.
 
@@ -370,6 +375,11 @@ def edit(
             which the v* optimisation never saw; measured on SmolLM2 (256 facts, EMMET, layer
             4, docs/RESULTS.md): α = 1 raised ES from 86.7 % to 97.7 % with prompt keys.
             None: the preset's choice, else 0 (off).
+        checkpoint: a file where the work done is saved after every batch (atomically). If it
+            holds the progress of this same edit (same unedited weights, requests, settings and
+            statistics), those batches are re-applied and the edit goes on from the next one;
+            the result equals an uninterrupted run's bit for bit (timings cover this call only).
+            The file is left in place: delete it once the result is saved.
 
     Raises:
         InputError, CacheError: bad requests, layers, statistics (before any weight changes).
@@ -388,19 +398,33 @@ def edit(
         if isinstance(stats, str) and stats == "auto":
             stats = auto_stats(model, tokenizer, layers, model_id)
         factors = _factors(stats, layers, adapter, model_id)
+    prior, key = None, None
+    if checkpoint is not None:
+        key = resume.config_key(model, reqs, resume.settings_of(method, layers, dist.name, mu, batch_size, seed,
+                                                                vcfg, key_opts), factors)
+        prior = resume.load(checkpoint, key, adapter.weight(layers[0]).device)
     with clock("keys"):
-        ctx = context_templates(model, tokenizer, seed=seed)
+        ctx = prior.context_templates if prior else context_templates(model, tokenizer, seed=seed)
     originals: dict[str, torch.Tensor] = {}
     edits: list[LayerEdit] = []
     values: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
     try:
+        if prior:
+            resume.reapply(model, prior.edits, originals)
+            edits, values = list(prior.edits), list(prior.values)
+            if progress:
+                progress("resumed", prior.batches_done, len(batches))
         for b, batch in enumerate(batches):
+            if prior and b < prior.batches_done:
+                continue
             if progress:
                 progress("batch", b, len(batches))
             edits += _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
                                  ctx, seed, originals, clock, values, progress, value_cache, key_opts)
+            if checkpoint is not None:
+                resume.save(checkpoint, key, resume.Progress(b + 1, edits, values, ctx))
     except BaseException:
         _restore(model, originals)
         raise
@@ -411,7 +435,8 @@ def edit(
                     for name, w0 in originals.items()}
     return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
                       {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg), fingerprints)
+                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg), fingerprints,
+                      sum(len(batch) for batch in batches[: prior.batches_done]) if prior else 0)
 
 
 def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
