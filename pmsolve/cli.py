@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except PMSolveError as exc:  # bad input or data that a command did not catch itself
         print(f"pmsolve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; what was saved is said by the command
+        print(f"pmsolve {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
