@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from ._args import parse_layers, positive_int
 from .edit import add_document_start, document_start
@@ -79,7 +81,36 @@ def _run(args: argparse.Namespace, rank: int, device_map: str | None) -> int:
     from pmsolve.stats import collect_stats
 
     loaded = load_model(args.model, document_start=document_start(args), device_map=device_map)
-    res = collect_stats(
+    try:
+        res = _collect(args, loaded, collect_stats, rank)
+    except KeyboardInterrupt:
+        if rank == 0:
+            saved = sorted(Path(args.out).rglob("checkpoint.*.safetensors"))
+            print("\npmsolve stats: " + (f"progress is checkpointed in {saved[-1]}; the same command resumes from it"
+                                          if saved else "interrupted before the first checkpoint: nothing saved"),
+                  file=sys.stderr)
+        raise
+    if rank != 0:  # every rank holds the summed statistics; rank 0 wrote them
+        return 0
+    if args.npz:
+        for layer, acc in res.stats.items():
+            acc.to_npz(res.paths[layer].with_suffix(".npz"))
+    print(json.dumps({
+        "tokens": res.tokens,
+        "processes": dist.get_world_size() if dist.is_initialized() else 1,
+        "from_cache": res.from_cache,
+        "stopped_early": res.stopped_early,
+        "seconds": round(res.seconds, 2),
+        "seconds_forward": round(res.seconds_forward, 2),
+        "seconds_accumulate": round(res.seconds_accumulate, 2),
+        "files": {layer: str(p) for layer, p in res.paths.items()},
+        "convergence": res.convergence,
+    }, indent=2))
+    return 0
+
+
+def _collect(args: argparse.Namespace, loaded, collect_stats, rank: int):
+    return collect_stats(
         loaded.model,
         loaded.tokenizer,
         args.layers,
@@ -98,20 +129,3 @@ def _run(args: argparse.Namespace, rank: int, device_map: str | None) -> int:
         stop_tol=args.stop_tol,
         report_condition=args.report_condition,
     )
-    if rank != 0:  # every rank holds the summed statistics; rank 0 wrote them
-        return 0
-    if args.npz:
-        for layer, acc in res.stats.items():
-            acc.to_npz(res.paths[layer].with_suffix(".npz"))
-    print(json.dumps({
-        "tokens": res.tokens,
-        "processes": dist.get_world_size() if dist.is_initialized() else 1,
-        "from_cache": res.from_cache,
-        "stopped_early": res.stopped_early,
-        "seconds": round(res.seconds, 2),
-        "seconds_forward": round(res.seconds_forward, 2),
-        "seconds_accumulate": round(res.seconds_accumulate, 2),
-        "files": {layer: str(p) for layer, p in res.paths.items()},
-        "convergence": res.convergence,
-    }, indent=2))
-    return 0
