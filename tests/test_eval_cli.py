@@ -192,14 +192,18 @@ def test_bad_batch_settings_rejected_before_work(files, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_info_reports_backends_and_the_v_star_precision(capsys):
+def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkeypatch):
     import json
 
     from pmsolve.cli import main
     from pmsolve.editing.values import fast_bf16
 
+    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path))
+    (tmp_path / "stats" / "m").mkdir(parents=True)
+    (tmp_path / "stats" / "m" / "x.safetensors").write_bytes(b"0" * 2**20)
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
+    assert info["cache"] == {"path": str(tmp_path), "MiB": {"stats": 1.0}}
     assert "torch" in info["backends"]
     assert (info["cuda_backend"] == "available") == ("cuda" in info["backends"])
     assert info["cuda_backend"] == "available" or "backend 'cuda' unavailable" in info["cuda_backend"]

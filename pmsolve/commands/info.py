@@ -37,9 +37,21 @@ def run(args: argparse.Namespace) -> int:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # Whether bf16 activations take the AMX Gram kernel in the statistics (csrc/amx_gram.cpp).
         "stats_bf16_amx": bool(mod.amx_bf16()) if mod and hasattr(mod, "amx_bf16") else False,
+        "cache": _cache_usage(),
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _cache_usage() -> dict:
+    """Where the cache is ($PMSOLVE_CACHE) and the MiB each part holds: statistics are kept per
+    model, weights (dtype included), corpus and token count, so they add up; delete at will."""
+    from pmsolve.editing.keys import cache_dir
+
+    root = cache_dir()
+    parts = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    mib = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20, 1) for p in parts}
+    return {"path": str(root), "MiB": mib}
 
 
 def _cuda_backend_status() -> str:
