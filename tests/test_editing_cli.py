@@ -137,12 +137,13 @@ def test_interrupted_edit_command_resumes(tiny_folder, tmp_path, monkeypatch, ca
     assert cli.main(common + ["--out", str(out)]) == 130  # as a shell reports Ctrl-C
     err = capsys.readouterr().err
     assert "run the same command again" in err and "pmsolve edit: interrupted" in err
-    assert (out / "edit-checkpoint.safetensors").exists() and not (out / "updates.safetensors").exists()
+    assert [p.name for p in (out / "edit-checkpoint").iterdir()] == ["batch-000000.safetensors"]
+    assert not (out / "updates.safetensors").exists()
     monkeypatch.setattr(editor, "_edit_batch", real)
     assert cli.main(common + ["--out", str(out)]) == 0
     assert "(1 from an interrupted run's checkpoint)" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["resumed_requests"] == 1
-    assert not (out / "edit-checkpoint.safetensors").exists()
+    assert not (out / "edit-checkpoint").exists()
     got, _ = load_updates(out / "updates.safetensors")
     want, _ = load_updates(tmp_path / "whole" / "updates.safetensors")
     assert len(got) == len(want) == 2

@@ -73,7 +73,7 @@ def key_options(args: argparse.Namespace) -> dict[str, Any]:
             "value_config": args.values}
 
 
-CHECKPOINT = "edit-checkpoint.safetensors"  # in --out while an edit runs (see pmsolve.edit's checkpoint)
+CHECKPOINT = "edit-checkpoint"  # folder in --out while an edit runs (see pmsolve.edit's checkpoint)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -131,6 +131,7 @@ def margins(model, tokenizer, requests) -> list[float | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..editing import checkpoint as resume
     from ..editing import edit, load_requests
     from ..editing.editor import auto_stats
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         stats = _stats(args, lm, templates, auto_stats)
         checkpoint = Path(args.out) / CHECKPOINT
         if args.no_resume:
-            checkpoint.unlink(missing_ok=True)
+            resume.clear(checkpoint)
         bar, cb = progress_bar(n_batches)
         try:
             result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id,
                           progress=cb, checkpoint=checkpoint, **key_options(args))
         except BaseException:
-            if checkpoint.exists():
+            if checkpoint.is_dir():
                 print(f"\npmsolve edit: the batches done so far are saved in {checkpoint}; "
                       "run the same command again to go on from there", file=sys.stderr)
             raise
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_save_model:
         lm.model.save_pretrained(out / "model")
         lm.tokenizer.save_pretrained(out / "model")
-    checkpoint.unlink(missing_ok=True)  # everything it held is in the files above
+    resume.clear(checkpoint)  # everything it held is in the files above
     print(summary(result, report))
     print(f"\nwrote {out}/report.json, {out}/updates.safetensors" + ("" if args.no_save_model else f", {out}/model/"))
     return 0

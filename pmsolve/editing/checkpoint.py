@@ -1,6 +1,7 @@
-"""Resumable edits: after every batch, what :func:`pmsolve.edit` has done so far goes to one
-file (written atomically); a later call with the same inputs puts it back and goes on from the
-next batch.
+"""Resumable edits: after every batch, what :func:`pmsolve.edit` did in it goes to a file of
+its own in a checkpoint folder (written atomically, so the cost per batch does not grow with
+the batches before it); a later call with the same inputs puts the saved batches back and
+goes on from the next one.
 
 The resumed result equals an uninterrupted run's bit for bit: the saved updates are re-applied
 with the same arithmetic, and the context templates (text the model itself generates, so they
@@ -10,6 +11,7 @@ hash of the unedited weights, the requests, every setting and each layer's facto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,40 +52,75 @@ def config_key(model, requests: Sequence[Any], settings: dict[str, Any], factors
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def save(path: str | os.PathLike[str], key: str, progress: Progress) -> None:
+def _batch_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("batch-*.safetensors"))
+
+
+def save_batch(folder: str | os.PathLike[str], key: str, batch: int, edits: Sequence[Any],
+               values: list[dict[str, Any]], context_templates: list[str]) -> None:
+    """One batch's LayerEdits and v* records, as ``folder/batch-NNNNNN.safetensors``."""
     from safetensors.torch import save as encode
 
     tensors, entries = {}, []
-    for i, e in enumerate(progress.edits):
+    for i, e in enumerate(edits):
         tensors[f"{i}.U"] = e.update.U.detach().cpu().contiguous()
         tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
         entries.append({"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout,
                         "share": e.share, "residual_rounded": e.residual_rounded,
                         "diagnostics": e.update.diagnostics.as_dict()})
-    header = {"format": _FORMAT, "key": key, "batches_done": progress.batches_done, "edits": entries,
-              "values": progress.values, "context_templates": progress.context_templates}
-    atomic_write(path, encode(tensors, metadata={"pmsolve": json.dumps(header)}))
+    header = {"format": _FORMAT, "key": key, "batch": batch, "edits": entries, "values": values,
+              "context_templates": context_templates}
+    atomic_write(Path(folder) / f"batch-{batch:06d}.safetensors",
+                 encode(tensors, metadata={"pmsolve": json.dumps(header)}))
 
 
-def load(path: str | os.PathLike[str], key: str, device: torch.device) -> Progress | None:
-    """The progress saved at ``path`` if it is for this edit (same key); None if there is no
-    file. A file of another edit is left alone with a warning (None); a damaged one raises."""
+def clear(folder: str | os.PathLike[str]) -> None:
+    """Remove the batch files (and the folder, if nothing else is in it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for f in _batch_files(folder):
+        f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def load(folder: str | os.PathLike[str], key: str, device: torch.device) -> Progress | None:
+    """The batches saved in ``folder`` if they are of this edit (same key); None if there are
+    none. Batches of another edit are deleted with a warning (None); a damaged file raises."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"edit checkpoint {folder} is a file, not a checkpoint folder")
+    files = _batch_files(folder) if folder.is_dir() else []
+    if not files:
+        return None
+    done = Progress(0, [], [], [])
+    for expected, path in enumerate(files):
+        header, edits = _read(path, device)
+        if header["key"] != key:
+            warnings.warn(f"{folder} holds the checkpoint of another edit (other weights, requests, settings or "
+                          "statistics): starting over, its batches are deleted", stacklevel=3)
+            clear(folder)
+            return None
+        if header["batch"] != expected:  # a gap cannot happen with in-order saves; stop at it
+            break
+        done.batches_done += 1
+        done.edits += edits
+        done.values += header["values"]
+        done.context_templates = header["context_templates"]
+    return done
+
+
+def _read(path: Path, device: torch.device) -> tuple[dict[str, Any], list]:
     from safetensors import safe_open
 
     from .editor import LayerEdit
 
-    path = Path(path)
-    if not path.exists():
-        return None
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = json.loads((fh.metadata() or {}).get("pmsolve", "{}"))
             if header.get("format") != _FORMAT:
                 raise CacheError(f"{path} is not a pmsolve edit checkpoint")
-            if header["key"] != key:
-                warnings.warn(f"{path} is the checkpoint of another edit (other weights, requests, settings or "
-                              "statistics): starting over, it will be overwritten", stacklevel=3)
-                return None
             edits = [LayerEdit(e["batch"], e["layer"], e["module"], e["layout"], e["share"],
                                Update(fh.get_tensor(f"{i}.U").to(device), fh.get_tensor(f"{i}.B").to(device),
                                       SolveDiagnostics(**e["diagnostics"])),
@@ -92,8 +129,8 @@ def load(path: str | os.PathLike[str], key: str, device: torch.device) -> Progre
     except CacheError:
         raise
     except Exception as exc:  # safetensors' own errors, missing fields
-        raise CacheError(f"edit checkpoint {path} is unreadable ({exc}); delete it to start over") from None
-    return Progress(header["batches_done"], edits, header["values"], header["context_templates"])
+        raise CacheError(f"edit checkpoint file {path} is unreadable ({exc}); delete it to start over") from None
+    return header, edits
 
 
 def reapply(model, edits: Sequence[Any], originals: dict[str, torch.Tensor]) -> None:

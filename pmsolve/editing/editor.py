@@ -375,11 +375,12 @@ def edit(
             which the v* optimisation never saw; measured on SmolLM2 (256 facts, EMMET, layer
             4, docs/RESULTS.md): α = 1 raised ES from 86.7 % to 97.7 % with prompt keys.
             None: the preset's choice, else 0 (off).
-        checkpoint: a file where the work done is saved after every batch (atomically). If it
-            holds the progress of this same edit (same unedited weights, requests, settings and
-            statistics), those batches are re-applied and the edit goes on from the next one;
-            the result equals an uninterrupted run's bit for bit (timings cover this call only).
-            The file is left in place: delete it once the result is saved.
+        checkpoint: a folder where each batch's work is saved when it is done (one file per
+            batch, atomically). If it holds batches of this same edit (same unedited weights,
+            requests, settings and statistics), they are re-applied and the edit goes on from
+            the next one; the result equals an uninterrupted run's bit for bit (timings cover
+            this call only). Batches of another edit found there are deleted. The folder is
+            left in place: ``pmsolve.editing.checkpoint.clear(folder)`` once the result is saved.
 
     Raises:
         InputError, CacheError: bad requests, layers, statistics (before any weight changes).
@@ -421,10 +422,12 @@ def edit(
                 continue
             if progress:
                 progress("batch", b, len(batches))
-            edits += _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
-                                 ctx, seed, originals, clock, values, progress, value_cache, key_opts)
+            n_values = len(values)
+            done = _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
+                               ctx, seed, originals, clock, values, progress, value_cache, key_opts)
+            edits += done
             if checkpoint is not None:
-                resume.save(checkpoint, key, resume.Progress(b + 1, edits, values, ctx))
+                resume.save_batch(checkpoint, key, b, done, values[n_values:], ctx)
     except BaseException:
         _restore(model, originals)
         raise
