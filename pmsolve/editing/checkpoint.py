@@ -43,7 +43,7 @@ def config_key(model, requests: Sequence[Any], settings: dict[str, Any], factors
     """Hash of everything that decides the edit: weights, requests, settings, factors."""
     from ..stats import weights_fingerprint
 
-    def factor_id(f: Factor) -> list[Any]:  # diag(L) moves with any change of C
+    def factor_id(f: Factor) -> list[Any]:  # diag(L) fixes every leading principal minor of C
         diag = torch.diagonal(f.L).detach().to("cpu", torch.float64).contiguous()
         return [f.d, f.jitter, hashlib.sha256(diag.numpy().tobytes()).hexdigest()[:16]]
 
