@@ -18,6 +18,7 @@ _COMMANDS = {
     "edit": "pmsolve.commands.edit",
     "apply": "pmsolve.commands.apply",
     "stats": "pmsolve.commands.stats",
+    "merge-stats": "pmsolve.commands.merge_stats",
     "eval": "pmsolve.commands.evaluate",
     "profile": "pmsolve.commands.profile",
     "experiments": "pmsolve.commands.experiments",

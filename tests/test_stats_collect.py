@@ -440,3 +440,36 @@ def test_load_stats_refuses_what_does_not_fit(tmp_path, corpus):
     # Statistics of other weights of the same architecture: usable, with a warning.
     with pytest.warns(UserWarning, match="other weights"):
         load_stats(tmp_path / "ours", tiny_llama(seed=1), [1])
+
+
+def test_merge_stats_adds_shards_exactly_and_refuses_what_does_not_add_up(tmp_path, capsys):
+    """Two corpus halves collected apart, merged by `pmsolve merge-stats`: the sum of the parts,
+    found by load_stats; the same part twice, or parts of other weights, are refused."""
+    from pmsolve.cli import main
+    from pmsolve.stats import load_stats, merge_stats
+
+    model = tiny_llama()
+    parts = []
+    for i in (0, 1):
+        corpus = write_corpus(tmp_path / f"half{i}.jsonl", n_docs=20, seed=i)
+        parts.append(collect_stats(model, ByteTokenizer(), [0, 1], corpus, max_tokens=10**6, batch_tokens=256,
+                                   cache_dir=tmp_path / f"part{i}", progress=False))
+    assert main(["merge-stats", str(tmp_path / "part0"), str(tmp_path / "part1"), "--out", str(tmp_path / "all")]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert set(written) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    merged = load_stats(tmp_path / "all", model, [0, 1])
+    for layer in (0, 1):
+        a, b = parts[0].stats[layer], parts[1].stats[layer]
+        assert merged.stats[layer].count == a.count + b.count
+        assert torch.equal(merged.stats[layer].sum(), a.sum() + b.sum())  # fp64 sums add exactly here
+    with pytest.raises(InputError, match="same rows"):
+        merge_stats([tmp_path / "part0", tmp_path / "part0" / ".."/ "part0"], tmp_path / "twice")
+    other = collect_stats(tiny_llama(seed=1), ByteTokenizer(), [0], tmp_path / "half1.jsonl", max_tokens=10**6,
+                          batch_tokens=256, cache_dir=tmp_path / "other", progress=False)
+    assert other.tokens > 0
+    with pytest.raises(InputError, match="weights_fingerprint"):
+        merge_stats([parts[0].paths[0], other.paths[0]], tmp_path / "mixed")
+    with pytest.raises(InputError, match="nothing to merge"):
+        merge_stats([parts[0].paths[0]], tmp_path / "one")
+    assert main(["merge-stats", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err

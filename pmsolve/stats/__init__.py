@@ -11,7 +11,7 @@ precomputed statistics for given layers in a folder (ours or the reference's fil
 """
 
 from .accumulator import CovarianceAccumulator
-from .collect import CollectResult, collect_stats, load_stats, weights_fingerprint
+from .collect import CollectResult, collect_stats, load_stats, merge_stats, weights_fingerprint
 from .corpus import Corpus, offline_default, open_corpus
 from .io import read_reference_npz, write_reference_npz
 
@@ -21,6 +21,7 @@ __all__ = [
     "CovarianceAccumulator",
     "collect_stats",
     "load_stats",
+    "merge_stats",
     "offline_default",
     "open_corpus",
     "read_reference_npz",

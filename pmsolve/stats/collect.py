@@ -613,3 +613,73 @@ def load_stats(
         result.stats[layer], result.paths[layer] = acc, file
     result.tokens = min(acc.count for acc in result.stats.values())
     return result
+
+
+# ---------------------------------------------------------------------------
+# merging statistics computed apart
+# ---------------------------------------------------------------------------
+
+# Fields that must agree for two files' statistics to add up to one model's statistics.
+_MERGE_SAME = ("module", "layer", "weights_fingerprint", "dtype", "centered", "document_start")
+# Fields that tell two shards apart: equal in two files means the same rows counted twice.
+_SHARD_ID = ("corpus_id", "max_tokens", "seq_len")
+
+
+def merge_stats(inputs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Add up `pmsolve stats` files computed apart (other corpora or corpus parts, other
+    machines) into one file per module in ``out_dir``; returns module -> file.
+
+    Inputs are files or folders (searched recursively). For each module every part must be
+    of the same layer, weights, product dtype, centring and document start; two parts of the
+    same corpus, token budget and length are the same rows twice and are refused. Sums add
+    exactly (centred states by Chan/Pébay); the metadata lists the parts.
+
+    Raises:
+        InputError: nothing to merge, parts that do not fit together, or duplicates.
+        CacheError: an unreadable or corrupt file.
+    """
+    import json
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*.safetensors") if not f.name.startswith("checkpoint."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{p} does not exist")
+    groups: dict[str, list[tuple[Path, CovarianceAccumulator, dict[str, str]]]] = {}
+    for f in files:
+        acc, meta = CovarianceAccumulator.load_with_metadata(f)
+        if "module" not in meta:
+            raise InputError(f"{f} has no module in its metadata: not written by `pmsolve stats`")
+        groups.setdefault(meta["module"], []).append((f, acc, meta))
+    if not groups:
+        raise InputError(f"no statistics files in {', '.join(map(str, inputs))}")
+    out = {}
+    for module, parts in groups.items():
+        if len(parts) < 2:
+            raise InputError(f"only one file for {module} ({parts[0][0]}): nothing to merge it with")
+        first_file, merged, first = parts[0]
+        seen = {tuple(first.get(k) for k in _SHARD_ID): first_file}
+        for f, acc, meta in parts[1:]:
+            for k in _MERGE_SAME:
+                if meta.get(k) != first.get(k):
+                    raise InputError(f"cannot merge {f} with {first_file}: {k} is {meta.get(k)!r} against "
+                                     f"{first.get(k)!r}")
+            shard = tuple(meta.get(k) for k in _SHARD_ID)
+            if shard in seen:
+                raise InputError(f"{f} and {seen[shard]} hold the same rows (same corpus, token budget and "
+                                 "sequence length): merging them would count them twice")
+            seen[shard] = f
+            merged.merge(acc)
+        sources = [{"file": str(f), "corpus_id": m.get("corpus_id"), "tokens": int(a.count)} for f, a, m in parts]
+        meta = {k: first[k] for k in ("model_id", *_MERGE_SAME) if first.get(k) is not None}
+        meta.update(corpus_id="merged:" + hashlib.sha256(json.dumps(sorted(str(s[0]) for s in seen)).encode())
+                    .hexdigest()[:12], tokens=merged.count, sources=json.dumps(sources))
+        fp = str(first.get("weights_fingerprint", ""))[:10]
+        path = Path(out_dir) / f"{module}.{first.get('dtype', 'fp32')}.merged{merged.count}tok.w{fp}.safetensors"
+        merged.save(path, metadata=meta)
+        out[module] = path
+    return out
