@@ -78,6 +78,10 @@ def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, t
     assert not again.exists()
     assert cli.main(["apply", "--updates", str(tmp_path / "nope.safetensors"), "--out", str(again)]) == 2
     assert "cannot read updates file" in capsys.readouterr().err
+    stamp = {p.name: p.stat().st_mtime_ns for p in tiny_folder.iterdir()}
+    assert cli.main(["apply", "--updates", updates, "--model", str(tiny_folder), "--out", str(tiny_folder)]) == 2
+    assert "would be overwritten" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_folder.iterdir()} == stamp
     # An edit made in bf16 is applied to the model loaded in bf16 unless told otherwise.
     assert cli.main(["edit", "--model", str(tiny_folder), "--requests", str(reqs), "--layers", "2", "--dtype",
                      "bfloat16", "--stats-tokens", "3000", "--preset", "llama", "--no-save-model",

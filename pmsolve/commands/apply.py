@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..editing import apply_updates, load_requests, load_updates
 
+    if args.model and Path(args.out).expanduser().resolve() == Path(args.model).expanduser().resolve():
+        print("pmsolve apply: error: --out is the model's own folder: the unedited model would be overwritten; "
+              "write the edited one elsewhere", file=sys.stderr)
+        return 2
     try:
         _, header = load_updates(args.updates)  # a damaged file fails before the model loads
         args.dtype = args.dtype or header.get("weight_dtype") or "float32"
