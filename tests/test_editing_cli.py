@@ -65,7 +65,7 @@ def test_apply_command_puts_saved_updates_into_the_unedited_model(tiny_folder, t
     updates = str(out / "updates.safetensors")
     assert cli.main(["apply", "--updates", updates, "--model", str(tiny_folder), "--out", str(applied)]) == 0
     printed = capsys.readouterr().out
-    assert "applied 1 updates (emmet) to 1 modules" in printed and REQUESTS[0]["subject"] in printed
+    assert "1 updates (emmet) to 1 modules" in printed and REQUESTS[0]["subject"] in printed
     from transformers import AutoModelForCausalLM
 
     edited = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
@@ -170,6 +170,33 @@ def test_bad_numbers_are_refused_before_any_model_loads(argv, option, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}" in err and ("positive integer" in err or "≥ 0" in err or "layers must" in err)
+
+
+def test_apply_command_composes_sequential_edits_in_their_order(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Edit 1 on the model, edit 2 on edit 1's result: both files applied to the unedited model,
+    in that order, give edit 2's model; the other order is refused, nothing written."""
+    reqs = _two_requests(tmp_path, monkeypatch)
+    first, second = tmp_path / "r1.jsonl", tmp_path / "r2.jsonl"
+    lines = reqs.read_text().splitlines()
+    first.write_text(lines[0])
+    second.write_text(lines[1])
+    common = ["--layers", "2", "--method", "emmet", "--stats-tokens", "3000", "--preset", "llama"]
+    assert cli.main(["edit", "--model", str(tiny_folder), "--requests", str(first), "--out", str(tmp_path / "e1"),
+                     *common]) == 0
+    assert cli.main(["edit", "--model", str(tmp_path / "e1" / "model"), "--requests", str(second),
+                     "--out", str(tmp_path / "e2"), *common]) == 0
+    u1, u2 = str(tmp_path / "e1" / "updates.safetensors"), str(tmp_path / "e2" / "updates.safetensors")
+    capsys.readouterr()
+    assert cli.main(["apply", "--updates", u1, u2, "--model", str(tiny_folder), "--out", str(tmp_path / "both")]) == 0
+    assert "2 facts" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "e2" / "model").state_dict()
+    for n, w in AutoModelForCausalLM.from_pretrained(tmp_path / "both").state_dict().items():
+        assert torch.equal(w, want[n]), n
+    assert cli.main(["apply", "--updates", u2, u1, "--model", str(tiny_folder), "--out", str(tmp_path / "bad")]) == 2
+    assert "not the ones these updates were computed on" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_edit_command_reports_bad_requests(tiny_folder, tmp_path, capsys):

@@ -19,7 +19,9 @@ from .edit import add_document_start, load, margins
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="apply saved updates (updates.safetensors) to a model and save it")
-    p.add_argument("--updates", required=True, help="updates file written by `pmsolve edit`")
+    p.add_argument("--updates", required=True, nargs="+", metavar="FILE",
+                   help="updates file(s) written by `pmsolve edit`; several are applied in the order given, "
+                        "each on top of the last (sequential edits), and must have been made in that order")
     p.add_argument("--model", default=None, help="the unedited model: folder or Hugging Face id "
                                                  "(default: built-in SmolLM2)")
     add_document_start(p)
@@ -42,14 +44,16 @@ def run(args: argparse.Namespace) -> int:
               "write the edited one elsewhere", file=sys.stderr)
         return 2
     try:
-        _, header = load_updates(args.updates)  # a damaged file fails before the model loads
-        args.dtype = args.dtype or header.get("weight_dtype") or "float32"
+        headers = [load_updates(f)[1] for f in args.updates]  # damaged files fail before the model loads
+        args.dtype = args.dtype or headers[0].get("weight_dtype") or "float32"
         if not isinstance(getattr(torch, str(args.dtype), None), torch.dtype):
-            raise CacheError(f"{args.updates}: unknown weight dtype {args.dtype!r} in its header")
+            raise CacheError(f"{args.updates[0]}: unknown weight dtype {args.dtype!r} in its header")
         lm = load(args)
-        requests = load_requests(header["requests"]) if header.get("requests") else []
+        # Each file's requests on their own: sequential edits may change one fact twice.
+        requests = [r for h in headers if h.get("requests") for r in load_requests(h["requests"])]
         before = margins(lm.model, lm.tokenizer, requests) if requests else []
-        apply_updates(lm.model, args.updates, check=not args.force)
+        for f in args.updates:  # each file's weights check is against the previous file's result
+            apply_updates(lm.model, f, check=not args.force)
         after = margins(lm.model, lm.tokenizer, requests) if requests else []
     except (PMSolveError, OSError, json.JSONDecodeError) as exc:
         print(f"pmsolve apply: error: {exc}", file=sys.stderr)
@@ -57,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
-    modules = sorted(header.get("weights") or {e["module"] for e in header["edits"]})
-    print(f"applied {len(header['edits'])} updates ({header.get('method', '?')}) to {len(modules)} modules of "
-          f"{lm.model_id}; {len(requests)} facts")
+    for f, header in zip(args.updates, headers):
+        modules = sorted(header.get("weights") or {e["module"] for e in header["edits"]})
+        print(f"applied {f}: {len(header['edits'])} updates ({header.get('method', '?')}) to {len(modules)} "
+              f"modules of {lm.model_id}")
+    print(f"{len(requests)} facts")
     fmt = (lambda x: "   n/a" if x is None else f"{x:+6.2f}")
     if requests:
         print(f"{'subject':<28} {'target':<16}  margin before → after")
