@@ -445,6 +445,22 @@ def test_presets_load_and_match(tok):
         load_preset("nonexistent")
 
 
+def test_a_saved_edited_model_keeps_its_preset(tok, tmp_path):
+    """An edited model saved to a folder named anything is matched, when edited again, to the
+    preset of the model it came from (config.pmsolve_base), not to its architecture's default."""
+    from transformers import AutoModelForCausalLM
+
+    from pmsolve.editing.presets import mark_edited, preset_for
+
+    m = model("llama", len(tok))
+    mark_edited(m, "SmolLM2-135M-Instruct-Q4_1")
+    mark_edited(m, "edited-again")  # the first base is kept
+    m.save_pretrained(tmp_path / "model")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert again.config.pmsolve_base == "SmolLM2-135M-Instruct-Q4_1"
+    assert preset_for(again, "model").name == "smollm2-135m-instruct"
+
+
 def test_start_key_constrains_the_bare_prompt_too(tok):
     """Facts whose prompt starts with the subject get a second column: the bare prompt's key,
     sent to the same residual as the template average (EMMET: both exactly)."""

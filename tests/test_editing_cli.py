@@ -49,6 +49,7 @@ def test_edit_command_writes_model_updates_and_report(tiny_folder, tmp_path, mon
     from transformers import AutoModelForCausalLM
 
     edited = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert edited.config.pmsolve_base == "tiny"  # what it was edited from, for the next edit's preset
     original = AutoModelForCausalLM.from_pretrained(tiny_folder)
     apply_updates(original, out / "updates.safetensors")
     for (n, a), (_, b) in zip(edited.state_dict().items(), original.state_dict().items()):

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..editing import apply_updates, load_requests, load_updates
+    from ..editing.presets import mark_edited
 
     if args.model and Path(args.out).expanduser().resolve() == Path(args.model).expanduser().resolve():
         print("pmsolve apply: error: --out is the model's own folder: the unedited model would be overwritten; "
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pmsolve apply: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    mark_edited(lm.model, lm.model_id)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     for f, header in zip(args.updates, headers):

@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from ..editing import checkpoint as resume
     from ..editing import edit, load_requests
     from ..editing.editor import auto_stats
+    from ..editing.presets import mark_edited
 
     try:
         requests = load_requests(args.requests)
@@ -174,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     result.save_updates(out / "updates.safetensors")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if not args.no_save_model:
+        mark_edited(lm.model, lm.model_id)
         lm.model.save_pretrained(out / "model")
         lm.tokenizer.save_pretrained(out / "model")
     resume.clear(checkpoint)  # everything it held is in the files above

@@ -65,11 +65,21 @@ def load_preset(name_or_path: str) -> Preset:
     return _parse(json.loads(path.read_text()), str(path))
 
 
+def mark_edited(model, model_id: str | None) -> None:
+    """Record in the model's config which model it was edited from, so that a saved edited model
+    (its folder named anything) is matched to the same preset when it is edited again."""
+    config = getattr(model, "config", None)
+    if config is not None and model_id and not getattr(config, "pmsolve_base", None):
+        config.pmsolve_base = model_id
+
+
 def preset_for(model, model_id: str | None = None) -> Preset | None:
-    """The built-in preset whose name pattern matches ``model_id`` or the model's path, else
+    """The built-in preset whose name pattern matches ``model_id``, the model's path or the
+    model it was edited from (``config.pmsolve_base``, recorded by :func:`mark_edited`), else
     whose model_type matches; the most specific (longest) name match wins."""
     config = getattr(model, "config", None)
-    name = f"{model_id or ''} {getattr(config, '_name_or_path', '') or ''}".lower()
+    name = " ".join(str(x or "") for x in (model_id, getattr(config, "_name_or_path", ""),
+                                           getattr(config, "pmsolve_base", ""))).lower()
     model_type = str(getattr(config, "model_type", "") or "")
     presets = [load_preset(p) for p in list_presets()]
     best, best_len = None, 0
