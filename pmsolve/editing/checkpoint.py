@@ -59,19 +59,10 @@ def _batch_files(folder: Path) -> list[Path]:
 def save_batch(folder: str | os.PathLike[str], key: str, batch: int, edits: Sequence[Any],
                values: list[dict[str, Any]], context_templates: list[str]) -> None:
     """One batch's LayerEdits and v* records, as ``folder/batch-NNNNNN.safetensors``."""
-    from safetensors.torch import save as encode
+    from .editor import encode_edits
 
-    tensors, entries = {}, []
-    for i, e in enumerate(edits):
-        tensors[f"{i}.U"] = e.update.U.detach().cpu().contiguous()
-        tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
-        entries.append({"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout,
-                        "share": e.share, "residual_rounded": e.residual_rounded,
-                        "diagnostics": e.update.diagnostics.as_dict()})
-    header = {"format": _FORMAT, "key": key, "batch": batch, "edits": entries, "values": values,
-              "context_templates": context_templates}
-    atomic_write(Path(folder) / f"batch-{batch:06d}.safetensors",
-                 encode(tensors, metadata={"pmsolve": json.dumps(header)}))
+    header = {"format": _FORMAT, "key": key, "batch": batch, "values": values, "context_templates": context_templates}
+    atomic_write(Path(folder) / f"batch-{batch:06d}.safetensors", encode_edits(edits, header, full=True))
 
 
 def clear(folder: str | os.PathLike[str]) -> None:

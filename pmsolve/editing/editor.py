@@ -559,19 +559,28 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
-def save_updates(edits: Sequence[LayerEdit], path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
-    """Write the factored updates (safetensors, atomically: a crash leaves the old file or none)."""
+def encode_edits(edits: Sequence[LayerEdit], header: dict[str, Any], *, full: bool = False) -> bytes:
+    """safetensors bytes: each edit's U and B as "i.U", "i.B"; under header["edits"] its batch,
+    layer, module and layout (``full``: also share, residual and diagnostics)."""
     from safetensors.torch import save
-
-    from .._io import atomic_write
 
     tensors, entries = {}, []
     for i, e in enumerate(edits):
         tensors[f"{i}.U"] = e.update.U.detach().cpu().contiguous()
         tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
-        entries.append({"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout})
-    header = {"format": _UPDATES_FORMAT, "edits": entries, **(meta or {})}
-    atomic_write(path, save(tensors, metadata={"pmsolve": json.dumps(header)}))
+        entry = {"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout}
+        if full:
+            entry.update(share=e.share, residual_rounded=e.residual_rounded,
+                         diagnostics=e.update.diagnostics.as_dict())
+        entries.append(entry)
+    return save(tensors, metadata={"pmsolve": json.dumps({**header, "edits": entries})})
+
+
+def save_updates(edits: Sequence[LayerEdit], path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
+    """Write the factored updates (safetensors, atomically: a crash leaves the old file or none)."""
+    from .._io import atomic_write
+
+    atomic_write(path, encode_edits(edits, {"format": _UPDATES_FORMAT, **(meta or {})}))
 
 
 def load_updates(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
