@@ -25,6 +25,9 @@ _DEFAULTS: dict[str, Any] = {
     "max_cond": 1e12,
     # Relative asymmetry of C tolerated before it is rejected.
     "symmetry_rtol": 1e-6,
+    # Factor.extend refactors densely once its low-rank term has more columns than this
+    # fraction of d (each solve then costs O(d·k·n) more than with a plain factor).
+    "max_lowrank_fraction": 0.25,
     # Backend used when a call says backend="auto": None means pick the fastest available.
     "backend": None,
 }
@@ -83,6 +86,10 @@ def max_cond(value: float) -> contextlib.AbstractContextManager[None]:
 
 def symmetry_rtol(value: float) -> contextlib.AbstractContextManager[None]:
     return _override("symmetry_rtol", float(value))
+
+
+def max_lowrank_fraction(value: float) -> contextlib.AbstractContextManager[None]:
+    return _override("max_lowrank_fraction", float(value))
 
 
 def backend(name: str | None) -> contextlib.AbstractContextManager[None]:

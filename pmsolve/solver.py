@@ -29,7 +29,7 @@ from . import settings
 from ._io import atomic_write
 from .backends import get_backend
 from .backends.base import CholeskyResult, SolverBackend
-from .backends.torch_backend import first_nonfinite
+from .backends.torch_backend import apply_inv_sqrt_, first_nonfinite, hager_norm1
 from .errors import (
     CacheError,
     ConflictingConstraintsError,
@@ -43,6 +43,7 @@ Method = Literal["emmet", "memit", "rome"]
 METHODS = ("emmet", "memit", "rome")
 DEFAULT_MEMIT_LAMBDA = 15000.0  # the reference GPT-J setting; sweep it (DESIGN.md §2)
 _FACTOR_FORMAT = "pmsolve.factor/1"
+_FACTOR_FORMAT_LOWRANK = "pmsolve.factor/2"  # /1 plus the columns U of a low-rank term
 
 
 # ---------------------------------------------------------------------------
@@ -104,18 +105,62 @@ def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
 
 
 @dataclass
+class LowRankTerm:
+    """A term UUᵀ added to a factored matrix without refactoring it.
+
+    LLᵀ + UUᵀ = L (I + ZZᵀ) Lᵀ with Z = L⁻¹U = P diag(σ) Wᵀ (thin SVD), so its solves are those
+    with L plus S = (I + ZZᵀ)^(-1/2) = I − P diag(c) Pᵀ, c = 1 − (1 + σ²)^(-1/2), applied
+    after the forward and before the backward triangular solve: O(d·k·n) extra per solve of n
+    keys, O(d²k) once. S is applied as a projection, not as Woodbury's difference C⁻¹ − (...),
+    so G = ZᵀS²Z stays a Gram matrix (symmetric PSD by construction) however large σ is.
+    """
+
+    U: torch.Tensor  # d × k fp64: the added columns, weights folded in
+    Z: torch.Tensor  # d × k: L⁻¹U
+    P: torch.Tensor  # d × r orthonormal (r = min(d, k))
+    sigma: torch.Tensor  # r singular values of Z
+
+    @classmethod
+    def build(cls, L: torch.Tensor, U: torch.Tensor, Z: torch.Tensor | None = None) -> LowRankTerm:
+        if Z is None:
+            Z = torch.linalg.solve_triangular(L, U, upper=False)
+        P, sigma, _ = torch.linalg.svd(Z, full_matrices=False)
+        return cls(U=U, Z=Z, P=P, sigma=sigma)
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def inv_sqrt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, c) with c = 1 − 1/s, s = √(1 + σ²), written σ²/(s(s + 1)): no cancellation for small σ."""
+        s2 = 1.0 + self.sigma.square()
+        s = s2.sqrt()
+        return self.P, self.sigma.square() / (s * (s + 1.0))
+
+    def to(self, device: torch.device | str) -> LowRankTerm:
+        return LowRankTerm(*(t.to(device) for t in (self.U, self.Z, self.P, self.sigma)))
+
+
+@dataclass
 class Factor:
     """Cholesky factor of C + δI (fp64), with what it took to get it.
 
+    A factor may carry a low-rank term (:meth:`extend`): it then stands for C + δI + UUᵀ, and
+    :func:`solve`, :meth:`solve` and ``cond`` are those of that matrix.
+
     Attributes:
-        L: lower-triangular d × d fp64 factor.
+        L: lower-triangular d × d fp64 factor (of C + δI, without any low-rank term).
         jitter: δ actually added to the diagonal (absolute).
         jitter_relative: δ / mean(diag C).
-        cond: 1-norm condition estimate of C + δI (pocon-style; a lower bound, usually within 3×).
+        cond: 1-norm condition estimate of C + δI (pocon-style; a lower bound, usually within 3×),
+            or of C + δI + UUᵀ for an extended factor.
         scale: mean(diag C), the unit of the jitter schedule.
         dtype: dtype of the C this was computed from.
         backend: backend that factored it.
         seconds: wall time of the factorisation.
+        norm1: ‖C + δI‖₁ (nan for factors saved before it was recorded).
+        lowrank: the added term UUᵀ, or None.
     """
 
     L: torch.Tensor
@@ -128,6 +173,8 @@ class Factor:
     seconds: float = 0.0
     workspace_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    norm1: float = math.nan
+    lowrank: LowRankTerm | None = None
 
     @property
     def d(self) -> int:
@@ -140,16 +187,73 @@ class Factor:
     def to(self, device: torch.device | str) -> Factor:
         f = Factor(**{**self.__dict__})
         f.L = self.L.to(device)
+        f.lowrank = self.lowrank.to(device) if self.lowrank is not None else None
         return f
 
+    @property
+    def inv_sqrt(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the backends apply between their triangular solves (None: a plain factor)."""
+        return self.lowrank.inv_sqrt if self.lowrank is not None else None
+
     def solve(self, K: torch.Tensor) -> torch.Tensor:
-        """(C + δI)⁻¹ K in fp64 (K is d × n)."""
+        """(C + δI)⁻¹ K in fp64 (K is d × n), with the low-rank term if there is one."""
         K = _check_float_matrix("K", K).to(device=self.device, dtype=torch.float64)
-        return torch.cholesky_solve(K, self.L)
+        if self.lowrank is None:
+            return torch.cholesky_solve(K, self.L)
+        inv_sqrt = self.inv_sqrt
+        Z = apply_inv_sqrt_(torch.linalg.solve_triangular(self.L, K, upper=False), inv_sqrt)
+        return torch.linalg.solve_triangular(self.L.mT, apply_inv_sqrt_(Z, inv_sqrt), upper=True)
+
+    def extend(self, keys: torch.Tensor, weight: float = 1.0) -> Factor:
+        """The factor of C + δI + weight·keys·keysᵀ (keys: d × m), without refactoring.
+
+        Costs O(d²m) (one triangular solve with m columns) where refactoring costs O(d³), and
+        allocates no d × d matrix; each later solve of n keys costs O(d·k·n) more, k the total
+        number of added columns. Past ``settings.max_lowrank_fraction``·d columns a dense
+        refactor is cheaper, and is what this returns (a plain factor of the summed matrix).
+        Extending an extended factor adds to its term. The condition estimate is recomputed
+        (Hager's iteration on the extended matrix and on its inverse, O(d²) each step).
+
+        Raises:
+            InputError: keys not a finite d × m float matrix on the factor's device, or weight not
+                a finite number ≥ 0.
+        """
+        keys = _check_float_matrix("keys", keys)
+        if keys.shape[0] != self.d:
+            raise InputError(f"keys has {keys.shape[0]} rows but the factor is for d = {self.d}")
+        if keys.device != self.device:
+            raise InputError(f"keys ({keys.device}) must be on the factor's device {self.device}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise InputError(f"weight must be a finite number >= 0, got {weight!r}")
+        _check_finite("keys", keys)
+        if keys.shape[1] == 0 or weight == 0:
+            return self
+        t0 = time.perf_counter()
+        U = keys.to(torch.float64) * math.sqrt(weight)
+        Z = torch.linalg.solve_triangular(self.L, U, upper=False)
+        if self.lowrank is not None:
+            U, Z = torch.cat([self.lowrank.U, U], 1), torch.cat([self.lowrank.Z, Z], 1)
+        if U.shape[1] > settings.get("max_lowrank_fraction") * self.d:
+            return self._refactored(U, t0)
+        f = Factor(**{**self.__dict__})
+        f.lowrank = LowRankTerm.build(self.L, U, Z)
+        f.cond = _cond_extended(f)
+        f.seconds = time.perf_counter() - t0
+        return f
+
+    def _refactored(self, U: torch.Tensor, t0: float) -> Factor:
+        L = torch.tril(self.L)
+        C = L @ L.mT
+        C.addmm_(U, U.mT)
+        f = factorize(C, overwrite_c=True)  # C is ours: no second d × d buffer
+        f.seconds = time.perf_counter() - t0
+        return f
 
     def summary(self) -> dict[str, Any]:
         return {
             "d": self.d,
+            "norm1": self.norm1,
+            "lowrank_rank": self.lowrank.rank if self.lowrank is not None else 0,
             "jitter": self.jitter,
             "jitter_relative": self.jitter_relative,
             "cond": self.cond,
@@ -163,6 +267,8 @@ class Factor:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (see pmsolve._io.atomic_write)."""
         payload = {"format": _FACTOR_FORMAT, "L": self.L.detach().cpu(), "summary": self.summary()}
+        if self.lowrank is not None:  # a reader of format /1 would silently drop U: another format
+            payload.update(format=_FACTOR_FORMAT_LOWRANK, U=self.lowrank.U.detach().cpu())
         atomic_write(path, lambda fh: torch.save(payload, fh))
 
     @classmethod
@@ -174,14 +280,21 @@ class Factor:
         except Exception as exc:
             raise CacheError(f"factor file {path} is unreadable or truncated: {exc}") from exc
         fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        if fmt != _FACTOR_FORMAT:
+        if fmt not in (_FACTOR_FORMAT, _FACTOR_FORMAT_LOWRANK):
             raise CacheError(f"{path} is not a pmsolve factor file (format {fmt!r})")
         known = {"d", "jitter", "jitter_relative", "cond", "scale", "dtype", "backend", "seconds"}
+        optional = {"norm1", "lowrank_rank"}
         s, L = payload.get("summary"), payload.get("L")
         if not isinstance(s, dict) or not known <= s.keys() or not isinstance(L, torch.Tensor):
             raise CacheError(f"factor file {path} is incomplete: summary or factor missing")
         if L.shape != (s["d"], s["d"]) or L.dtype != torch.float64:
             raise CacheError(f"factor file {path} is inconsistent: L has shape {tuple(L.shape)}, d = {s['d']}")
+        U = payload.get("U")
+        if fmt == _FACTOR_FORMAT_LOWRANK and not (
+            isinstance(U, torch.Tensor) and U.dtype == torch.float64 and U.ndim == 2 and U.shape[0] == s["d"]
+            and U.shape[1] == s.get("lowrank_rank")
+        ):
+            raise CacheError(f"factor file {path} is inconsistent: its low-rank term is missing or malformed")
         return cls(
             L=L,
             jitter=s["jitter"],
@@ -191,8 +304,25 @@ class Factor:
             dtype=getattr(torch, s["dtype"]),
             backend=s["backend"],
             seconds=s["seconds"],
-            meta={k: v for k, v in s.items() if k not in known},
+            meta={k: v for k, v in s.items() if k not in known | optional},
+            norm1=s.get("norm1", math.nan),
+            lowrank=LowRankTerm.build(L, U) if fmt == _FACTOR_FORMAT_LOWRANK else None,
         )
+
+
+def _cond_extended(f: Factor) -> float:
+    """1-norm condition estimate of LLᵀ + UUᵀ: Hager's estimates of its norm and its inverse's
+    norm (each a lower bound, usually within 3×), through products and solves that never
+    form the d × d matrix."""
+    L, U = f.L, f.lowrank.U
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1)
+        return (L @ (L.mT @ x) + U @ (U.mT @ x)).squeeze(1)
+
+    anorm = hager_norm1(apply, f.d, L.dtype, L.device)
+    ainv = hager_norm1(lambda x: f.solve(x.unsqueeze(1)).squeeze(1), f.d, L.dtype, L.device)
+    return anorm * ainv if ainv > 0 else math.inf
 
 
 def _jitter_shifts(jitter: str | float | None, scale: float) -> list[float]:
@@ -283,6 +413,7 @@ def factorize(
         backend=be.name,
         seconds=time.perf_counter() - t0,
         workspace_bytes=res.workspace_bytes,
+        norm1=anorm,
     )
 
 
@@ -296,7 +427,8 @@ class SolveDiagnostics:
     """What one solve did and how good its answer is.
 
     residual: ‖ΔK − R‖_F / ‖R‖_F in fp64, before any rounding to the weight dtype.
-    preservation_cost: tr(Δ C Δᵀ) with the C that was factored (δ removed).
+    preservation_cost: tr(Δ C Δᵀ) with the C the factor stands for (δ removed; a low-rank
+        term added by Factor.extend is part of that C).
     mu: μ actually used; ridge_fallback: True when μ had to be raised above the requested value.
     """
 
@@ -466,12 +598,12 @@ def solve(
     # requested μ almost always works, so try it alone first and pay for a second solve
     # (with the exact scale from that G) only when it fails, instead of estimating the
     # scale up front with an extra pass over the d × d factor on every call.
-    sol = be.pm_solve(factor.L, K, [mu0], max_cond)
+    sol = be.pm_solve(factor.L, K, [mu0], max_cond, factor.inv_sqrt)
     g_scale = _g_scale(sol.G)
     ridges = [mu0]
     if sol.mu_index < 0:
         ridges = [mu0] + [mu0 + r * g_scale for r in settings.get("ridge_schedule")]
-        sol = be.pm_solve(factor.L, K, ridges[1:], max_cond)
+        sol = be.pm_solve(factor.L, K, ridges[1:], max_cond, factor.inv_sqrt)
         sol.mu_index = sol.mu_index + 1 if sol.mu_index >= 0 else -1
     if sol.mu_index < 0 or sol.B is None:
         _raise_singular(method, sol.G, R, max_cond, ridges)

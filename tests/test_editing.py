@@ -653,13 +653,15 @@ def test_prompt_preservation_factor_is_the_augmented_matrix():
     from pmsolve.editing.editor import with_prompt_preservation
 
     g = torch.Generator().manual_seed(3)
-    A = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    A = torch.randn(200, 64, generator=g, dtype=torch.float64)
     C = A.T @ A / 200
-    P = torch.randn(7, 24, generator=g, dtype=torch.float64)
+    P = torch.randn(7, 64, generator=g, dtype=torch.float64)
     f = with_prompt_preservation(pmsolve.factorize(C, backend="torch"), P, 2.5)
+    assert f.lowrank is not None and f.lowrank.rank == 7  # extended, not refactored
     want = C + 2.5 * P.T @ P / 7
-    got = f.L @ f.L.T
-    assert float((got - want).norm() / want.norm()) < 1e-12  # well conditioned: fp64 rounding
+    K = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    ref = torch.linalg.solve(want, K)
+    assert float((f.solve(K) - ref).norm() / ref.norm()) < 1e-12  # well conditioned: fp64 rounding
     assert with_prompt_preservation(f, P[:0], 2.5) is f
 
 

@@ -14,6 +14,10 @@ from typing import Protocol, Sequence
 
 import torch
 
+# (P, c): the operator I − P diag(c) Pᵀ applied after the forward and before the backward
+# triangular solve when the factored matrix carries a low-rank term (pmsolve.solver.LowRankTerm).
+InvSqrt = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class CholeskyResult:
@@ -63,7 +67,10 @@ class SolverBackend(Protocol):
         """1-norm condition estimate of A = L Lᵀ from its factor and ‖A‖₁ (LAPACK pocon-style, O(d²))."""
         ...
 
-    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
+    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float,
+                 inv_sqrt: InvSqrt | None = None) -> PMSolution:
         """Z = L⁻¹K, G = ZᵀZ; the first mu with chol(G + mu I) succeeding and cond <= max_cond;
-        B = L⁻ᵀ Z (G + mu I)⁻¹. K is d × n fp64."""
+        B = L⁻ᵀ Z (G + mu I)⁻¹. K is d × n fp64. With ``inv_sqrt`` = (P, c), Z is multiplied by
+        S = I − P diag(c) Pᵀ after the first solve and again before the last: the solve with the
+        (non-triangular) factor L S⁻¹ of LLᵀ + UUᵀ."""
         ...

@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendUnavailableError, InputError
-from .base import CholeskyResult, PMSolution, SymStats
-from .torch_backend import hager_cond_1norm, symmetric_stats_torch
+from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
+from .torch_backend import apply_inv_sqrt_, hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
 # Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve).
@@ -103,13 +103,15 @@ class CpuBackend:
         self._sync_threads()
         return hager_cond_1norm(L.detach().to(device="cpu", dtype=torch.float64), float(anorm))
 
-    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
+    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float,
+                 inv_sqrt: InvSqrt | None = None) -> PMSolution:
         """Z = L⁻¹K, the n × n work on it (pm_whitened), then B = L⁻ᵀ Z (G + μI)⁻¹.
 
         The two d × d triangular solves dominate (2·d²·n flops). From NATIVE_TRSM_MIN_N keys on
         they run natively, recursively on GEMM, in place in one d × n buffer; below it, where
         they are matrix-vector work, through torch (MKL's level-2 solves are the fastest here).
         Measured in bench/RESULTS.md (session 6). Both read L in place, whichever its storage.
+        A low-rank term (``inv_sqrt``) is two d × k × n products around pm_whitened, through torch.
         """
         self._sync_threads()
         L = L.detach().to(device="cpu", dtype=torch.float64)
@@ -120,18 +122,20 @@ class CpuBackend:
             L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy if either order
             Z = K.clone(memory_format=torch.contiguous_format)
             self._C.triangular_solve(L_arr, Z.numpy(), False)
+            apply_inv_sqrt_(Z, inv_sqrt)
             G, M, k, cond = self._C.pm_whitened(Z.numpy(), mus, float(max_cond), transposed=False)
             workspace = d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z = B, G, M, dpocon's
             if k >= 0:
+                apply_inv_sqrt_(Z, inv_sqrt)
                 self._C.triangular_solve(L_arr, Z.numpy(), True)
             B = Z
         else:
-            Z = torch.linalg.solve_triangular(L, K, upper=False)
+            Z = apply_inv_sqrt_(torch.linalg.solve_triangular(L, K, upper=False), inv_sqrt)
             # MKL returns Z column-major: hand over its row-major transpose instead of copying.
             Zt = Z.mT if Z.mT.is_contiguous() else Z.mT.contiguous()
             G, M, k, cond = self._C.pm_whitened(Zt.numpy(), mus, float(max_cond), transposed=True)
             workspace = 2 * d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z, B, G, M, dpocon's
-            B = torch.linalg.solve_triangular(L.mT, Zt.mT, upper=True) if k >= 0 else None
+            B = torch.linalg.solve_triangular(L.mT, apply_inv_sqrt_(Zt.mT, inv_sqrt), upper=True) if k >= 0 else None
         G = torch.from_numpy(G)
         if k < 0:
             return PMSolution(None, G, None, -1, float(cond), workspace)

@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendUnavailableError, InputError
-from .base import CholeskyResult, PMSolution, SymStats
-from .torch_backend import symmetric_stats_torch
+from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
+from .torch_backend import TorchBackend, symmetric_stats_torch
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -90,8 +90,13 @@ class CudaBackend:
         work = self._work(self._C.cuda_cond_workspace_bytes(n), L.device)
         return self._C.cuda_cond_estimate(dev, stream, L.data_ptr(), n, float(anorm), work.data_ptr(), work.numel())
 
-    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
+    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float,
+                 inv_sqrt: InvSqrt | None = None) -> PMSolution:
         dev, stream = self._context(L, K)
+        if inv_sqrt is not None:
+            # A factor with a low-rank term: the same steps composed from torch's CUDA kernels
+            # (cuBLAS trsm and GEMMs); the fused kernel below has no hook between its stages.
+            return TorchBackend().pm_solve(L, K, mus, max_cond, inv_sqrt)
         # torch.linalg.cholesky returns column-major factors; the kernels take row-major ones.
         Lc, Kc = L.to(torch.float64).contiguous(), K.to(torch.float64).contiguous()
         copies = sum(_nbytes(x) for x, y in ((Lc, L), (Kc, K)) if x.data_ptr() != y.data_ptr())

@@ -7,11 +7,11 @@ the same regularisation decisions) as the native backends.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .base import CholeskyResult, PMSolution, SymStats
+from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
 
 
 def _nbytes(*ts: torch.Tensor | None) -> int:
@@ -38,33 +38,51 @@ def hager_cond_1norm(L: torch.Tensor, anorm: float, max_iter: int = 5) -> float:
         y = torch.linalg.solve_triangular(L, x.unsqueeze(1), upper=False)
         return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(1)
 
+    return _reciprocal_cond(hager_norm1(apply_inv, n, L.dtype, L.device, max_iter), anorm)
+
+
+def hager_norm1(apply: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: torch.dtype, device: torch.device,
+                max_iter: int = 5) -> float:
+    """Estimate of ‖A‖₁ for a *symmetric* n × n operator given as x ↦ A x (DLACN2's iteration;
+    a lower bound, usually within a factor of 3). Applied to x ↦ A⁻¹x it gives DPOCON's ‖A⁻¹‖₁."""
+
     def signs(x: torch.Tensor) -> torch.Tensor:  # Fortran SIGN(1, x): zero counts as positive
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
-    x = apply_inv(torch.full((n,), 1.0 / n, dtype=L.dtype, device=L.device))
+    x = apply(torch.full((n,), 1.0 / n, dtype=dtype, device=device))
     if n == 1:
-        return _reciprocal_cond(float(x.abs().sum()), anorm)
+        return float(x.abs().sum())
     est = float(x.abs().sum())
     sgn = signs(x)
-    j = int(apply_inv(sgn).abs().argmax())
+    j = int(apply(sgn).abs().argmax())
     for it in range(2, max_iter + 1):
-        e_j = torch.zeros(n, dtype=L.dtype, device=L.device)
+        e_j = torch.zeros(n, dtype=dtype, device=device)
         e_j[j] = 1.0
-        x = apply_inv(e_j)
+        x = apply(e_j)
         est_old, est = est, float(x.abs().sum())
         new_sgn = signs(x)
         if bool((new_sgn == sgn).all()) or est <= est_old:
             break  # repeated sign vector (converged) or no progress (cycling)
         sgn = new_sgn
-        z = apply_inv(sgn)
+        z = apply(sgn)
         j_last, j = j, int(z.abs().argmax())
         if float(z[j_last]) == float(z[j].abs()) or it == max_iter:
             break
     # Higham's alternating-sign test vector guards against the method's bad cases.
-    i = torch.arange(n, dtype=L.dtype, device=L.device)
-    alt = (1 + i / (n - 1)) * torch.where(i % 2 == 0, 1.0, -1.0).to(L.dtype)
-    est = max(est, 2.0 * float(apply_inv(alt).abs().sum()) / (3.0 * n))
-    return _reciprocal_cond(est, anorm)
+    i = torch.arange(n, dtype=dtype, device=device)
+    alt = (1 + i / (n - 1)) * torch.where(i % 2 == 0, 1.0, -1.0).to(dtype)
+    return max(est, 2.0 * float(apply(alt).abs().sum()) / (3.0 * n))
+
+
+def apply_inv_sqrt_(Z: torch.Tensor, inv_sqrt: InvSqrt | None) -> torch.Tensor:
+    """Z := (I − P diag(c) Pᵀ) Z in place: the inverse square root of I + (L⁻¹U)(L⁻¹U)ᵀ, which
+    turns a solve with L into one with the factor of LLᵀ + UUᵀ (see pmsolve.solver.LowRankTerm)."""
+    if inv_sqrt is not None and inv_sqrt[0].shape[1]:
+        P, c = inv_sqrt
+        W = P.mT @ Z
+        W.mul_(c.unsqueeze(1))
+        Z.sub_(P @ W)
+    return Z
 
 
 def _reciprocal_cond(ainv_norm: float, anorm: float) -> float:
@@ -142,8 +160,9 @@ class TorchBackend:
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
         return hager_cond_1norm(L, anorm)
 
-    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float) -> PMSolution:
-        Z = torch.linalg.solve_triangular(L, K, upper=False)
+    def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float,
+                 inv_sqrt: InvSqrt | None = None) -> PMSolution:
+        Z = apply_inv_sqrt_(torch.linalg.solve_triangular(L, K, upper=False), inv_sqrt)
         G = Z.mT @ Z
         G = 0.5 * (G + G.mT)
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -158,6 +177,6 @@ class TorchBackend:
             # B = L⁻ᵀ Z M⁻ᵀ M⁻¹: two n-sized triangular solves on the right, one d-sized on the left.
             Y = torch.linalg.solve_triangular(M, Z.mT, upper=False)  # M⁻¹ Zᵀ
             Y = torch.linalg.solve_triangular(M.mT, Y, upper=True)  # (G+μI)⁻¹ Zᵀ
-            B = torch.linalg.solve_triangular(L.mT, Y.mT, upper=True)
+            B = torch.linalg.solve_triangular(L.mT, apply_inv_sqrt_(Y.mT.clone(), inv_sqrt), upper=True)
             return PMSolution(B, G, M, i, cond, _nbytes(Z, G, M, Y, B))
         return PMSolution(None, G, None, -1, float("inf"), _nbytes(Z, G))
