@@ -703,22 +703,57 @@ def test_key_options_are_checked_before_any_change(tok):
     for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(InputError, match="preserve_prompts"):
             _edit(m, tok, C, preserve_prompts=bad)
+        with pytest.raises(InputError, match="preserve_edits"):
+            _edit(m, tok, C, preserve_edits=bad)
     assert same_weights(m, snap)
+
+
+def test_preserve_edits_keeps_later_batches_off_earlier_keys(tok):
+    """With preserve_edits = β, batch 2's solve minimises tr(ΔCΔᵀ) + β‖ΔK₁‖² under its own
+    equality constraints (K₁: batch 1's keys), so the change it makes at batch 1's keys cannot
+    grow with β (the penalty method's monotonicity; one layer, so batch 2's keys and values do
+    not depend on β) and vanishes as β grows, while its own constraints still hold. β = 0 is the
+    plain sequential edit, bit for bit."""
+    m = model("llama", len(tok))
+    C = stats(m, tok)
+    kw = dict(requests=REQUESTS[:4], batch_size=2, layers=[2])
+    plain = _edit(m, tok, C, **kw)
+    plain_w = snapshot(m)
+    plain.restore()
+    second = {}
+    for beta in (0.0, 1.0, 1e4):
+        res = _edit(m, tok, C, preserve_edits=beta, **kw)
+        res.restore()
+        assert res.report()["preserve_edits"] == beta
+        first, second[beta] = (e for e in res.edits)
+        assert second[beta].update.diagnostics.residual < 1e-8
+        if beta == 0:
+            assert first.keys is None  # kept only when they are needed
+        else:
+            K1 = first.keys
+    res = _edit(m, tok, C, preserve_edits=0.0, **kw)
+    assert same_weights(m, plain_w)
+    res.restore()
+    moved = {beta: float((e.update.dense() @ K1).norm()) for beta, e in second.items()}
+    assert moved[0.0] >= moved[1.0] * (1 - 1e-9) >= moved[1e4] * (1 - 1e-9), moved
+    assert moved[1e4] < 1e-2 * moved[0.0], moved
 
 
 class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_edit_resumes_from_its_checkpoint_bit_for_bit(tmp_path, tok):
+@pytest.mark.parametrize("preserve_edits", [None, 1.0])
+def test_interrupted_edit_resumes_from_its_checkpoint_bit_for_bit(tmp_path, tok, preserve_edits):
     """Killed before its third batch, an edit with a checkpoint restores the model; run again,
     it re-applies the two saved batches, does the third, and ends where an uninterrupted run
-    ends, weight for weight. Another edit's checkpoint is not used."""
+    ends, weight for weight. Another edit's checkpoint is not used. With preserve_edits the
+    third batch's factor is extended by the saved batches' keys, which the checkpoint holds."""
     reqs = REQUESTS[:3]
     m = model("gpt2", len(tok))
     C = stats(m, tok)
     snap = snapshot(m)
-    kw = dict(method="emmet", layers=[1, 2], batch_size=1, requests=reqs)
+    kw = dict(method="emmet", layers=[1, 2], batch_size=1, requests=reqs, preserve_edits=preserve_edits)
     whole = _edit(m, tok, C, **kw)
     want, want_values = snapshot(m), whole.values
     whole.restore()

@@ -160,6 +160,8 @@ def test_interrupted_edit_command_resumes(tiny_folder, tmp_path, monkeypatch, ca
     (["stats", "--layers", "2", "--max-tokens", "0", "--out", "x"], "--max-tokens"),
     (["stats", "--layers", "two", "--out", "x"], "--layers"),
     (["edit", "--requests", "r.json", "--out", "x", "--batch-size", "-1"], "--batch-size"),
+    (["edit", "--requests", "r.json", "--out", "x", "--preserve-edits", "-1"], "--preserve-edits"),
+    (["edit", "--requests", "r.json", "--out", "x", "--preserve-edits", "inf"], "--preserve-edits"),
     (["eval", "--out", "x", "--max-new-tokens", "-5"], "--max-new-tokens"),
     (["profile", "--d-in", "-5"], "--d-in"),
     (["demo", "--facts", "0"], "--facts"),

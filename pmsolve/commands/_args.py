@@ -24,6 +24,16 @@ def nonneg_int(text: str) -> int:
     return _int(text, 0, "an integer ≥ 0")
 
 
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
 def parse_layers(text: str) -> list[int]:
     """'5' or '3,4,5' or '3-8' (inclusive) or a mix: '1,4-6'."""
     out: list[int] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PMSolveError
-from ._args import nonneg_int, parse_layers, positive_int
+from ._args import nonneg_float, nonneg_int, parse_layers, positive_int
 
 
 def add_document_start(p: argparse.ArgumentParser) -> None:
@@ -70,7 +70,7 @@ def key_options(args: argparse.Namespace) -> dict[str, Any]:
     (None: the preset's)."""
     return {"start_key": {"preset": None, "on": True, "off": False}[args.start_key],
             "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
-            "value_config": args.values}
+            "preserve_edits": getattr(args, "preserve_edits", None), "value_config": args.values}
 
 
 CHECKPOINT = "edit-checkpoint"  # folder in --out while an edit runs (see pmsolve.edit's checkpoint)
@@ -80,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET)")
     p.add_argument("--requests", required=True, help="JSON or JSONL file of edit requests")
     add_common(p)
+    p.add_argument("--preserve-edits", type=nonneg_float, default=None, metavar="BETA",
+                   help="weight of keys edited by earlier batches (--batch-size) in later batches' preservation term "
+                        "(default: the preset's, else 0)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="requests per solve (default: all at once)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--templates", default=None, help="JSON module-name templates for unknown architectures")

@@ -115,7 +115,8 @@ def _read(path: Path, device: torch.device) -> tuple[dict[str, Any], list]:
             edits = [LayerEdit(e["batch"], e["layer"], e["module"], e["layout"], e["share"],
                                Update(fh.get_tensor(f"{i}.U").to(device), fh.get_tensor(f"{i}.B").to(device),
                                       SolveDiagnostics(**e["diagnostics"])),
-                               e["residual_rounded"])
+                               e["residual_rounded"],
+                               fh.get_tensor(f"{i}.K").to(device) if f"{i}.K" in fh.keys() else None)
                      for i, e in enumerate(header["edits"])]
     except CacheError:
         raise
@@ -134,5 +135,8 @@ def reapply(model, edits: Sequence[Any], originals: dict[str, torch.Tensor]) -> 
 
 def settings_of(method: str, layers: Sequence[int], distribution: str, mu: float | None, batch_size: int | None,
                 seed: int, value_config: Any, key_options: Any) -> dict[str, Any]:
+    keys = asdict(key_options)
+    if not keys.get("preserve_edits"):  # absent when off: checkpoints of earlier versions still match
+        keys.pop("preserve_edits", None)
     return {"method": method, "layers": list(layers), "distribution": distribution, "mu": mu,
-            "batch_size": batch_size, "seed": seed, "values": asdict(value_config), "keys": asdict(key_options)}
+            "batch_size": batch_size, "seed": seed, "values": asdict(value_config), "keys": keys}

@@ -47,6 +47,7 @@ class LayerEdit:
     share: float
     update: Update
     residual_rounded: float  # ‖(W_after − W_before) K − R‖ / ‖R‖ with the weights as stored
+    keys: torch.Tensor | None = None  # the solve's K (d_in × n), kept only for preserve_edits
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -235,10 +236,17 @@ class KeyOptions:
     source: str = "average"
     start_key: bool = False
     preserve_prompts: float = 0.0
+    preserve_edits: float = 0.0
+
+
+def _weight(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def resolve_key_options(settings, key_source: str | None, start_key: bool | None,
-                        preserve_prompts: float | None) -> KeyOptions:
+                        preserve_prompts: float | None, preserve_edits: float | None = None) -> KeyOptions:
     """The caller's choices, else the preset method ``settings``' (may be None), else the defaults."""
     def pick(given, name, default):
         return given if given is not None else getattr(settings, name, default) if settings is not None else default
@@ -246,15 +254,14 @@ def resolve_key_options(settings, key_source: str | None, start_key: bool | None
     source = pick(key_source, "key_source", "average")
     if source not in KEY_SOURCES:
         raise InputError(f"key_source must be one of {KEY_SOURCES}, got {source!r}")
-    alpha = pick(preserve_prompts, "preserve_prompts", 0.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
-        raise InputError(f"preserve_prompts must be a finite number >= 0, got {alpha!r}")
-    return KeyOptions(source, bool(pick(start_key, "start_key", False)), float(alpha))
+    alpha = _weight(pick(preserve_prompts, "preserve_prompts", 0.0), "preserve_prompts")
+    beta = _weight(pick(preserve_edits, "preserve_edits", 0.0), "preserve_edits")
+    return KeyOptions(source, bool(pick(start_key, "start_key", False)), alpha, beta)
 
 
 def resolve_settings(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,
              adapter: Adapter, model_id: str | None, start_key: bool | None = None, key_source: str | None = None,
-             preserve_prompts: float | None = None):
+             preserve_prompts: float | None = None, preserve_edits: float | None = None):
     """Layers, distribution, μ, v* settings and key options from the arguments, filling gaps
     from the preset."""
     if method not in METHODS:
@@ -285,7 +292,8 @@ def resolve_settings(model, method: str, layers: Sequence[int] | None, distribut
         vc = replace(base, **vc)
     elif not isinstance(vc, ValueConfig):
         raise InputError(f"value_config must be a ValueConfig or a mapping of its fields, got {type(vc).__name__}")
-    return layers, dist, mu, vc, resolve_key_options(settings, key_source, start_key, preserve_prompts)
+    return layers, dist, mu, vc, resolve_key_options(settings, key_source, start_key, preserve_prompts,
+                                                        preserve_edits)
 
 
 def _batches(reqs: list[EditRequest], size: int | None) -> list[list[EditRequest]]:
@@ -330,6 +338,7 @@ def edit(
     start_key: bool | None = None,
     key_source: str | None = None,
     preserve_prompts: float | None = None,
+    preserve_edits: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
 ) -> EditResult:
     """Edit ``requests`` into ``model`` in place and return what was done.
@@ -375,6 +384,12 @@ def edit(
             which the v* optimisation never saw; measured on SmolLM2 (256 facts, EMMET, layer
             4, docs/RESULTS.md): α = 1 raised ES from 86.7 % to 97.7 % with prompt keys.
             None: the preset's choice, else 0 (off).
+        preserve_edits: β ≥ 0. With several batches, later batches preserve the keys earlier
+            batches constrained: each layer's C becomes C + β·Σ k kᵀ over the keys already
+            edited there (β = 1: moving one edited key's output costs as much as the mean
+            change over the statistics' tokens). Earlier edits are then less overwritten by
+            later ones. The factor is extended (Factor.extend), not recomputed. None: the
+            preset's choice, else 0 (off).
         checkpoint: a folder where each batch's work is saved when it is done (one file per
             batch, atomically). If it holds batches of this same edit (same unedited weights,
             requests, settings and statistics), they are re-applied and the edit goes on from
@@ -391,7 +406,7 @@ def edit(
     model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
     layers, dist, mu, vcfg, key_opts = resolve_settings(model, method, layers, distribution, mu, preset,
                                                         value_config, adapter, model_id, start_key, key_source,
-                                                        preserve_prompts)
+                                                        preserve_prompts, preserve_edits)
     batches = _batches(reqs, batch_size)
     if method == "rome" and any(len(b) != 1 for b in batches):
         raise InputError("ROME edits one fact per solve: use batch_size=1 or method='emmet'")
@@ -412,9 +427,11 @@ def edit(
     was_training = model.training
     model.eval()
     try:
+        preserved = dict(factors)  # per layer: C extended by the keys edited so far (preserve_edits)
         if prior:
             resume.reapply(model, prior.edits, originals)
             edits, values = list(prior.edits), list(prior.values)
+            _preserve_edited_keys(preserved, edits, key_opts.preserve_edits)
             if progress:
                 progress("resumed", prior.batches_done, len(batches))
         for b, batch in enumerate(batches):
@@ -423,9 +440,12 @@ def edit(
             if progress:
                 progress("batch", b, len(batches))
             n_values = len(values)
-            done = _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg,
+            done = _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, preserved, method, mu, vcfg,
                                ctx, seed, originals, clock, values, progress, value_cache, key_opts)
             edits += done
+            if b + 1 < len(batches):
+                with clock("solve"):
+                    _preserve_edited_keys(preserved, done, key_opts.preserve_edits)
             if checkpoint is not None:
                 resume.save_batch(checkpoint, key, b, done, values[n_values:], ctx)
     except BaseException:
@@ -438,7 +458,7 @@ def edit(
                     for name, w0 in originals.items()}
     return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
                       {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts}, asdict(vcfg), fingerprints,
+                       "preserve_prompts": key_opts.preserve_prompts, "preserve_edits": key_opts.preserve_edits}, asdict(vcfg), fingerprints,
                       sum(len(batch) for batch in batches[: prior.batches_done]) if prior else 0)
 
 
@@ -502,10 +522,18 @@ def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, meth
             upd = solve(f, K, R, method="emmet" if method == "rome" and K.shape[1] > 1 else method, mu=mu)
         with clock("apply"):
             res = _apply(adapter, layer, upd, K, R, originals)
-        out.append(LayerEdit(b, layer, adapter.rewrite_name(layer), adapter.layout, share, upd, res))
+        out.append(LayerEdit(b, layer, adapter.rewrite_name(layer), adapter.layout, share, upd, res,
+                             K if key_opts.preserve_edits > 0 else None))
         if progress:
             progress("layer", i + 1, len(layers))
     return out
+
+
+def _preserve_edited_keys(factors: dict[int, Factor], edits: Sequence[LayerEdit], beta: float) -> None:
+    """factors[layer] := its factor extended by β·KKᵀ for each edit's keys K (preserve_edits)."""
+    if beta > 0:
+        for e in edits:
+            factors[e.layer] = factors[e.layer].extend(e.keys, beta)
 
 
 def _batch_values(model, adapter, tokenizer, batch, ctx, layer, vcfg, seed, cache) -> ValueResult:
@@ -565,6 +593,8 @@ def encode_edits(edits: Sequence[LayerEdit], header: dict[str, Any], *, full: bo
     for i, e in enumerate(edits):
         tensors[f"{i}.U"] = e.update.U.detach().cpu().contiguous()
         tensors[f"{i}.B"] = e.update.B.detach().cpu().contiguous()
+        if full and e.keys is not None:
+            tensors[f"{i}.K"] = e.keys.detach().cpu().contiguous()
         entry = {"batch": e.batch, "layer": e.layer, "module": e.module, "layout": e.layout}
         if full:
             entry.update(share=e.share, residual_rounded=e.residual_rounded,

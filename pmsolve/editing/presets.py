@@ -22,6 +22,7 @@ class MethodSettings:
     start_key: bool = False  # see pmsolve.edit(start_key=...)
     key_source: str = "average"  # see pmsolve.edit(key_source=...)
     preserve_prompts: float = 0.0  # see pmsolve.edit(preserve_prompts=...)
+    preserve_edits: float = 0.0  # see pmsolve.edit(preserve_edits=...)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _parse(data: dict[str, Any], source: str) -> Preset:
         values = ValueConfig(**{k: v for k, v in data.get("values", {}).items() if k in known})
         methods = {m: MethodSettings(list(s["layers"]), s.get("mu"), s.get("distribution", "memit"),
                                      bool(s.get("start_key", False)), str(s.get("key_source", "average")),
-                                     float(s.get("preserve_prompts", 0.0)))
+                                     float(s.get("preserve_prompts", 0.0)), float(s.get("preserve_edits", 0.0)))
                    for m, s in data["methods"].items()}
         return Preset(data["name"], methods, values, data.get("match", {}), data.get("notes", ""))
     except (KeyError, TypeError) as exc:
