@@ -222,6 +222,24 @@ def test_public_api_on_cuda_matches_torch(cuda_backend, gpu_only):
     assert uc.diagnostics.peak_bytes > 0
 
 
+@pytest.mark.gpu
+def test_extended_factor_on_cuda_matches_the_cpu(cuda_backend, gpu_only):
+    """Factor.extend on a CUDA factor, solved on the cuda backend, equals the same extension
+    on the CPU (torch backend)."""
+    d, n, k = 384, 24, 40
+    C = spd(d, gpu_only, seed=7)
+    U = keys(d, k, gpu_only, seed=10)
+    K = keys(d, n, gpu_only, seed=8)
+    R = keys(96, n, gpu_only, seed=9)
+    fc = pmsolve.factorize(C, backend="cuda").extend(U, 0.5)
+    ft = pmsolve.factorize(C.cpu(), backend="torch").extend(U.cpu(), 0.5)
+    assert fc.lowrank is not None and fc.cond == pytest.approx(ft.cond, rel=1e-6)
+    uc = pmsolve.solve(fc, K, R, backend="cuda")
+    ut = pmsolve.solve(ft, K.cpu(), R.cpu(), backend="torch")
+    assert uc.diagnostics.backend == "cuda"
+    assert rel(uc.B.cpu(), ut.B) <= cond_tol(ft.cond, ut.diagnostics.cond_G)
+
+
 # ---------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------

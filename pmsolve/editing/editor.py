@@ -431,7 +431,8 @@ def edit(
         if prior:
             resume.reapply(model, prior.edits, originals)
             edits, values = list(prior.edits), list(prior.values)
-            _preserve_edited_keys(preserved, edits, key_opts.preserve_edits)
+            for b in range(prior.batches_done):  # batch by batch, as the run that saved them did
+                _preserve_edited_keys(preserved, [e for e in edits if e.batch == b], key_opts.preserve_edits)
             if progress:
                 progress("resumed", prior.batches_done, len(batches))
         for b, batch in enumerate(batches):
