@@ -235,7 +235,8 @@ def _md_sweep(sw: dict[str, Any], res: dict[str, Any]) -> list[str]:
         "is EMMET on each rewrite prompt's own key with the batch's own prompt tokens (every token after the "
         "subject, in every context template) added to the preservation term at weight α = "
         f"{_f(res['config'].get('prompt_preservation'), 'g')} (`pmsolve.edit(key_source=\"prompt\", "
-        "preserve_prompts=α)`): the factor of C + α·mean(kkᵀ) is recomputed per batch.",
+        "preserve_prompts=α)`): the factor of C + α·mean(kkᵀ) is formed per batch (a low-rank extension of C's "
+        "factor, or a refactor when the prompt tokens outnumber d/4).",
         "",
         _table(["method", "batch", "facts", "n", "ES", "PS", "NS", "Score", "fluency Δ % (± SE)", "cond(G+μI)",
                 "ridge fallbacks", "solve s/batch"], rows),
