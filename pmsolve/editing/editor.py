@@ -388,8 +388,9 @@ def edit(
             batches constrained: each layer's C becomes C + β·Σ k kᵀ over the keys already
             edited there (β = 1: moving one edited key's output costs as much as the mean
             change over the statistics' tokens). Earlier edits are then less overwritten by
-            later ones. The factor is extended (Factor.extend), not recomputed. None: the
-            preset's choice, else 0 (off).
+            later ones: on SmolLM2 (EMMET, 256 facts in 16 batches, bench/RESULTS.md) ES went
+            from 88.3 % to 94.1 / 93.0 / 92.6 % at β = 0.1 / 1 / 10. The factor is extended
+            (Factor.extend), not recomputed. None: the preset's choice, else 0 (off).
         checkpoint: a folder where each batch's work is saved when it is done (one file per
             batch, atomically). If it holds batches of this same edit (same unedited weights,
             requests, settings and statistics), they are re-applied and the edit goes on from
