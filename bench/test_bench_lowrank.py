@@ -42,18 +42,21 @@ def test_extend_vs_refactor(benchmark, d, k):
     R = torch.randn(1024, N, generator=g, dtype=torch.float64)
     w = WEIGHT / k
 
+    def _solve(f):
+        return pmsolve.solve(f, K, R, method="emmet", backend="cpu")
+
     def ours():
-        return pmsolve.solve(factor.extend(P, w), K, R, method="emmet", backend="cpu")
+        return _solve(factor.extend(P, w))
 
     def refactor_from_c():
         Ce = torch.addmm(C, P, P.mT, alpha=w)
-        return pmsolve.solve(pmsolve.factorize(Ce, overwrite_c=True, backend="cpu"), K, R, method="emmet", backend="cpu")
+        return _solve(pmsolve.factorize(Ce, overwrite_c=True, backend="cpu"))
 
     def rebuild_from_l():
         L = torch.tril(factor.L)
         Ce = L @ L.mT
         Ce.addmm_(P, P.mT, alpha=w)
-        return pmsolve.solve(pmsolve.factorize(Ce, overwrite_c=True, backend="cpu"), K, R, method="emmet", backend="cpu")
+        return _solve(pmsolve.factorize(Ce, overwrite_c=True, backend="cpu"))
 
     comp = Competitors({"refactor_from_c": refactor_from_c, "rebuild_from_l": rebuild_from_l},
                        prefault_bytes=2 * d * d * 8)

@@ -460,7 +460,8 @@ def edit(
                     for name, w0 in originals.items()}
     return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
                       {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts, "preserve_edits": key_opts.preserve_edits}, asdict(vcfg), fingerprints,
+                       "preserve_prompts": key_opts.preserve_prompts, "preserve_edits": key_opts.preserve_edits},
+                      asdict(vcfg), fingerprints,
                       sum(len(batch) for batch in batches[: prior.batches_done]) if prior else 0)
 
 
