@@ -230,11 +230,13 @@ class Factor:
             return self
         t0 = time.perf_counter()
         U = keys.to(torch.float64) * math.sqrt(weight)
-        Z = torch.linalg.solve_triangular(self.L, U, upper=False)
         if self.lowrank is not None:
-            U, Z = torch.cat([self.lowrank.U, U], 1), torch.cat([self.lowrank.Z, Z], 1)
+            U = torch.cat([self.lowrank.U, U], 1)
         if U.shape[1] > settings.get("max_lowrank_fraction") * self.d:
-            return self._refactored(U, t0)
+            return self._refactored(U, t0)  # before any triangular solve: the refactor needs none
+        Z = torch.linalg.solve_triangular(self.L, U[:, -keys.shape[1]:], upper=False)  # new columns only
+        if self.lowrank is not None:
+            Z = torch.cat([self.lowrank.Z, Z], 1)
         f = Factor(**{**self.__dict__})
         f.lowrank = LowRankTerm.build(self.L, U, Z)
         f.cond = _cond_extended(f)
