@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 
 import torch
 
 import pmsolve
-from pmsolve.evaluation import evaluate_records
+from pmsolve.evaluation import evaluate_records, generate_texts, ngram_entropy
 from pmsolve.evaluation.records import BUILTIN_FACTS, parse_records, read_json_records
 from pmsolve.models.loading import load_model
 
@@ -33,12 +35,25 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _entropies(lm, prompts: list[str]) -> list[float]:
+    texts = generate_texts(lm.model, lm.tokenizer, prompts, 100, batch_size=16, top_k=5, seed=0)
+    return [ngram_entropy(t) for t in texts]
+
+
+def _fluency_change(pre: list[float], post: list[float]) -> dict[str, float]:
+    d = [b - a for a, b in zip(pre, post)]
+    m = statistics.fmean(pre)
+    return {"change_pct": round(100 * statistics.fmean(d) / m, 2),
+            "se_pct": round(100 * statistics.stdev(d) / math.sqrt(len(d)) / m, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--facts", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--method", default="emmet")
     ap.add_argument("--betas", default="0,1,10")
+    ap.add_argument("--fluency", type=int, default=0, metavar="K", help="generation prompts per fact (0: no fluency)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -47,15 +62,21 @@ def main() -> None:
     requests = [r.as_request() for r in records]
     half = (len(records) // args.batch_size // 2) * args.batch_size
     out = {"facts": len(records), "batch_size": args.batch_size, "method": args.method, "runs": []}
+    prompts = [g for r in records for g in r.generation_prompts[: args.fluency]]
+    if prompts:
+        pre = _entropies(lm, prompts)
+        out["fluency"] = {"generations": len(prompts), "tokens": 100, "decoding": "top-5 sampling, seed 0",
+                          "unedited_entropy": round(statistics.fmean(pre), 4)}
     for beta in (float(b) for b in args.betas.split(",")):
         t0 = time.perf_counter()
         res = pmsolve.edit(lm.model, lm.tokenizer, requests, method=args.method, batch_size=args.batch_size,
                            stats="auto", preserve_edits=beta)
         t_edit = time.perf_counter() - t0
         rows = evaluate_records(lm.model, lm.tokenizer, records).records
+        fluency = _fluency_change(pre, _entropies(lm, prompts)) if prompts else None
         res.restore()
         run = {"preserve_edits": beta, "all": _means(rows), "first_half": _means(rows[:half]),
-               "second_half": _means(rows[half:]), "edit_seconds": round(t_edit, 1),
+               "second_half": _means(rows[half:]), "fluency": fluency, "edit_seconds": round(t_edit, 1),
                "solve_seconds": round(res.timings.get("solve", 0.0), 2), "layers": res.layers}
         out["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
