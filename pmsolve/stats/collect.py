@@ -131,8 +131,9 @@ def _token_lists(tokenizer: Any, texts: Iterator[str], seq_len: int) -> Iterator
 
 
 # Documents are sorted by length within pools of this many batches' tokens (fewer when
-# checkpoints are more frequent): long enough for well-filled batches, short enough that a
-# checkpoint, which waits for the end of a pool, comes about when it is due.
+# checkpoints are more frequent, never less than one batch): long enough for well-filled
+# batches, short enough that a checkpoint, which waits for the end of a pool, comes about
+# when it is due.
 _POOL_BATCHES = 16
 
 
@@ -379,7 +380,7 @@ def _run_pass(model, tokenizer, corpus: Corpus, run: _Run, cap: int, rank: int, 
     bar = tqdm(total=cap, initial=run.tokens, unit="tok", desc="covariance", disable=not progress or rank != 0)
     t_start = time.perf_counter()
     try:
-        pool_tokens = min(checkpoint_every, _POOL_BATCHES * batch_tokens)
+        pool_tokens = max(batch_tokens, min(checkpoint_every, _POOL_BATCHES * batch_tokens))
         for batch, consumed in _batches(_token_lists(tokenizer, texts, seq_len), batch_tokens, pool_tokens):
             input_ids, mask = _pad(_enough(batch, cap - run.tokens), pad_id)
             select = _select_first(mask, cap - run.tokens)
@@ -449,8 +450,8 @@ def collect_stats(
         corpus: see :func:`pmsolve.stats.corpus.open_corpus` (None: the offline default).
         max_tokens: real (unpadded) tokens per layer, split over data-parallel ranks.
         batch_tokens: padded tokens per forward batch; seq_len: truncation length per document.
-            Documents are sorted by length within pools of up to 16 batches' tokens (at most
-            ``checkpoint_every``), so that little of a batch is padding.
+            Documents are sorted by length within pools of up to 16 batches' tokens (down to
+            one batch when ``checkpoint_every`` is smaller), so that little of a batch is padding.
         dtype: product precision, "fp32" or "fp64" (the master sum is always fp64).
         cache_dir: where finished statistics and checkpoints live (None: no caching).
         resume: continue from a checkpoint in cache_dir when there is one.
