@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -21,9 +20,11 @@ import time
 import torch
 
 import pmsolve
-from pmsolve.evaluation import evaluate_records, generate_texts, ngram_entropy
+from pmsolve.evaluation import evaluate_records
 from pmsolve.evaluation.records import BUILTIN_FACTS, parse_records, read_json_records
 from pmsolve.models.loading import load_model
+
+from fluency_bench import change, generate  # bench/ is on sys.path when run as a script
 
 
 def _means(rows: list[dict]) -> dict[str, float]:
@@ -36,15 +37,12 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 
 def _entropies(lm, prompts: list[str]) -> list[float]:
-    texts = generate_texts(lm.model, lm.tokenizer, prompts, 100, batch_size=16, top_k=5, seed=0)
-    return [ngram_entropy(t) for t in texts]
+    return generate(lm.model, lm.tokenizer, prompts, 100, top_k=5, seed=0)[0]
 
 
 def _fluency_change(pre: list[float], post: list[float]) -> dict[str, float]:
-    d = [b - a for a, b in zip(pre, post)]
-    m = statistics.fmean(pre)
-    return {"change_pct": round(100 * statistics.fmean(d) / m, 2),
-            "se_pct": round(100 * statistics.stdev(d) / math.sqrt(len(d)) / m, 2)}
+    c = change(pre, post)
+    return {"change_pct": round(100 * c["change"], 2), "se_pct": round(100 * c["se"], 2)}
 
 
 def main() -> None:
