@@ -15,6 +15,7 @@ from pmsolve.editing import ValueConfig, apply_updates, load_requests
 from pmsolve.editing.distribution import CostBalanced, MemitSpread, SingleLayer, remaining_share
 from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
 from pmsolve.editing.values import optimize_values
+from pmsolve.editing.presets import DEFAULT_PRESERVE_EDITS
 from pmsolve.errors import CacheError, InputError
 from pmsolve.models.adapters import adapter_for
 
@@ -712,16 +713,17 @@ def test_preserve_edits_keeps_later_batches_off_earlier_keys(tok):
     """With preserve_edits = β, batch 2's solve minimises tr(ΔCΔᵀ) + β‖ΔK₁‖² under its own
     equality constraints (K₁: batch 1's keys), so the change it makes at batch 1's keys cannot
     grow with β (the penalty method's monotonicity; one layer, so batch 2's keys and values do
-    not depend on β) and vanishes as β grows, while its own constraints still hold. β = 0 is the
-    plain sequential edit, bit for bit."""
+    not depend on β) and vanishes as β grows, while its own constraints still hold. Not given,
+    β is DEFAULT_PRESERVE_EDITS, bit for bit."""
     m = model("llama", len(tok))
     C = stats(m, tok)
     kw = dict(requests=REQUESTS[:4], batch_size=2, layers=[2])
-    plain = _edit(m, tok, C, **kw)
-    plain_w = snapshot(m)
-    plain.restore()
+    default = _edit(m, tok, C, **kw)
+    default_w = snapshot(m)
+    default.restore()
+    assert default.report()["preserve_edits"] == DEFAULT_PRESERVE_EDITS > 0
     second = {}
-    for beta in (0.0, 1.0, 1e4):
+    for beta in (0.0, DEFAULT_PRESERVE_EDITS, 1.0, 1e4):
         res = _edit(m, tok, C, preserve_edits=beta, **kw)
         res.restore()
         assert res.report()["preserve_edits"] == beta
@@ -731,11 +733,12 @@ def test_preserve_edits_keeps_later_batches_off_earlier_keys(tok):
             assert first.keys is None  # kept only when they are needed
         else:
             K1 = first.keys
-    res = _edit(m, tok, C, preserve_edits=0.0, **kw)
-    assert same_weights(m, plain_w)
+    res = _edit(m, tok, C, preserve_edits=DEFAULT_PRESERVE_EDITS, **kw)
+    assert same_weights(m, default_w)
     res.restore()
     moved = {beta: float((e.update.dense() @ K1).norm()) for beta, e in second.items()}
-    assert moved[0.0] >= moved[1.0] * (1 - 1e-9) >= moved[1e4] * (1 - 1e-9), moved
+    assert moved[0.0] >= moved[DEFAULT_PRESERVE_EDITS] * (1 - 1e-9) >= moved[1.0] * (1 - 1e-9) \
+        >= moved[1e4] * (1 - 1e-9), moved
     assert moved[1e4] < 1e-2 * moved[0.0], moved
 
 
@@ -743,7 +746,7 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("preserve_edits", [None, 1.0])
+@pytest.mark.parametrize("preserve_edits", [0.0, None, 1.0])
 def test_interrupted_edit_resumes_from_its_checkpoint_bit_for_bit(tmp_path, tok, preserve_edits):
     """Killed before its third batch, an edit with a checkpoint restores the model; run again,
     it re-applies the two saved batches, does the third, and ends where an uninterrupted run

@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--preserve-edits", type=nonneg_float, default=None, metavar="BETA",
                    help="weight of keys edited by earlier batches (--batch-size) in later batches' preservation term "
-                        "(default: the preset's, else 0)")
+                        "(default: the preset's, else 0.1; 0 turns it off)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="requests per solve (default: all at once)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--templates", default=None, help="JSON module-name templates for unknown architectures")

@@ -136,7 +136,9 @@ def reapply(model, edits: Sequence[Any], originals: dict[str, torch.Tensor]) -> 
 def settings_of(method: str, layers: Sequence[int], distribution: str, mu: float | None, batch_size: int | None,
                 seed: int, value_config: Any, key_options: Any) -> dict[str, Any]:
     keys = asdict(key_options)
-    if not keys.get("preserve_edits"):  # absent when off: checkpoints of earlier versions still match
+    # Absent when off, or when there is one batch (nothing earlier to preserve): checkpoints of
+    # earlier versions, whose default was off, still match.
+    if not keys.get("preserve_edits") or batch_size is None:
         keys.pop("preserve_edits", None)
     return {"method": method, "layers": list(layers), "distribution": distribution, "mu": mu,
             "batch_size": batch_size, "seed": seed, "values": asdict(value_config), "keys": keys}
