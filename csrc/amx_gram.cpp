@@ -80,8 +80,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void store_tiles(float* out) {
   compiler_barrier();  // `out` was written behind the compiler's back
 }
 
+// Only AMX CPUs run this file's kernels, and they all have AVX-512: the fold below and the
+// packing vectorise with it (the build's baseline is generic x86-64). Measured in session 12:
+// 4096 × 1536 bf16 rows 11–13 → 9–10.7 ms per update, d = 6400 4–9 % faster.
+#define PMSOLVE_AMX_VECTOR "avx512f,avx512bw,avx512vl"
+
 // acc (32 × 32 fp64, row-major) = Σ over all nk token steps of the features (i0.., j0..).
-__attribute__((target("amx-tile,amx-bf16"))) void block_product(const uint32_t* a_tiles, const uint32_t* b_tiles,
+__attribute__((target("amx-tile,amx-bf16," PMSOLVE_AMX_VECTOR))) void block_product(const uint32_t* a_tiles, const uint32_t* b_tiles,
                                                                int64_t nk, int64_t ib, int64_t jb, double* acc) {
   alignas(64) float part[kBlock * kBlock];
   std::fill(acc, acc + kBlock * kBlock, 0.0);
@@ -114,7 +119,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void block_product(const uint32_t* 
 // Token steps [ks0, ks1): B tiles from the rows, then A tiles as their dword transposes.
 // `x` has whole tiles (rows a multiple of 32, d of 32; the caller pads otherwise), so the
 // loops carry no bounds tests and vectorise. O(rows · d) against the O(rows · d²) product.
-void pack(const uint16_t* x, int64_t d, int64_t nk, int64_t ks0, int64_t ks1, uint32_t* a_tiles,
+__attribute__((target(PMSOLVE_AMX_VECTOR))) void pack(const uint16_t* x, int64_t d, int64_t nk, int64_t ks0, int64_t ks1, uint32_t* a_tiles,
           uint32_t* b_tiles) {
   const int64_t nf = d / 16;
   for (int64_t ks = ks0; ks < ks1; ++ks) {
