@@ -289,6 +289,36 @@ def test_cache_is_verified(tmp_path, corpus):
         collect_stats(model, ByteTokenizer(), [0], corpus, **kw)
 
 
+def test_autocast_forward_matches_its_oracle_and_keeps_its_own_cache(tmp_path, corpus):
+    """autocast="bf16" runs the forward under torch.autocast: C matches an oracle that runs every
+    document alone under autocast (batched and lone matmuls round a few keys differently, each
+    by one bf16 ulp in either direction, so ‖ΔC‖/‖C‖ stays well under one ulp, 2⁻⁸: we require
+    2⁻¹¹, measured ~3e-5), while the model-precision forward differs by more than that (~4e-3
+    measured, so the check tells the two apart); it is cached under its own name and identity,
+    never mixed with the model-precision statistics."""
+    model = tiny_llama()
+    kw = dict(max_tokens=10**6, batch_tokens=600, seq_len=128, dtype="fp64", progress=False, cache_dir=tmp_path)
+    res = collect_stats(model, ByteTokenizer(), [0, 1], corpus, autocast="bf16", **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        truth = oracle(model, corpus, [res.modules[0], res.modules[1]])
+    plain = collect_stats(model, ByteTokenizer(), [0, 1], corpus, **kw)
+    for layer in (0, 1):
+        total, n = truth[res.modules[layer]]
+        assert res.stats[layer].count == n
+        assert rel(res.stats[layer].sum(), total) <= 2**-11
+        assert rel(plain.stats[layer].sum(), res.stats[layer].sum()) > 2**-11  # the forward did change
+        assert res.paths[layer] != plain.paths[layer] and "bf16-forward" in res.paths[layer].name
+        _, meta = CovarianceAccumulator.load_with_metadata(res.paths[layer])
+        assert meta["autocast"] == "bf16" and meta["activation_dtype"] == "bfloat16"
+    again = collect_stats(model, ByteTokenizer(), [0, 1], corpus, autocast="bf16", **kw)
+    assert again.from_cache and torch.equal(again.stats[1].sum(), res.stats[1].sum())
+    plain.paths[0].write_bytes(res.paths[0].read_bytes())  # bf16-forward statistics under the plain name
+    with pytest.raises(CacheError, match="autocast"):
+        collect_stats(model, ByteTokenizer(), [0], corpus, **kw)
+    with pytest.raises(InputError, match="autocast"):
+        collect_stats(model, ByteTokenizer(), [0], corpus, autocast="fp8", **kw)
+
+
 def test_convergence_report_and_early_stop(corpus):
     model = tiny_llama()
     res = collect_stats(model, ByteTokenizer(), [0], corpus, max_tokens=10**6, batch_tokens=256,

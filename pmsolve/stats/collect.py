@@ -11,6 +11,7 @@ cached with metadata that is verified on load.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import re
@@ -288,7 +289,13 @@ def _cache_identity(common: dict[str, Any], layer: int, module: str) -> dict[str
 
 
 def _load_cached(path: Path, identity: dict[str, Any], backend: str) -> CovarianceAccumulator:
-    return CovarianceAccumulator.load(path, expect=identity, backend=backend)
+    acc, meta = CovarianceAccumulator.load_with_metadata(path, expect=identity, backend=backend)
+    # "autocast" is in the identity only when set (older files lack it): check its absence too.
+    if meta.get("autocast") != identity.get("autocast"):
+        raise CacheError(f"statistics file {path} does not match this request: autocast is {meta.get('autocast')!r} "
+                         f"in the file, expected {identity.get('autocast')!r}; delete the file or point cache_dir "
+                         "elsewhere to recompute")
+    return acc
 
 
 # ---------------------------------------------------------------------------
@@ -441,6 +448,7 @@ def collect_stats(
     stop_tol: float | None = None,
     report_condition: bool = False,
     backend: str = "auto",
+    autocast: str | None = None,
 ) -> CollectResult:
     """Second moments C = E[k kᵀ] of the rewrite-module inputs of ``layers``, in one pass.
 
@@ -465,6 +473,11 @@ def collect_stats(
             over one checkpoint interval.
         report_condition: also record each layer's condition estimate of C (a Cholesky
             factorisation per layer and checkpoint: O(d³), cheap at d ≈ 1.5k, seconds at 10k+).
+        autocast: None (the model's own precision), "bf16" or "fp16": the forward runs under
+            torch.autocast in that dtype, so the captured keys are bf16/fp16 and their products
+            take the AMX kernel where the CPU has one. Several times faster on CPUs with fast
+            bf16 (measured: bench/RESULTS.md, session 12) at a small change of C; recorded in
+            the cache's identity and file name, so the two kinds of statistics never mix.
 
     Returns:
         A :class:`CollectResult`. Under torch.distributed every rank returns the summed
@@ -483,6 +496,8 @@ def collect_stats(
             raise InputError(f"{name} must be a positive int, got {v!r}")
     if dtype not in ("fp32", "fp64"):
         raise InputError(f"dtype must be 'fp32' or 'fp64', got {dtype!r}")
+    if autocast not in _AUTOCAST:
+        raise InputError(f"autocast must be one of {list(_AUTOCAST)}, got {autocast!r}")
     modules = rewrite_modules(model, layer_list, module_template)
     corpus = open_corpus(corpus)
     rank, world = _dist()
@@ -499,10 +514,12 @@ def collect_stats(
     start = document_start_tag(tokenizer)  # statistics of texts that start with a token differ
     if start:
         common["document_start"] = start
+    if autocast is not None:  # absent otherwise: caches written before this option still match
+        common["autocast"] = autocast
     # The weights' fingerprint is in the name: the same model in another dtype, or another
     # checkpoint under the same id, gets files of its own instead of a mismatch error.
-    tag = (f"{dtype}{'.centered' if centered else ''}.{max_tokens}tok{'.' + start if start else ''}"
-           f".w{common['weights_fingerprint'][:10]}")
+    tag = (f"{dtype}{'.centered' if centered else ''}{'.' + autocast + '-forward' if autocast else ''}"
+           f".{max_tokens}tok{'.' + start if start else ''}.w{common['weights_fingerprint'][:10]}")
     paths = {l: folder / f"{m}.{tag}.safetensors" for l, m in modules.items()} if folder else {}
 
     result = CollectResult(stats={}, modules=modules, paths=paths)
@@ -529,7 +546,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(model, autocast):
             _run_pass(model, tokenizer, corpus, run, cap, rank, world, seq_len=seq_len, batch_tokens=batch_tokens,
                       checkpoint_every=checkpoint_every, stop_tol=stop_tol, report_condition=report_condition,
                       progress=progress, result=result)
@@ -540,9 +557,19 @@ def collect_stats(
     result.stats.update(accs)
     result.tokens = min(acc.count for acc in accs.values())
     if folder is not None:
-        extra = {"activation_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        act = _AUTOCAST[autocast] or next(model.parameters()).dtype
+        extra = {"activation_dtype": str(act).removeprefix("torch.")}
         _write_cache(run, paths, common, extra, result, rank, world)
     return result
+
+
+_AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(model: torch.nn.Module, kind: str | None):
+    if kind is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=_AUTOCAST[kind])
 
 
 def _rewrite_input_width(module: torch.nn.Module) -> int:
