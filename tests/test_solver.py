@@ -271,6 +271,27 @@ def test_pm_solve_allocates_no_d_by_d_memory(layout, n):
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("n", [4, 64])
+def test_pm_solve_is_the_same_through_either_triangular_solve(monkeypatch, n):
+    """The native recursive solves and torch's (the default on Intel CPUs) give the same B, G:
+    both are backward stable, so they agree to about d·κ(C)·eps = 512·100·2.2e-16 ≈ 1e-11; we allow
+    1e-10."""
+    native_or_skip()
+    from pmsolve.backends import cpu, get_backend
+
+    be = get_backend("cpu", torch.device("cpu"))
+    d = 512
+    L = pmsolve.factorize(spd(d, seed=3), backend="cpu").L
+    K, _ = keys(d, n)
+    native = be.pm_solve(L, K, [0.0], 1e12)
+    monkeypatch.setattr(cpu, "NATIVE_TRSM_MIN_N", sys.maxsize)
+    via_torch = be.pm_solve(L, K, [0.0], 1e12)
+    assert native.mu_index == via_torch.mu_index == 0
+    for a, b in ((native.B, via_torch.B), (native.G, via_torch.G)):
+        assert float((a - b).norm() / b.norm()) < 1e-10
+
+
+@pytest.mark.native
 def test_blas_threads_follow_torch():
     mod = native_or_skip()
     from pmsolve.backends import get_backend

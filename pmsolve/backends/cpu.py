@@ -1,5 +1,6 @@
 """The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
-except the triangular solves of a solve with few keys, which go through torch (see pm_solve).
+except the triangular solves of a solve with few keys (with any number on Intel CPUs), which
+go through torch (see pm_solve).
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
@@ -14,6 +15,7 @@ never run at the same time: every kernel call is synchronous.
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import Sequence
 
@@ -24,8 +26,24 @@ from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
 from .torch_backend import apply_inv_sqrt_, hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
-# Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve).
-NATIVE_TRSM_MIN_N = 4
+
+
+def _torch_solves_are_mkl_on_intel() -> bool:
+    """Whether torch's triangular solves are MKL's on an Intel CPU, where they are the fastest."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in fh)
+    except OSError:
+        return False
+
+
+# Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve); a
+# module attribute, so it can be changed. Measured (bench/trsm_standalone.py, d = 6400): on the
+# AMD EPYC of session 6 ours won from 4 keys on; on the Intel Xeon of sessions 2 and 12, MKL's
+# won at every n (session 12: ours 0.31x at n = 1, 0.55x at 16, 0.79x at 256, 0.91x at 1024).
+NATIVE_TRSM_MIN_N = sys.maxsize if _torch_solves_are_mkl_on_intel() else 4
 
 
 def blas_threads() -> int:
@@ -108,9 +126,9 @@ class CpuBackend:
         """Z = L⁻¹K, the n × n work on it (pm_whitened), then B = L⁻ᵀ Z (G + μI)⁻¹.
 
         The two d × d triangular solves dominate (2·d²·n flops). From NATIVE_TRSM_MIN_N keys on
-        they run natively, recursively on GEMM, in place in one d × n buffer; below it, where
-        they are matrix-vector work, through torch (MKL's level-2 solves are the fastest here).
-        Measured in bench/RESULTS.md (session 6). Both read L in place, whichever its storage.
+        they run natively, recursively on GEMM, in place in one d × n buffer; below it (and at
+        every n on Intel CPUs, where MKL's solves are faster), through torch. Measured in
+        bench/RESULTS.md (sessions 6 and 12). Both read L in place, whichever its storage.
         A low-rank term (``inv_sqrt``) is two d × k × n products around pm_whitened, through torch.
         """
         self._sync_threads()
