@@ -17,6 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pmsolve.errors import CacheError, InputError, NumericalError
+from pmsolve.models.precision import fast_bf16
 from pmsolve.stats import CovarianceAccumulator, collect_stats, open_corpus
 from pmsolve.stats.collect import _batches, _enough
 from pmsolve.stats.corpus import offline_default
@@ -317,6 +318,8 @@ def test_autocast_forward_matches_its_oracle_and_keeps_its_own_cache(tmp_path, c
         collect_stats(model, ByteTokenizer(), [0], corpus, **kw)
     with pytest.raises(InputError, match="autocast"):
         collect_stats(model, ByteTokenizer(), [0], corpus, autocast="fp8", **kw)
+    auto = collect_stats(model, ByteTokenizer(), [1], corpus, autocast="auto", **kw)  # bf16 where it is fast
+    assert auto.from_cache and auto.paths[1] == (res if fast_bf16(torch.device("cpu")) else plain).paths[1]
 
 
 def test_convergence_report_and_early_stop(corpus):
@@ -380,7 +383,7 @@ def test_cli_stats_under_torchrun_equals_one_process(tmp_path, corpus):
     (gloo on loopback), rank 0 writes files holding the same statistics as one process."""
     folder = tiny_folder(tmp_path)
     common = ["stats", "--model", str(folder), "--layers", "0-1", "--corpus", str(corpus), "--max-tokens",
-              "100000", "--batch-tokens", "64", "--dtype", "fp64", "--quiet"]
+              "100000", "--batch-tokens", "64", "--dtype", "fp64", "--autocast", "none", "--quiet"]
     env = {**_env(), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "pmsolve.cli"]

@@ -153,7 +153,7 @@ def aggregate(lines: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[int],
-            document_start: str | None) -> dict[str, Any]:
+            document_start: str | None, stats_autocast: str | None = None) -> dict[str, Any]:
     """Everything that changes the results: a previous run resumes only when all of it matches."""
     from ..experiments.common import content_hash
 
@@ -166,7 +166,10 @@ def _config(args: argparse.Namespace, indexed, fingerprint: str, layers: list[in
             "start_key": args.start_key, "key_source": args.key_source, "preserve_prompts": args.preserve_prompts,
             "values": args.values,
             "document_start": document_start,
-            **({"stats": args.stats} if args.stats else {})}
+            **({"stats": args.stats} if args.stats else {}),
+            # the statistics' forward precision (see collect_stats); absent when it is the model's
+            # own, so that runs of earlier versions still resume
+            **({"stats_autocast": stats_autocast} if stats_autocast and not args.stats else {})}
 
 
 def _resume(out: Path, config: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
@@ -251,6 +254,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     from tqdm.auto import tqdm
 
     from ..experiments.common import factors_for, write_json
+    from ..models.precision import fast_bf16
     from ..stats import collect_stats, load_stats, weights_fingerprint
     from .edit import load, note_ignored_corpus
 
@@ -258,7 +262,8 @@ def _run(args, out: Path, indexed, malformed) -> int:
     lm = load(args)
     fingerprint = weights_fingerprint(lm.model)
     layers = _layers(args, lm.model)
-    config = _config(args, indexed, fingerprint, layers, lm.document_start)
+    stats_autocast = "bf16" if fast_bf16(next(lm.model.parameters()).device) else None  # as edit(stats="auto")
+    config = _config(args, indexed, fingerprint, layers, lm.document_start, stats_autocast)
     done = _resume(out, config, args.no_resume)
     write_json(out / "run.json", config)
     t0 = time.perf_counter()
@@ -271,7 +276,8 @@ def _run(args, out: Path, indexed, malformed) -> int:
         stats = load_stats(args.stats, lm.model, layers)
     else:
         stats = collect_stats(lm.model, lm.tokenizer, layers, args.corpus, max_tokens=args.stats_tokens,
-                              cache_dir=cache_dir / "stats", model_id=lm.model_id, progress=True)
+                              cache_dir=cache_dir / "stats", model_id=lm.model_id, progress=True,
+                              autocast=stats_autocast)
     factors = factors_for(stats, layers)
     finished = {ln["batch"] for ln in done}
     failed: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pmsolve
     from pmsolve._native import native
-    from pmsolve.editing.values import fast_bf16
+    from pmsolve.models.precision import fast_bf16
 
     mod = native()
     cpu_bf16 = fast_bf16(torch.device("cpu"))

@@ -29,9 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per forward batch")
     p.add_argument("--seq-len", type=positive_int, default=512, help="truncate documents to this many tokens")
     p.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32", help="product precision (master sum is fp64)")
-    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
-                   help="run the forward under torch.autocast in this dtype (faster on CPUs with AMX; default: "
-                        "the model's own precision)")
+    p.add_argument("--autocast", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="run the forward under torch.autocast in this dtype; auto (default, as `pmsolve edit` does): "
+                        "bf16 where bf16 is fast (AMX CPUs, CUDA); none: the model's own precision")
     p.add_argument("--centered", action="store_true", help="also collect the mean and centred covariance")
     p.add_argument("--module-template", default=None, help="rewrite module name with {} for the layer")
     p.add_argument("--checkpoint-every", type=positive_int, default=200_000, help="tokens between checkpoints")
@@ -122,7 +122,7 @@ def _collect(args: argparse.Namespace, loaded, collect_stats, rank: int):
         batch_tokens=args.batch_tokens,
         seq_len=args.seq_len,
         dtype=args.dtype,
-        autocast=args.autocast,
+        autocast=None if args.autocast == "none" else args.autocast,
         cache_dir=args.out,
         resume=not args.no_resume,
         checkpoint_every=args.checkpoint_every,

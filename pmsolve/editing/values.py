@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import InputError
 from ..models import attention
 from ..models.adapters import Adapter
+from ..models.precision import fast_bf16
 from .keys import _StopForward, hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
 from .requests import EditRequest
 
@@ -462,16 +463,6 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
         z=h0 + delta, delta=delta, h=h0, steps=steps, converged=converged, nll=last_nll,
         forward_passes=passes, history=result_history,
     )
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast on ``device`` (CUDA with bf16, or a CPU with AMX tiles)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe()) if probe is not None else False
-    return False
 
 
 def _autocast(kind: str | None, device: torch.device):

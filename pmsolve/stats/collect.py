@@ -27,6 +27,7 @@ import torch
 from ..errors import CacheError, InputError, NumericalError
 from ..models.adapters import KNOWN as _ARCHITECTURES
 from ..models.document_start import document_start_tag
+from ..models.precision import fast_bf16
 from .accumulator import CovarianceAccumulator
 from .corpus import Corpus, open_corpus, shard
 from .io import atomic_write, check_metadata, decode_states, encode_states
@@ -478,6 +479,7 @@ def collect_stats(
             take the AMX kernel where the CPU has one. Several times faster on CPUs with fast
             bf16 (measured: bench/RESULTS.md, session 12) at a small change of C; recorded in
             the cache's identity and file name, so the two kinds of statistics never mix.
+            "auto": "bf16" where bf16 matmuls are fast (AMX CPUs, CUDA with bf16), else None.
 
     Returns:
         A :class:`CollectResult`. Under torch.distributed every rank returns the summed
@@ -496,8 +498,10 @@ def collect_stats(
             raise InputError(f"{name} must be a positive int, got {v!r}")
     if dtype not in ("fp32", "fp64"):
         raise InputError(f"dtype must be 'fp32' or 'fp64', got {dtype!r}")
+    if autocast == "auto":
+        autocast = "bf16" if fast_bf16(next(model.parameters()).device) else None
     if autocast not in _AUTOCAST:
-        raise InputError(f"autocast must be one of {list(_AUTOCAST)}, got {autocast!r}")
+        raise InputError(f"autocast must be 'auto' or one of {list(_AUTOCAST)}, got {autocast!r}")
     modules = rewrite_modules(model, layer_list, module_template)
     corpus = open_corpus(corpus)
     rank, world = _dist()
