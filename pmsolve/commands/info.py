@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
         "cuda_backend": _cuda_backend_status(),
         # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
         "v_star_precision_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
+        # ... and collect_stats(autocast="auto") for the statistics' forward (edit, stats, eval).
+        "stats_forward_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
+        # Where pm_solve's triangular solves run on the CPU (torch's are MKL's on Intel CPUs).
+        "cpu_triangular_solves": _trsm_route(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # Whether bf16 activations take the AMX Gram kernel in the statistics (csrc/amx_gram.cpp).
         "stats_bf16_amx": bool(mod.amx_bf16()) if mod and hasattr(mod, "amx_bf16") else False,
@@ -41,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _trsm_route() -> str:
+    from pmsolve.backends import cpu
+
+    n = cpu.NATIVE_TRSM_MIN_N
+    return "torch (MKL) at every n" if n == sys.maxsize else f"native from {n} keys, torch below"
 
 
 def _cache_usage() -> dict:
