@@ -19,9 +19,11 @@ constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an extended st
 constexpr int kXfeatureXtiledata = 18;     // ... the AMX tile data
 constexpr int64_t kBlock = 32;             // C block edge: 2 × 2 tiles of 16 × 16 fp32
 constexpr int64_t kTileK = 32;             // bf16 values per tile row (64 bytes)
-// Block rows that share each B panel while it is in L2 (4 × 32 features × 4096 tokens of A
-// = 1 MiB, plus one 256 KiB B panel: fits the 2 MiB L2 of the AMX Xeons).
-constexpr int64_t kGroup = 4;
+// Block rows that share each B panel while it is in L2 (2 × 32 features × 4096 tokens of A
+// = 512 KiB, plus one 256 KiB B panel, in the 2 MiB L2 of the AMX Xeons, which the fp64
+// master's block updates also pass through). Session 12, 4096 rows, alternating processes:
+// groups of 2 took 155-166 ms at d = 6400 against 173-175 with 4 (1 MiB of A), the same at 1536.
+constexpr int64_t kGroup = 2;
 
 // GCC's tile intrinsics are asm statements without a memory clobber: the compiler does not
 // know that ldtilecfg/tileloadd read memory or that tilestored writes it, and at -O3 it
