@@ -391,8 +391,8 @@ def edit(
             edited there (β = 1: moving one edited key's output costs as much as the mean
             change over the statistics' tokens). Earlier edits are then less overwritten by
             later ones: on SmolLM2 (256 facts in 16 batches, bench/RESULTS.md) β = 0.1 raised
-            ES from 85.9 to 96.5 % (EMMET) and from 91.4 to 98.4 % (MEMIT), PS by 6 points,
-            and lost no fluency. The factor is extended (Factor.extend), not recomputed; a
+            ES from 85.9 to 96.5 % (EMMET) and from 91.4 to 98.4 % (MEMIT), PS by 4-6 points,
+            with no consistent fluency cost (±2 points either way over three runs). The factor is extended (Factor.extend), not recomputed; a
             single batch is unaffected. None: the preset's choice, else
             ``DEFAULT_PRESERVE_EDITS`` (0.1); 0 turns it off.
         checkpoint: a folder where each batch's work is saved when it is done (one file per
