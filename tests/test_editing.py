@@ -524,7 +524,8 @@ def test_values_under_bf16_autocast(tok):
 
 
 def test_auto_precision_follows_the_hardware():
-    from pmsolve.editing.values import _autocast, fast_bf16
+    from pmsolve.editing.values import _autocast
+    from pmsolve.models.precision import fast_bf16
 
     cpu = torch.device("cpu")
     amp, low = _autocast("auto", cpu)

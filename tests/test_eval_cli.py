@@ -195,7 +195,7 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
     import json
 
     from pmsolve.cli import main
-    from pmsolve.editing.values import fast_bf16
+    from pmsolve.models.precision import fast_bf16
 
     monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path))
     (tmp_path / "stats" / "m").mkdir(parents=True)

@@ -254,7 +254,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     from tqdm.auto import tqdm
 
     from ..experiments.common import factors_for, write_json
-    from ..models.precision import fast_bf16
+    from ..models.precision import resolve_autocast
     from ..stats import collect_stats, load_stats, weights_fingerprint
     from .edit import load, note_ignored_corpus
 
@@ -262,7 +262,7 @@ def _run(args, out: Path, indexed, malformed) -> int:
     lm = load(args)
     fingerprint = weights_fingerprint(lm.model)
     layers = _layers(args, lm.model)
-    stats_autocast = "bf16" if fast_bf16(next(lm.model.parameters()).device) else None  # as edit(stats="auto")
+    stats_autocast = resolve_autocast("auto", next(lm.model.parameters()).device)  # as edit(stats="auto")
     config = _config(args, indexed, fingerprint, layers, lm.document_start, stats_autocast)
     done = _resume(out, config, args.no_resume)
     write_json(out / "run.json", config)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from pmsolve.models.precision import fast_bf16
 
     mod = native()
-    cpu_bf16 = fast_bf16(torch.device("cpu"))
+    cpu_precision = "bf16 autocast (AMX)" if fast_bf16(torch.device("cpu")) else "model dtype"
     info = {
         "pmsolve": pmsolve.__version__,
         "torch": torch.__version__,
@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
         "cuda_available": torch.cuda.is_available(),
         "cuda_backend": _cuda_backend_status(),
         # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
-        "v_star_precision_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
+        "v_star_precision_cpu": cpu_precision,
         # ... and collect_stats(autocast="auto") for the statistics' forward (edit, stats, eval).
-        "stats_forward_cpu": "bf16 autocast (AMX)" if cpu_bf16 else "model dtype",
+        "stats_forward_cpu": cpu_precision,
         # Where pm_solve's triangular solves run on the CPU (torch's are MKL's on Intel CPUs).
         "cpu_triangular_solves": _trsm_route(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

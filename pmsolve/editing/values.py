@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InputError
 from ..models import attention
 from ..models.adapters import Adapter
-from ..models.precision import fast_bf16
+from ..models.precision import AUTOCAST_DTYPES, resolve_autocast
 from .keys import _StopForward, hooks, layer_hidden, pad_id, pad_right, subject_prompt_ids, target_ids
 from .requests import EditRequest
 
@@ -468,14 +468,11 @@ def _optimize_group(model, adapter: Adapter, tokenizer, requests: Sequence[EditR
 def _autocast(kind: str | None, device: torch.device):
     """(a context-manager factory: torch.autocast for ``kind`` on ``device`` or a no-op,
     the autocast dtype or None)."""
-    if kind == "auto":
-        kind = "bf16" if fast_bf16(device) else None
+    kind = resolve_autocast(kind, device, "ValueConfig.autocast")
     if kind is None:
         return contextlib.nullcontext, None
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if kind not in dtypes:
-        raise InputError(f"ValueConfig.autocast must be 'auto', None, 'bf16' or 'fp16', got {kind!r}")
-    return (lambda: torch.autocast(device.type, dtype=dtypes[kind])), dtypes[kind]
+    dtype = AUTOCAST_DTYPES[kind]
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import torch
 from ..errors import CacheError, InputError, NumericalError
 from ..models.adapters import KNOWN as _ARCHITECTURES
 from ..models.document_start import document_start_tag
-from ..models.precision import fast_bf16
+from ..models.precision import AUTOCAST_DTYPES, resolve_autocast
 from .accumulator import CovarianceAccumulator
 from .corpus import Corpus, open_corpus, shard
 from .io import atomic_write, check_metadata, decode_states, encode_states
@@ -498,10 +498,8 @@ def collect_stats(
             raise InputError(f"{name} must be a positive int, got {v!r}")
     if dtype not in ("fp32", "fp64"):
         raise InputError(f"dtype must be 'fp32' or 'fp64', got {dtype!r}")
-    if autocast == "auto":
-        autocast = "bf16" if fast_bf16(next(model.parameters()).device) else None
-    if autocast not in _AUTOCAST:
-        raise InputError(f"autocast must be 'auto' or one of {list(_AUTOCAST)}, got {autocast!r}")
+    first_param = next(model.parameters())  # its device and dtype stand for the model's
+    autocast = resolve_autocast(autocast, first_param.device)
     modules = rewrite_modules(model, layer_list, module_template)
     corpus = open_corpus(corpus)
     rank, world = _dist()
@@ -550,7 +548,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _autocast(model, autocast):
+        with torch.no_grad(), _autocast(first_param.device, autocast):
             _run_pass(model, tokenizer, corpus, run, cap, rank, world, seq_len=seq_len, batch_tokens=batch_tokens,
                       checkpoint_every=checkpoint_every, stop_tol=stop_tol, report_condition=report_condition,
                       progress=progress, result=result)
@@ -561,19 +559,16 @@ def collect_stats(
     result.stats.update(accs)
     result.tokens = min(acc.count for acc in accs.values())
     if folder is not None:
-        act = _AUTOCAST[autocast] or next(model.parameters()).dtype
+        act = AUTOCAST_DTYPES[autocast] if autocast else first_param.dtype
         extra = {"activation_dtype": str(act).removeprefix("torch.")}
         _write_cache(run, paths, common, extra, result, rank, world)
     return result
 
 
-_AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(model: torch.nn.Module, kind: str | None):
+def _autocast(device: torch.device, kind: str | None):
     if kind is None:
         return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=_AUTOCAST[kind])
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[kind])
 
 
 def _rewrite_input_width(module: torch.nn.Module) -> int:
