@@ -11,6 +11,7 @@
 
 #include "accumulate.h"
 #include "amx_gram.h"
+#include "dpbf16_gram.h"
 
 namespace py = pybind11;
 using pmsolve::CovAccumulator;
@@ -153,4 +154,24 @@ void register_stats(py::module_& m) {
       },
       py::arg("enable") = py::none(),
       "whether bf16 chunks take the AMX Gram kernel (switch it with enable; PMSOLVE_AMX=0 starts it off)");
+  m.def("dpbf16_available", &pmsolve::dpbf16_available, "the CPU has AVX512-F/BW/VL and AVX512-BF16");
+  m.def(
+      "dpbf16_bf16",
+      [](std::optional<bool> enable) {
+        if (enable) pmsolve::set_dpbf16_enabled(*enable);
+        return pmsolve::dpbf16_enabled();
+      },
+      py::arg("enable") = py::none(),
+      "whether bf16 chunks may take the AVX512-BF16 Gram kernel when AMX is off or absent (switch it with "
+      "enable; PMSOLVE_DPBF16=0 starts it off)");
+  m.def(
+      "bf16_gram_kernel",
+      [] {
+        switch (pmsolve::bf16_gram_kernel()) {
+          case pmsolve::Bf16Gram::amx: return "amx";
+          case pmsolve::Bf16Gram::avx512_bf16: return "avx512_bf16";
+          default: return "fp32";
+        }
+      },
+      "the kernel bf16 chunks take now: 'amx', 'avx512_bf16' or 'fp32' (widened, ssyrk)");
 }

@@ -10,6 +10,7 @@
 
 #include "amx_gram.h"
 #include "blas.h"
+#include "dpbf16_gram.h"
 #include "parallel.h"
 
 namespace pmsolve {
@@ -111,8 +112,8 @@ void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
   // of ~70 for 4096 × 1536 fp32 rows on the session-9 machine (bench/RESULTS.md). Everything
   // else (several chunks, fp64 or centred products, the AMX kernel, which adds into the
   // master directly) is checked up front, so a rejected update leaves the state untouched.
-  const bool amx = fmt == RowFormat::bf16 && amx_enabled();
-  const bool check_after = rows <= chunk_ && !fp64_ && !centered_ && !amx;
+  const bool bf16_kernel = fmt == RowFormat::bf16 && bf16_gram_kernel() != Bf16Gram::fp32;
+  const bool check_after = rows <= chunk_ && !fp64_ && !centered_ && !bf16_kernel;
   if (!check_after) {
     const size_t n = static_cast<size_t>(rows) * d_;
     const uint32_t top = max_magnitude_bits(data, n, fmt);
@@ -221,10 +222,21 @@ class BlasThreads {
   int saved_;
 };
 
+Bf16Gram bf16_gram_kernel() {
+  if (amx_enabled()) return Bf16Gram::amx;
+  if (dpbf16_enabled()) return Bf16Gram::avx512_bf16;
+  return Bf16Gram::fp32;
+}
+
 void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt, bool checked_after) {
   if (rows <= 0) return;
-  if (fmt == RowFormat::bf16 && !fp64_ && !centered_ && amx_enabled()) {
-    amx_gram_bf16_add(static_cast<const uint16_t*>(data), rows, d_, mat_.data(), product_threads(d_, rows), packed_);
+  const Bf16Gram kernel = fmt == RowFormat::bf16 && !fp64_ && !centered_ ? bf16_gram_kernel() : Bf16Gram::fp32;
+  if (kernel != Bf16Gram::fp32) {
+    const uint16_t* x = static_cast<const uint16_t*>(data);
+    if (kernel == Bf16Gram::amx)
+      amx_gram_bf16_add(x, rows, d_, mat_.data(), product_threads(d_, rows), packed_);
+    else
+      dpbf16_gram_add(x, rows, d_, mat_.data(), product_threads(d_, rows), packed_);
     count_ += rows;
     return;
   }

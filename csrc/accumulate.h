@@ -5,8 +5,8 @@
 // (ssyrk, or dsyrk in fp64-product mode) and added into an fp64 master. The
 // fp32 rounding error stays that of one chunk (measured 1–2e-7 relative) and
 // does not grow with the number of tokens, unlike the reference's fp32 running
-// sum. bf16 chunks on AMX CPUs take amx_gram.h's kernel instead (same fp32-per-chunk
-// accounting, exact products, several times faster). Centred mode keeps (count, mean, M2) and merges chunks with Chan/Pébay.
+// sum. bf16 chunks on AMX or AVX512-BF16 CPUs take a bf16 kernel instead (amx_gram.h,
+// dpbf16_gram.h: exact products summed in fp32 over 512 rows, several times faster). Centred mode keeps (count, mean, M2) and merges chunks with Chan/Pébay.
 //
 // Storage: `mat_` is d × d row-major; only the lower triangle (i ≥ j) is kept
 // up to date. It holds Σ xxᵀ (uncentred) or M2 = Σ (x−μ)(x−μ)ᵀ (centred).
@@ -18,6 +18,12 @@
 namespace pmsolve {
 
 enum class RowFormat { f32, bf16, f16 };
+
+// Which kernel forms the products of bf16 chunks (fp32 products, uncentred): the AMX tiles
+// (amx_gram.h), AVX512-BF16 dot products (dpbf16_gram.h), or widening to fp32 for ssyrk.
+// The first one available and switched on, in that order.
+enum class Bf16Gram { amx, avx512_bf16, fp32 };
+Bf16Gram bf16_gram_kernel();
 
 class CovAccumulator {
  public:

@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 namespace pmsolve {
 namespace {
 
@@ -144,15 +146,6 @@ __attribute__((target(PMSOLVE_AMX_VECTOR))) void pack(const uint16_t* x, int64_t
   }
 }
 
-// Runs f(t) for t in [0, n), one thread each (t = 0 on the caller's).
-template <class F>
-void on_threads(int n, F f) {
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t) pool.emplace_back(f, t);
-  f(0);
-  for (auto& th : pool) th.join();
-}
-
 bool g_enabled = [] {
   const char* env = std::getenv("PMSOLVE_AMX");
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -189,7 +182,7 @@ void amx_gram_bf16_add(const uint16_t* x, int64_t rows, int64_t d, double* maste
     x = padded;
   }
   const int np = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, nk)));
-  on_threads(np, [&](int part) { pack(x, dp, nk, nk * part / np, nk * (part + 1) / np, a_tiles, b_tiles); });
+  run_on_threads(np, [&](int part) { pack(x, dp, nk, nk * part / np, nk * (part + 1) / np, a_tiles, b_tiles); });
 
   const int64_t groups = (nb + kGroup - 1) / kGroup;
   std::atomic<int64_t> next{0};
@@ -216,7 +209,7 @@ void amx_gram_bf16_add(const uint16_t* x, int64_t rows, int64_t d, double* maste
     release_tiles();
   };
   const int nw = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
-  on_threads(nw, [&](int) { work(); });
+  run_on_threads(nw, [&](int) { work(); });
 }
 
 }  // namespace pmsolve

@@ -22,6 +22,15 @@ inline int worker_threads() {
   return std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1));
 }
 
+// Runs f(t) for t in [0, n), one thread each (t = 0 on the caller's).
+template <class F>
+void run_on_threads(int n, F f) {
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; ++t) pool.emplace_back(f, t);
+  f(0);
+  for (auto& th : pool) th.join();
+}
+
 // Rows [r0, r1) of a lower triangle of size d carry about equal work for r_k = d·√(k/n).
 inline std::vector<int64_t> triangle_split(int64_t d, int parts) {
   std::vector<int64_t> b(parts + 1);

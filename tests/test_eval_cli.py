@@ -213,4 +213,5 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
         assert info["openblas_thread_timeout"] is not None
         from pmsolve._native import native
 
-        assert info["stats_bf16_amx"] == native().amx_bf16()
+        assert info["stats_bf16_kernel"] == native().bf16_gram_kernel()
+        assert info["stats_bf16_kernel"] in ("amx", "avx512_bf16", "fp32")

@@ -89,18 +89,19 @@ def test_half_inputs_convert_exactly(dtype):
     if dtype == torch.float16:
         x[0, :5] = torch.tensor([6e-8, 1e-6, -3e-5, 65504.0, -0.0], dtype=dtype)  # subnormals, max, signed zero
     a, b = CA(33, backend="native"), CA(33, backend="native")
-    # The conversion is under test: bf16 must take the same ssyrk as fp32, not the AMX kernel
-    # (its summation order differs; tests/test_amx_gram.py bounds that one).
+    # The conversion is under test: bf16 must take the same ssyrk as fp32, not a bf16 kernel
+    # (their summation order differs; tests/test_bf16_gram.py bounds those).
     from pmsolve._native import native
 
-    amx = native().amx_bf16() if hasattr(native(), "amx_bf16") else None
-    if amx is not None:
-        native().amx_bf16(False)
+    switches = [getattr(native(), name) for name in ("amx_bf16", "dpbf16_bf16") if hasattr(native(), name)]
+    before = [switch() for switch in switches]
+    for switch in switches:
+        switch(False)
     try:
         a.update(x)
     finally:
-        if amx is not None:
-            native().amx_bf16(amx)
+        for switch, on in zip(switches, before):
+            switch(on)
     b.update(x.float())
     assert torch.equal(a.sum(), b.sum())
 

@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         # Where pm_solve's triangular solves run on the CPU (torch's are MKL's on Intel CPUs).
         "cpu_triangular_solves": _trsm_route(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # Whether bf16 activations take the AMX Gram kernel in the statistics (csrc/amx_gram.cpp).
-        "stats_bf16_amx": bool(mod.amx_bf16()) if mod and hasattr(mod, "amx_bf16") else False,
+        # Which kernel multiplies bf16 activations in the statistics: "amx" (csrc/amx_gram.cpp),
+        # "avx512_bf16" (csrc/dpbf16_gram.cpp) or "fp32" (widened, ssyrk); None without the native core.
+        "stats_bf16_kernel": mod.bf16_gram_kernel() if mod and hasattr(mod, "bf16_gram_kernel") else None,
         "cache": _cache_usage(),
     }
     print(json.dumps(info, indent=2))
