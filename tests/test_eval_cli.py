@@ -195,7 +195,7 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
     import json
 
     from pmsolve.cli import main
-    from pmsolve.models.precision import fast_bf16
+    from pmsolve.models.precision import bf16_cpu_feature, fast_bf16
 
     monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path))
     (tmp_path / "stats" / "m").mkdir(parents=True)
@@ -206,7 +206,9 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
     assert "torch" in info["backends"]
     assert (info["cuda_backend"] == "available") == ("cuda" in info["backends"])
     assert info["cuda_backend"] == "available" or "backend 'cuda' unavailable" in info["cuda_backend"]
-    assert info["v_star_precision_cpu"] == ("bf16 autocast (AMX)" if fast_bf16(torch.device("cpu")) else "model dtype")
+    feature = bf16_cpu_feature()
+    assert fast_bf16(torch.device("cpu")) == (feature is not None)
+    assert info["v_star_precision_cpu"] == (f"bf16 autocast ({feature})" if feature else "model dtype")
     assert info["stats_forward_cpu"] == info["v_star_precision_cpu"]
     assert info["cpu_triangular_solves"] == "native from 4 keys, torch below"  # tests/conftest.py pins 4
     if "cpu" in info["backends"]:  # the native module loaded, so OpenBLAS got our thread timeout (or the user's)

@@ -19,10 +19,11 @@ def run(args: argparse.Namespace) -> int:
 
     import pmsolve
     from pmsolve._native import native
-    from pmsolve.models.precision import fast_bf16
+    from pmsolve.models.precision import bf16_cpu_feature
 
     mod = native()
-    cpu_precision = "bf16 autocast (AMX)" if fast_bf16(torch.device("cpu")) else "model dtype"
+    feature = bf16_cpu_feature()
+    cpu_precision = f"bf16 autocast ({feature})" if feature else "model dtype"
     info = {
         "pmsolve": pmsolve.__version__,
         "torch": torch.__version__,
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "cuda_available": torch.cuda.is_available(),
         "cuda_backend": _cuda_backend_status(),
-        # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX to pay off).
+        # What ValueConfig(autocast="auto") picks for v* on the CPU (bf16 needs AMX or AVX512-BF16 to pay off).
         "v_star_precision_cpu": cpu_precision,
         # ... and collect_stats(autocast="auto") for the statistics' forward (edit, stats, eval).
         "stats_forward_cpu": cpu_precision,

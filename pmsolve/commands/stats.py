@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32", help="product precision (master sum is fp64)")
     p.add_argument("--autocast", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="run the forward under torch.autocast in this dtype; auto (default, as `pmsolve edit` does): "
-                        "bf16 where bf16 is fast (AMX CPUs, CUDA); none: the model's own precision")
+                        "bf16 where bf16 is fast (CPUs with AMX or AVX512-BF16, CUDA); none: the model's own precision")
     p.add_argument("--centered", action="store_true", help="also collect the mean and centred covariance")
     p.add_argument("--module-template", default=None, help="rewrite module name with {} for the layer")
     p.add_argument("--checkpoint-every", type=positive_int, default=200_000, help="tokens between checkpoints")

@@ -47,7 +47,8 @@ class ValueConfig:
     prefix_cache: bool = True  # False: every step runs the whole prompts (the reference's way)
     # "bf16"/"fp16": run the optimisation's forward/backward under torch.autocast (h, and so
     # z = h + δ, stay in the model's dtype). "auto": bf16 where bf16 matmuls are fast (CUDA
-    # with bf16 support, CPUs with AMX), else None. Same edit quality on SmolLM2, measured.
+    # with bf16 support, CPUs with AMX or AVX512-BF16), else None. Same edit quality on SmolLM2,
+    # measured (bench/RESULTS.md, sessions 12 and 13).
     autocast: str | None = "auto"
     # Attention implementation during the optimisation. "auto": eager on CPU, where for these
     # short rows it beat SDPA (whose bf16 backward is slow there), in its grouped form for

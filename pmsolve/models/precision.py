@@ -9,13 +9,24 @@ from ..errors import InputError
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def bf16_cpu_feature() -> str | None:
+    """The CPU feature that makes torch's bf16 matmuls fast here: "AMX" (tiles), "AVX512-BF16"
+    (VDPBF16PS dot products), or None. Measured with torch 2.13 on 2 cores: AMX Xeon bf16 mm
+    2.0 TFLOP/s against fp32 0.29; Zen 4 (AVX512-BF16) 345-382 GFLOP/s against fp32 131."""
+    for name, feature in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None and probe():
+            return feature
+    return None
+
+
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast on ``device`` (CUDA with bf16, or a CPU with AMX tiles)."""
+    """Whether bf16 matmuls are fast on ``device`` (CUDA with bf16, or a CPU with AMX tiles or
+    AVX512-BF16: :func:`bf16_cpu_feature`)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe()) if probe is not None else False
+        return bf16_cpu_feature() is not None
     return False
 
 

@@ -476,10 +476,11 @@ def collect_stats(
             factorisation per layer and checkpoint: O(d³), cheap at d ≈ 1.5k, seconds at 10k+).
         autocast: None (the model's own precision), "bf16" or "fp16": the forward runs under
             torch.autocast in that dtype, so the captured keys are bf16/fp16 and their products
-            take the AMX kernel where the CPU has one. Several times faster on CPUs with fast
+            take a bf16 kernel (AMX or AVX512-BF16) where the CPU has one. Several times faster on CPUs with fast
             bf16 (measured: bench/RESULTS.md, session 12) at a small change of C; recorded in
             the cache's identity and file name, so the two kinds of statistics never mix.
-            "auto": "bf16" where bf16 matmuls are fast (AMX CPUs, CUDA with bf16), else None.
+            "auto": "bf16" where bf16 matmuls are fast (CPUs with AMX or AVX512-BF16, CUDA with
+            bf16), else None.
 
     Returns:
         A :class:`CollectResult`. Under torch.distributed every rank returns the summed
