@@ -20,8 +20,8 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kRowsPerTile = 8;   // micro-tile: 8 features × up to 3 panels (24 zmm accumulators)
 constexpr int kMaxPanels = 3;
 constexpr int64_t kTileCols = kMaxPanels * kPanel;
-// Token pairs summed in fp32 registers before they are added into the fp64 master: 512 tokens,
-// as the AMX kernel (amx_gram.cpp), whose fp32 accounting this kernel shares.
+// Token pairs summed in fp32 (kInnerPairs at a time in registers, then in an L1 tile) before
+// the tile is added into the fp64 master: 512 tokens, as in the AMX kernel (amx_gram.cpp).
 constexpr int64_t kFoldPairs = 256;
 // Rows of the triangle one thread owns at a time: its A slice (128 features × 256 pairs =
 // 128 KiB) stays in L2 while the B panels stream past it.
@@ -33,8 +33,8 @@ constexpr int64_t kStrip = 128;
 // against NP panels at b, b + panel_stride, ...: exact bf16 products summed in fp32, in two
 // levels: kInnerPairs pairs in registers, then into `out`. VDPBF16PS rounds after each product
 // (measured: it matches a sequential fp32 sum), so one register run over 512 tokens erred 8-9e-7
-// relative per chunk, three times torch's fp32 GEMM of the same rows; runs of 32 tokens
-// bring it under that GEMM's error for the cost of an L1 add per run.
+// relative per chunk, three times torch's fp32 GEMM of the same rows; runs of 64 tokens
+// bring it to 2-5e-8, under that GEMM's error, at no measurable cost (bench/RESULTS.md).
 constexpr int64_t kInnerPairs = 32;
 
 template <int NP>
@@ -92,7 +92,7 @@ __attribute__((target(PMSOLVE_DPBF16_TARGET))) void pack(const uint16_t* x, int6
 }
 
 // master[i][j] += tile for the rows i0.. and columns j0.. the tile covers, j ≤ i, i, j < d.
-void fold(const float* tile, int64_t i0, int64_t j0, int64_t cols, int64_t d, double* master) {
+__attribute__((target(PMSOLVE_DPBF16_TARGET))) void fold(const float* tile, int64_t i0, int64_t j0, int64_t cols, int64_t d, double* master) {
   for (int64_t r = 0; r < kRowsPerTile && i0 + r < d; ++r) {
     const int64_t i = i0 + r, j_end = std::min({j0 + cols, i + 1, d});
     const float* t = tile + r * kTileCols - j0;

@@ -148,8 +148,8 @@ def auto_stats(model, tokenizer, layers: Sequence[int], model_id: str | None, *,
                corpus: Any = None, progress: bool = False):
     """Statistics from pmsolve.stats.collect_stats on ``corpus`` (None: the offline default),
     cached under the pmsolve cache folder. Must run on the unedited model. The forward runs in
-    bf16 where bf16 is fast (autocast="auto"): 2.3x faster on an AMX CPU, C within 0.5 %, the
-    same edit scores (bench/RESULTS.md, session 12)."""
+    bf16 where bf16 is fast (autocast="auto"): 2.3x faster on an AMX CPU (C within 0.5 %), 2x on
+    an AVX512-BF16 Zen 4, the same edit scores (bench/RESULTS.md, sessions 12 and 13)."""
     from ..stats import collect_stats
 
     return collect_stats(model, tokenizer, list(layers), corpus, max_tokens=max_tokens,
