@@ -79,14 +79,15 @@ def throughput(d: int, rounds: int = 5, dtype: torch.dtype = torch.float32) -> d
         reference_update(ref, x)
         t_ref.append(time.perf_counter() - t0)
     so, sr = statistics.median(t_ours), statistics.median(t_ref)
-    return {"d": d, "input": str(dtype).removeprefix("torch."), "amx": _amx(dtype),
+    return {"d": d, "input": str(dtype).removeprefix("torch."), "kernel": _kernel(dtype),
             "tokens_per_s_native": BATCH / so, "tokens_per_s_reference": BATCH / sr, "speedup": sr / so,
             "speedups_per_round": [r / o for r, o in zip(t_ref, t_ours)]}
 
 
-def _amx(dtype: torch.dtype) -> bool:
-    """Whether the native accumulator takes the AMX kernel for this input type."""
-    return dtype == torch.bfloat16 and native().amx_bf16()
+def _kernel(dtype: torch.dtype) -> str:
+    """The product kernel the native accumulator uses for this input: "ssyrk" for fp32, and for
+    bf16 "amx", "avx512_bf16" or "fp32" (widened, ssyrk)."""
+    return native().bf16_gram_kernel() if dtype == torch.bfloat16 else "ssyrk"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +118,7 @@ def errors(d: int, pool_blocks: int, reps: int, dtype: torch.dtype = torch.float
             checkpoints.append({"tokens": ours.count, "native": _rel(ours.sum(), truth * done),
                                 "reference": _rel(ref, truth * done)})
             print(f"d={d}", checkpoints[-1], file=sys.stderr, flush=True)
-    return {"d": d, "input": str(dtype).removeprefix("torch."), "amx": _amx(dtype), "tokens": ours.count,
+    return {"d": d, "input": str(dtype).removeprefix("torch."), "kernel": _kernel(dtype), "tokens": ours.count,
             "native": checkpoints[-1]["native"],
             "reference": checkpoints[-1]["reference"], "by_tokens": checkpoints,
             "tokens_per_s_native": ours.count / t_ours, "tokens_per_s_reference": ours.count / t_ref}
@@ -151,7 +152,7 @@ def test_bench_accumulate(benchmark, impl, d, dtype):
     if impl == "native":
         acc = CovarianceAccumulator(d, backend="native")
         benchmark.pedantic(acc.update, args=(x,), rounds=3, warmup_rounds=1)
-        benchmark.extra_info["amx"] = _amx(dtype)
+        benchmark.extra_info["kernel"] = _kernel(dtype)
     else:
         mom2 = torch.zeros(d, d)
         benchmark.pedantic(reference_update, args=(mom2, x), rounds=3, warmup_rounds=1)
