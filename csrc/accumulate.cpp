@@ -6,7 +6,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 #include "amx_gram.h"
 #include "blas.h"
@@ -277,10 +276,7 @@ void CovAccumulator::gram_parts_f32(const float* x, int64_t rows, int parts) {
     scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(r1 - r0), 1.0f,
                       x + static_cast<size_t>(r0) * d_, n, 0.0f, prod32_.data() + p * dd, n);
   };
-  std::vector<std::thread> pool;
-  for (int p = 1; p < parts; ++p) pool.emplace_back(part, p);
-  part(0);
-  for (auto& t : pool) t.join();
+  run_on_threads(parts, part);
 }
 
 // mat += P (lower triangle), and in centred mode the Chan/Pébay cross term

@@ -48,11 +48,8 @@ void parallel_triangle_rows(int64_t d, F f, int64_t min_d = 256) {
     f(0, int64_t{0}, d);
     return;
   }
-  auto b = triangle_split(d, nt);
-  std::vector<std::thread> pool;
-  for (int k = 1; k < nt; ++k) pool.emplace_back(f, k, b[k], b[k + 1]);
-  f(0, b[0], b[1]);
-  for (auto& t : pool) t.join();
+  const auto b = triangle_split(d, nt);
+  run_on_threads(nt, [&](int k) { f(k, b[k], b[k + 1]); });
 }
 
 }  // namespace pmsolve

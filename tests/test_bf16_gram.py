@@ -36,15 +36,21 @@ def use(kernel: str) -> None:
     assert C.bf16_gram_kernel() == kernel
 
 
-@pytest.fixture(params=KERNELS)
-def kernel(request):
-    if not _available(request.param):
-        pytest.skip(f"the CPU lacks {request.param}")
+@pytest.fixture
+def switches_restored():
+    """The kernel switches as they were, after the test."""
     before = C.amx_bf16(), C.dpbf16_bf16()
-    use(request.param)
-    yield request.param
+    yield
     C.amx_bf16(before[0])
     C.dpbf16_bf16(before[1])
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, switches_restored):
+    if not _available(request.param):
+        pytest.skip(f"the CPU lacks {request.param}")
+    use(request.param)
+    return request.param
 
 
 def gram(x: torch.Tensor, kernel: str, **kw) -> np.ndarray:
@@ -106,26 +112,21 @@ def test_kernel_rejects_nonfinite_rows_before_adding(kernel):
     assert acc.count == 0 and not np.asarray(acc.second_moment_sum()).any()
 
 
-def test_avx512_bf16_sums_more_accurately_than_one_fp32_run_per_fold():
+def test_avx512_bf16_sums_more_accurately_than_one_fp32_run_per_fold(switches_restored):
     """VDPBF16PS rounds after every product, so summing each 512-token fold in one fp32 register
     run erred 8-9e-7 per chunk (session 13); the kernel sums 64-token runs and adds those. Both
     are compared on the same rows against fp64: the kernel must be several times closer than
     the one-run scheme, simulated here as a sequential fp32 cumulative sum per fold."""
     if not _available("avx512_bf16"):
         pytest.skip("the CPU lacks avx512_bf16")
-    before = C.amx_bf16(), C.dpbf16_bf16()
-    try:
-        g = torch.Generator().manual_seed(7)
-        x = (torch.randn(4096, 40, generator=g) * torch.exp(torch.randn(40, generator=g))).bfloat16()
-        truth = (x.double().T @ x.double()).numpy()
-        got = gram(x, "avx512_bf16")
-        xf = x.float().numpy()
-        one_run = np.zeros_like(truth)
-        for t0 in range(0, xf.shape[0], 512):  # products exact in fp32; np.cumsum sums in order
-            block = xf[t0:t0 + 512]
-            one_run += np.cumsum(block[:, :, None] * block[:, None, :], axis=0, dtype=np.float32)[-1]
-        assert rel(one_run, truth) > 3e-7  # the effect being guarded against is present
-        assert rel(got, truth) <= rel(one_run, truth) / 4
-    finally:
-        C.amx_bf16(before[0])
-        C.dpbf16_bf16(before[1])
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4096, 40, generator=g) * torch.exp(torch.randn(40, generator=g))).bfloat16()
+    truth = (x.double().T @ x.double()).numpy()
+    got = gram(x, "avx512_bf16")
+    xf = x.float().numpy()
+    one_run = np.zeros_like(truth)
+    for t0 in range(0, xf.shape[0], 512):  # products exact in fp32; np.cumsum sums in order
+        block = xf[t0:t0 + 512]
+        one_run += np.cumsum(block[:, :, None] * block[:, None, :], axis=0, dtype=np.float32)[-1]
+    assert rel(one_run, truth) > 3e-7  # the effect being guarded against is present
+    assert rel(got, truth) <= rel(one_run, truth) / 4
