@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pmsolve  # noqa: E402
 from pmsolve._native import require_native  # noqa: E402
+from solve_standalone import median_time  # noqa: E402
 
 D = 6400
 SOLVE_NS = (1, 16, 256)
@@ -56,15 +56,6 @@ def machine() -> dict:
     return info
 
 
-def _median_time(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def factorize_targets(rounds: int) -> dict:
     """pmsolve.factorize vs torch.linalg.cholesky, and against OpenBLAS's dgemm rate, interleaved."""
     from test_bench_solver import openblas_dgemm, prefault, problem
@@ -78,7 +69,7 @@ def factorize_targets(rounds: int) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             prefault(2 * D * D * 8)  # fresh memory for the factor and any copy, as the bench does
-            times[name].append(_median_time(fn, 1))
+            times[name].append(median_time(fn, 1))
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = D**3 / 3
     dgemm_rate = 2 * D * D * (D // 2) / med["dgemm"]
@@ -99,12 +90,12 @@ def solve_targets(rounds: int) -> list[dict]:
         def ours():
             return pmsolve.solve(factor, K, R, method="memit", mu=LAMBDA, backend="cpu")
 
-        alone = _median_time(ours, 5)
+        alone = median_time(ours, 5)
         t_ref, t_ours = [], []
         for _ in range(rounds):
             prefault(3 * D * D * 8)  # the reference's λC + KKᵀ, its sum and LU's copy
-            t_ref.append(_median_time(lambda: memit_reference(C, K), 1))
-            t_ours.append(_median_time(ours, 1))
+            t_ref.append(median_time(lambda: memit_reference(C, K), 1))
+            t_ours.append(median_time(ours, 1))
         ref = statistics.median(t_ref)
         rows.append({"n": n, "seconds_alone": alone, "seconds_interleaved": statistics.median(t_ours),
                      "seconds_reference": ref, "speedup_alone": ref / alone,
