@@ -1,14 +1,20 @@
-// Small thread helpers for the memory-bound O(d²) passes (folds, checks).
+// Small thread helpers for the kernels' own parallel work (products, folds, checks).
 //
-// Hand-written on std::thread rather than OpenMP: the extension links no OpenMP
-// runtime of its own, and a second one beside torch's (and OpenBLAS's pool) is how
-// oversubscription starts. Thread counts follow the BLAS setting, which pmsolve keeps
+// Threads come from torch's OpenMP pool when the process has exactly one OpenMP runtime,
+// i.e. the extension's libgomp is torch's (same soname, loaded once): right after torch's
+// parallel work that pool's idle threads keep spinning for milliseconds on the cores, and
+// fresh threads of ours had to share a core with them (a d = 1536 statistics update: 61 ms
+// right after torch's GEMM against 52 ms in the pool; bench/RESULTS.md, session 14). With a
+// second runtime (torch with its own renamed libgomp, or Intel's) the pool would be one more
+// set of spinning threads beside torch's and OpenBLAS's, so then, or with PMSOLVE_OPENMP=0,
+// plain std::threads run the work. Thread counts follow the BLAS setting, which pmsolve keeps
 // equal to torch.get_num_threads().
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -16,15 +22,30 @@
 
 namespace pmsolve {
 
+// Whether run_on_threads uses the OpenMP pool: built with OpenMP, one OpenMP runtime in the
+// process (checked on first use), and not switched off (PMSOLVE_OPENMP=0 or set_openmp_enabled).
+bool openmp_enabled();
+void set_openmp_enabled(bool on);
+// OpenMP runtimes loaded in the process (libgomp, libiomp5, libomp), by path.
+std::vector<std::string> openmp_runtimes();
+
 // As many threads as BLAS is allowed, capped by the cores.
 inline int worker_threads() {
   const int hw = static_cast<int>(std::thread::hardware_concurrency());
   return std::max(1, std::min(blas_get_num_threads(), hw > 0 ? hw : 1));
 }
 
-// Runs f(t) for t in [0, n), one thread each (t = 0 on the caller's).
+// Runs f(t) for t in [0, n), one thread each (t = 0 on the caller's). f must not throw.
 template <class F>
 void run_on_threads(int n, F f) {
+#ifdef _OPENMP
+  if (n > 1 && openmp_enabled()) {
+    // A parallel loop rather than a bare region: every t runs even if the team is smaller.
+#pragma omp parallel for schedule(static, 1) num_threads(n)
+    for (int t = 0; t < n; ++t) f(t);
+    return;
+  }
+#endif
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t) pool.emplace_back(f, t);
   f(0);

@@ -44,10 +44,24 @@ def run(args: argparse.Namespace) -> int:
         # Which kernel multiplies bf16 activations in the statistics: "amx" (csrc/amx_gram.cpp),
         # "avx512_bf16" (csrc/dpbf16_gram.cpp) or "fp32" (widened, ssyrk); None without the native core.
         "stats_bf16_kernel": mod.bf16_gram_kernel() if mod and hasattr(mod, "bf16_gram_kernel") else None,
+        # Where the native kernels' own parallel work runs: torch's OpenMP pool when the process has
+        # one OpenMP runtime (csrc/parallel.h), else threads of their own.
+        "native_threads": _native_threads(mod),
         "cache": _cache_usage(),
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _native_threads(mod) -> str | None:
+    if mod is None or not hasattr(mod, "openmp"):
+        return None
+    if mod.openmp():
+        return "torch's OpenMP pool"
+    runtimes = mod.openmp_runtimes()
+    if len(runtimes) == 1:
+        return "own threads (switched off by PMSOLVE_OPENMP=0 or _C.openmp(False), or built without OpenMP)"
+    return f"own threads ({len(runtimes)} OpenMP runtimes loaded: {runtimes})"
 
 
 def _trsm_route() -> str:
