@@ -2,6 +2,7 @@
 
 #include <link.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -22,14 +23,14 @@ int add_openmp_runtime(dl_phdr_info* info, size_t, void* out) {
 
 // -1: not decided yet; decided on first use, when torch (imported before the extension by
 // pmsolve/__init__.py) has loaded its runtime.
-int g_openmp = -1;
+std::atomic<int> g_openmp{-1};
 std::once_flag g_decide;
 
 void decide() {
 #ifdef _OPENMP
   const char* env = std::getenv("PMSOLVE_OPENMP");
   const bool wanted = env == nullptr || std::strcmp(env, "0") != 0;
-  if (g_openmp < 0) g_openmp = wanted && openmp_runtimes().size() == 1 ? 1 : 0;
+  g_openmp = wanted && openmp_runtimes().size() == 1 ? 1 : 0;
 #else
   g_openmp = 0;
 #endif
