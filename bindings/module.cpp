@@ -3,10 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <optional>
-
 #include "blas.h"
 #include "parallel.h"
+#include "switch.h"
 
 namespace py = pybind11;
 
@@ -22,13 +21,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("blas_config", &pmsolve::blas_config, "OpenBLAS build configuration and the core it selected");
   m.def("blas_set_num_threads", &pmsolve::blas_set_num_threads, py::arg("n"));
   m.def("blas_get_num_threads", &pmsolve::blas_get_num_threads);
-  m.def(
-      "openmp",
-      [](std::optional<bool> enable) {
-        if (enable) pmsolve::set_openmp_enabled(*enable);
-        return pmsolve::openmp_enabled();
-      },
-      py::arg("enable") = py::none(),
+  pmsolve_bindings::def_switch(
+      m, "openmp", &pmsolve::openmp_enabled, &pmsolve::set_openmp_enabled,
       "whether the kernels' parallel work runs in the process's OpenMP pool (torch's) rather than on "
       "threads of their own; only possible when exactly one OpenMP runtime is loaded (PMSOLVE_OPENMP=0 starts "
       "it off)");

@@ -12,6 +12,7 @@
 #include "accumulate.h"
 #include "amx_gram.h"
 #include "dpbf16_gram.h"
+#include "switch.h"
 
 namespace py = pybind11;
 using pmsolve::CovAccumulator;
@@ -146,22 +147,12 @@ void register_stats(py::module_& m) {
       .def_property_readonly("centered", [](PyCovAccumulator& s) { return s.acc.centered(); });
   m.attr("COV_DEFAULT_CHUNK_ROWS") = CovAccumulator::kDefaultChunkRows;
   m.def("amx_bf16_available", &pmsolve::amx_bf16_available, "the CPU has AMX-BF16 and the OS granted the tile state");
-  m.def(
-      "amx_bf16",
-      [](std::optional<bool> enable) {
-        if (enable) pmsolve::set_amx_enabled(*enable);
-        return pmsolve::amx_enabled();
-      },
-      py::arg("enable") = py::none(),
+  pmsolve_bindings::def_switch(
+      m, "amx_bf16", &pmsolve::amx_enabled, &pmsolve::set_amx_enabled,
       "whether bf16 chunks take the AMX Gram kernel (switch it with enable; PMSOLVE_AMX=0 starts it off)");
   m.def("dpbf16_available", &pmsolve::dpbf16_available, "the CPU has AVX512-F/BW/VL and AVX512-BF16");
-  m.def(
-      "dpbf16_bf16",
-      [](std::optional<bool> enable) {
-        if (enable) pmsolve::set_dpbf16_enabled(*enable);
-        return pmsolve::dpbf16_enabled();
-      },
-      py::arg("enable") = py::none(),
+  pmsolve_bindings::def_switch(
+      m, "dpbf16_bf16", &pmsolve::dpbf16_enabled, &pmsolve::set_dpbf16_enabled,
       "whether bf16 chunks may take the AVX512-BF16 Gram kernel when AMX is off or absent (switch it with "
       "enable; PMSOLVE_DPBF16=0 starts it off)");
   m.def(

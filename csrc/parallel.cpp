@@ -26,14 +26,18 @@ int add_openmp_runtime(dl_phdr_info* info, size_t, void* out) {
 std::atomic<int> g_openmp{-1};
 std::once_flag g_decide;
 
-void decide() {
+// The pool is torch's only when one OpenMP runtime is loaded (ours resolved to torch's).
+bool pool_is_torchs() {
 #ifdef _OPENMP
-  const char* env = std::getenv("PMSOLVE_OPENMP");
-  const bool wanted = env == nullptr || std::strcmp(env, "0") != 0;
-  g_openmp = wanted && openmp_runtimes().size() == 1 ? 1 : 0;
+  return openmp_runtimes().size() == 1;
 #else
-  g_openmp = 0;
+  return false;
 #endif
+}
+
+void decide() {
+  const char* env = std::getenv("PMSOLVE_OPENMP");
+  g_openmp = (env == nullptr || std::strcmp(env, "0") != 0) && pool_is_torchs() ? 1 : 0;
 }
 
 }  // namespace
@@ -51,11 +55,7 @@ bool openmp_enabled() {
 
 void set_openmp_enabled(bool on) {
   std::call_once(g_decide, decide);
-#ifdef _OPENMP
-  g_openmp = on && openmp_runtimes().size() == 1 ? 1 : 0;
-#else
-  (void)on;
-#endif
+  g_openmp = on && pool_is_torchs() ? 1 : 0;
 }
 
 }  // namespace pmsolve
