@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "blas.h"
+#include "loaded_mkl.h"
 #include "parallel.h"
 #include "switch.h"
 
@@ -27,6 +28,12 @@ PYBIND11_MODULE(_C, m) {
       "threads of their own; only possible when exactly one OpenMP runtime is loaded (PMSOLVE_OPENMP=0 starts "
       "it off)");
   m.def("openmp_runtimes", &pmsolve::openmp_runtimes, "paths of the OpenMP runtimes loaded in this process");
+  pmsolve_bindings::def_switch(
+      m, "mkl_potrf", &pmsolve::mkl_potrf_enabled, &pmsolve::set_mkl_potrf_enabled,
+      "whether factorisations (cholesky_jittered*) run MKL's dpotrf from an MKL already loaded in the "
+      "process (torch's) instead of the recursion on OpenBLAS; stays off when there is none");
+  m.def("loaded_mkl_path", &pmsolve::loaded_mkl_path,
+        "path of the loaded object whose MKL dpotrf mkl_potrf would use, or '' when there is none");
   register_solver(m);
   register_stats(m);
 #ifdef PMSOLVE_WITH_CUDA

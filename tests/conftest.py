@@ -20,3 +20,26 @@ def both_triangular_solve_paths(monkeypatch):
     from pmsolve.backends import cpu
 
     monkeypatch.setattr(cpu, "NATIVE_TRSM_MIN_N", 4)
+
+
+@pytest.fixture(params=["recursive", "mkl"])
+def cholesky_kernel(request):
+    """The CPU backend factors C with MKL's dpotrf (found in the process, from torch; the default
+    on Intel CPUs) or with our recursion on OpenBLAS (elsewhere). Tests taking this fixture run
+    with each; "mkl" skips where torch brought no MKL, and with the torch backend (one kernel)."""
+    from pmsolve._native import native, unavailable_reason
+    from pmsolve.backends import get_backend
+
+    callspec = getattr(request.node, "callspec", None)
+    if request.param == "mkl" and callspec is not None and callspec.params.get("backend") == "torch":
+        pytest.skip("the torch backend has one Cholesky kernel")
+    mod = native()
+    if mod is None:
+        pytest.skip(f"pmsolve._C unavailable: {unavailable_reason()}")
+    if request.param == "mkl" and not mod.loaded_mkl_path():
+        pytest.skip("no MKL loaded in this process (torch built without it)")
+    get_backend("cpu", torch.device("cpu"))  # created first: creation sets the default
+    before = mod.mkl_potrf()
+    assert mod.mkl_potrf(request.param == "mkl") == (request.param == "mkl")
+    yield request.param
+    mod.mkl_potrf(before)

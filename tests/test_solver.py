@@ -174,7 +174,7 @@ def test_memit_tends_to_emmet_as_lambda_vanishes(backend):
 
 @pytest.mark.native
 @pytest.mark.parametrize("d,n", [(16, 3), (200, 1), (200, 100), (1024, 256)])
-def test_cpu_matches_torch_on_well_conditioned_inputs(d, n):
+def test_cpu_matches_torch_on_well_conditioned_inputs(d, n, cholesky_kernel):
     native_or_skip()
     C = spd(d, cond=10, seed=d)  # κ(C) = 10 and Gaussian K (n ≤ d/2): κ(G) ≲ 1e2
     K, R = keys(d, n)
@@ -193,7 +193,7 @@ def test_cpu_matches_torch_on_well_conditioned_inputs(d, n):
 
 @pytest.mark.native
 @pytest.mark.parametrize("cond", [1e6, 1e9])
-def test_cpu_matches_torch_on_ill_conditioned_C(cond):
+def test_cpu_matches_torch_on_ill_conditioned_C(cond, cholesky_kernel):
     native_or_skip()
     d, n = 300, 40
     C = spd(d, cond=cond, seed=7)
@@ -315,7 +315,7 @@ def test_blas_threads_follow_torch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dead_units_get_jitter_reported(backend):
+def test_dead_units_get_jitter_reported(backend, cholesky_kernel):
     d = 64
     g = torch.Generator().manual_seed(0)
     K0 = torch.randn(d, 4 * d, generator=g, dtype=F64)
@@ -336,7 +336,7 @@ def test_dead_units_get_jitter_reported(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d,cutoff", [(64, None), (300, 64), (700, 128)])
-def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff):
+def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff, cholesky_kernel):
     """overwrite_c factors in C's own storage: bit for bit the factor of the copying path
     (same kernel, same data), also when a first attempt fails and jitter is needed (the
     lower triangle is reloaded from the mirrored upper one); recursion levels exercised with
@@ -380,8 +380,54 @@ def test_native_cholesky_into_a_given_buffer():
     assert torch.equal(work, C)
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("d,cond", [(1, 1.0), (7, 1e3), (1100, 1e2), (1100, 1e8), (2100, 1e4)])
+def test_the_two_cpu_cholesky_kernels_agree(d, cond):
+    """MKL's dpotrf (found in the process) and our recursion (trsm + gemmt levels above d = 1024)
+    give the same factor up to rounding (Cholesky's forward error scales with κ^{1/2}), each
+    with an exactly zero upper triangle, and the same verdicts when C is singular or indefinite."""
+    mod = native_or_skip()
+    if not mod.loaded_mkl_path():
+        pytest.skip("no MKL loaded in this process (torch built without it)")
+    pmsolve.backends.get_backend("cpu", torch.device("cpu"))
+    before = mod.mkl_potrf()
+    C = spd(d, cond=cond, seed=d) if d > 1 else torch.tensor([[2.5]], dtype=F64)
+    singular = C.clone()
+    singular[:, d // 2] = singular[d // 2, :] = 0  # a dead unit: only a shift makes it PD
+    indefinite = C.clone()
+    indefinite[d - 1, d - 1] = -1.0
+    got = {}
+    try:
+        for kernel in (False, True):
+            mod.mkl_potrf(kernel)
+            L, k = mod.cholesky_jittered(C.numpy(), [0.0])
+            assert k == 0 and torch.equal(torch.from_numpy(L).triu(1), torch.zeros(d, d, dtype=F64))
+            k_sing = mod.cholesky_jittered(singular.numpy(), [0.0, 1e-3 * float(C.diagonal().mean())])[1]
+            k_indef = mod.cholesky_jittered(indefinite.numpy(), [0.0])[1]
+            got[kernel] = (torch.from_numpy(L), k_sing, k_indef)
+    finally:
+        mod.mkl_potrf(before)
+    assert rel(got[True][0], got[False][0]) <= 2 * cond_tol(cond**0.5)
+    assert rel(got[True][0], torch.linalg.cholesky(C)) <= 2 * cond_tol(cond**0.5)
+    assert got[True][1:] == got[False][1:] == (1, -1)
+
+
+def test_mkl_potrf_choice_follows_the_environment(monkeypatch):
+    from pmsolve.backends import cpu
+
+    monkeypatch.setenv("PMSOLVE_MKL_POTRF", "0")
+    assert cpu._want_mkl_potrf() is False
+    monkeypatch.setenv("PMSOLVE_MKL_POTRF", "1")
+    assert cpu._want_mkl_potrf() is True
+    monkeypatch.delenv("PMSOLVE_MKL_POTRF")
+    assert cpu._want_mkl_potrf() == cpu._intel_cpu()
+    mod = native()
+    if mod is not None and torch.backends.mkl.is_available():
+        assert mod.loaded_mkl_path(), "torch reports MKL, but no loaded object exports MKL's dpotrf_"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_factorize_overwrite_c_leaves_c_usable_when_it_fails(backend):
+def test_factorize_overwrite_c_leaves_c_usable_when_it_fails(backend, cholesky_kernel):
     """Bad input is refused before C is touched; an indefinite C (no jitter helps) comes back
     exactly (it was symmetric); a C that cannot hold an fp64 factor is a typed error."""
     d = 96

@@ -1,6 +1,7 @@
 """The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
 except the triangular solves of a solve with few keys (with any number on Intel CPUs), which
-go through torch (see pm_solve).
+go through torch (see pm_solve), and, on Intel CPUs, the Cholesky factorisation itself, which
+runs torch's MKL dpotrf (csrc/loaded_mkl.h).
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
@@ -28,15 +29,27 @@ from .torch_backend import apply_inv_sqrt_, hager_cond_1norm, symmetric_stats_to
 _F64 = 8
 
 
-def _torch_solves_are_mkl_on_intel() -> bool:
-    """Whether torch's triangular solves are MKL's on an Intel CPU, where they are the fastest."""
-    if not torch.backends.mkl.is_available():
-        return False
+def _intel_cpu() -> bool:
     try:
         with open("/proc/cpuinfo") as fh:
             return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in fh)
     except OSError:
         return False
+
+
+def _torch_solves_are_mkl_on_intel() -> bool:
+    """Whether torch's triangular solves are MKL's on an Intel CPU, where they are the fastest."""
+    return torch.backends.mkl.is_available() and _intel_cpu()
+
+
+def _want_mkl_potrf() -> bool:
+    """Whether factorisations should run MKL's dpotrf (torch's copy, csrc/loaded_mkl.h): on Intel
+    CPUs, where it factored d = 6400 in 0.47 s against 0.62 s for our recursion on OpenBLAS
+    (session 15, bench/RESULTS.md). Elsewhere unmeasured, so off. PMSOLVE_MKL_POTRF=0/1 decides."""
+    env = os.environ.get("PMSOLVE_MKL_POTRF")
+    if env is not None:
+        return env.strip() != "0"
+    return _intel_cpu()
 
 
 # Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve); a
@@ -61,7 +74,7 @@ class CpuBackend:
     name = "cpu"
 
     REQUIRED = ("symmetric_stats", "cholesky_jittered", "cholesky_jittered_inplace", "cond_estimate", "pm_solve",
-                "pm_whitened", "triangular_solve", "blas_get_num_threads", "blas_set_num_threads")
+                "pm_whitened", "triangular_solve", "blas_get_num_threads", "blas_set_num_threads", "mkl_potrf")
 
     def __init__(self, module: ModuleType) -> None:
         missing = [f for f in self.REQUIRED if not hasattr(module, f)]
@@ -72,6 +85,7 @@ class CpuBackend:
                 "rebuild with `pip install -e .`"
             )
         self._C = module
+        module.mkl_potrf(_want_mkl_potrf())  # stays off when no MKL is loaded
 
     def _sync_threads(self) -> None:
         # Asked every time rather than cached: other users of the same OpenBLAS may change it.

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         "stats_forward_cpu": cpu_precision,
         # Where pm_solve's triangular solves run on the CPU (torch's are MKL's on Intel CPUs).
         "cpu_triangular_solves": _trsm_route(),
+        # Which kernel factors C on the CPU: MKL's dpotrf found in the process (torch's), or ours.
+        "cpu_cholesky": _cholesky_route(mod),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # Which kernel multiplies bf16 activations in the statistics: "amx" (csrc/amx_gram.cpp),
         # "avx512_bf16" (csrc/dpbf16_gram.cpp) or "fp32" (widened, ssyrk); None without the native core.
@@ -62,6 +64,19 @@ def _native_threads(mod) -> str | None:
     if len(runtimes) == 1:
         return "own threads (switched off by PMSOLVE_OPENMP=0 or _C.openmp(False), or built without OpenMP)"
     return f"own threads ({len(runtimes)} OpenMP runtimes loaded: {runtimes})"
+
+
+def _cholesky_route(mod) -> str | None:
+    if mod is None or not hasattr(mod, "mkl_potrf"):
+        return None
+    import torch
+
+    from pmsolve.backends import get_backend
+
+    get_backend("cpu", torch.device("cpu"))  # the backend switches MKL's dpotrf on or off when it is created
+    if mod.mkl_potrf():
+        return f"MKL dpotrf from {mod.loaded_mkl_path()}"
+    return "recursive on OpenBLAS (PMSOLVE_MKL_POTRF=1 to use a loaded MKL's dpotrf)"
 
 
 def _trsm_route() -> str:
