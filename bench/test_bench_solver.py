@@ -264,9 +264,23 @@ def test_factorize_vs_libraries(benchmark, d):
         np.copyto(work, Cn)  # dpotrf works in place; the copy is timed separately and subtracted below
         return openblas_dpotrf(work)
 
+    def native_with(mkl: bool):  # the kernel with MKL's dpotrf switched on or off (csrc/loaded_mkl.h)
+        def run():
+            before = mod.mkl_potrf()
+            mod.mkl_potrf(mkl)
+            try:
+                return mod.cholesky_jittered(Cn, [0.0])
+            finally:
+                mod.mkl_potrf(before)
+
+        return run
+
+    kernels = {"native_recursive": native_with(False)}
+    if mod.loaded_mkl_path():
+        kernels["native_mkl_potrf"] = native_with(True)
     comp = Competitors(
         {
-            "native_kernel": lambda: mod.cholesky_jittered(Cn, [0.0]),
+            **kernels,
             "torch_cholesky": lambda: torch.linalg.cholesky(C),
             "scipy_cholesky": lambda: scipy.linalg.cholesky(Cn, lower=True, check_finite=False),
             "openblas_dpotrf": dpotrf_0334,
