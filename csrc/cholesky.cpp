@@ -104,9 +104,16 @@ blas_int factor_lower(Mat a, blas_int cutoff) {
   return mkl_potrf_enabled() ? mkl_potrf_lower(a.data, a.rows, a.ld) : cholesky_lower(a.data, a.rows, a.ld, cutoff);
 }
 
+// Memory bound (57 ms at d = 6400 on one thread, session 15): split over the threads, rows dealt
+// round-robin in tiles (the upper triangle's rows shrink, so a contiguous split would not balance).
 void zero_strict_upper(Mat a) {
-  for (blas_int i = 0; i + 1 < a.rows; ++i)
-    std::memset(a.data + static_cast<int64_t>(i) * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
+  constexpr int64_t tile = 64;
+  const int nt = a.rows < 256 ? 1 : worker_threads();
+  run_on_threads(nt, [&](int t) {
+    for (int64_t ib = t * tile; ib < a.rows; ib += nt * tile)
+      for (int64_t i = ib; i < std::min<int64_t>(ib + tile, a.rows - 1); ++i)
+        std::memset(a.data + i * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
+  });
 }
 
 }  // namespace

@@ -12,10 +12,14 @@ namespace pmsolve {
 namespace {
 
 using potrf_fn = void (*)(const char* uplo, const int32_t* n, double* a, const int32_t* lda, int32_t* info);
+// Fortran binding (torch's export takes the count by reference): sets this thread's MKL thread
+// count (0 = back to the global one) and returns the previous local setting.
+using set_threads_fn = int32_t (*)(const int32_t* n);
 
 struct Found {
   std::string path;
   potrf_fn potrf = nullptr;
+  set_threads_fn set_threads = nullptr;
 };
 
 // Looks each loaded object up by its own path with RTLD_NOLOAD: it takes no new reference
@@ -35,6 +39,7 @@ int find_mkl(dl_phdr_info* info, size_t, void* out) {
       at_potrf.dli_fbase == at_mkl.dli_fbase && at_potrf.dli_fname != nullptr) {
     found->path = at_potrf.dli_fname;
     found->potrf = reinterpret_cast<potrf_fn>(potrf);
+    found->set_threads = reinterpret_cast<set_threads_fn>(dlsym(h, "mkl_set_num_threads_local_"));
   }
   dlclose(h);  // the object stays loaded: it was loaded before (RTLD_NOLOAD) by its owner
   return 0;
@@ -75,8 +80,14 @@ bool mkl_potrf_enabled() { return g_enabled; }
 void set_mkl_potrf_enabled(bool on) { g_enabled = on && found().potrf != nullptr; }
 
 blas_int mkl_potrf_lower(double* a, blas_int n, blas_int lda) {
+  const Found& mkl = found();
+  // As many threads as the OpenBLAS kernels get (pmsolve keeps that equal to torch's count or
+  // PMSOLVE_NUM_THREADS), for this call only.
+  const int32_t threads = blas_get_num_threads();
+  const int32_t before = mkl.set_threads ? mkl.set_threads(&threads) : 0;
   blas_int info = 0;
-  found().potrf("U", &n, a, &lda, &info);
+  mkl.potrf("U", &n, a, &lda, &info);
+  if (mkl.set_threads) mkl.set_threads(&before);
   return info;
 }
 

@@ -26,7 +26,7 @@ bool mkl_potrf_enabled();
 void set_mkl_potrf_enabled(bool on);
 
 // MKL's dpotrf on a row-major lower triangle (column-major upper, uplo = 'U'), in MKL's own
-// threads. Only valid while mkl_potrf_enabled(); returns LAPACK's info.
+// threads, as many as blas_get_num_threads(). Only valid while mkl_potrf_enabled(); returns LAPACK's info.
 blas_int mkl_potrf_lower(double* a, blas_int n, blas_int lda);
 
 }  // namespace pmsolve
