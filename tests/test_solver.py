@@ -335,7 +335,7 @@ def test_dead_units_get_jitter_reported(backend, cholesky_kernel):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d,cutoff", [(64, None), (300, 64), (700, 128)])
+@pytest.mark.parametrize("d,cutoff", [(64, None), (300, 64), (700, 128), (1500, None)])
 def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff, cholesky_kernel):
     """overwrite_c factors in C's own storage: bit for bit the factor of the copying path
     (same kernel, same data), also when a first attempt fails and jitter is needed (the
