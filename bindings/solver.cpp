@@ -87,11 +87,12 @@ void require_finite_nonneg(const std::vector<double>& v, const char* name) {
 }
 
 py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shifts, blas_int cutoff,
-                            const py::object& out_arg) {
+                            const py::object& out_arg, bool out_zeroed) {
   const pmsolve::SymInput in = sym_input(C);
   require_finite_nonneg(shifts, "shifts");
   require(cutoff >= 1, "cutoff must be >= 1");
   py::array L;
+  require(!out_zeroed || !out_arg.is_none(), "out_zeroed needs out");
   if (out_arg.is_none()) {
     L = new_matrix(in.n, in.n);
   } else {
@@ -104,7 +105,7 @@ py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shift
   int k;
   {
     py::gil_scoped_release nogil;
-    k = pmsolve::cholesky_jittered(in, out, shifts.data(), static_cast<int>(shifts.size()), cutoff);
+    k = pmsolve::cholesky_jittered(in, out, shifts.data(), static_cast<int>(shifts.size()), cutoff, out_zeroed);
   }
   if (k < 0) return py::make_tuple(py::none(), k);
   return py::make_tuple(L, k);
@@ -205,10 +206,11 @@ void register_solver(py::module_& m) {
   m.attr("TRSM_CUTOFF") = pmsolve::kTrsmCutoff;
   m.attr("CHOLESKY_CUTOFF") = pmsolve::kCholeskyCutoff;
   m.def("cholesky_jittered", &cholesky_jittered, py::arg("C"), py::arg("shifts"),
-        py::arg("cutoff") = pmsolve::kCholeskyCutoff, py::arg("out") = py::none(),
+        py::arg("cutoff") = pmsolve::kCholeskyCutoff, py::arg("out") = py::none(), py::arg("out_zeroed") = false,
         "Lower Cholesky factor (fp64; into `out`, d x d float64 C-contiguous, else a new array) of C + s I for "
         "the first s in shifts that works, and its index; (None, -1) if none. Reads only the lower triangle "
-        "of C (float32/float64, any strides).");
+        "of C (float32/float64, any strides). out_zeroed=True promises `out` holds zeros: its upper triangle "
+        "is then left unwritten.");
   m.def("cholesky_jittered_inplace", &cholesky_jittered_inplace, py::arg("C"), py::arg("shifts"),
         py::arg("cutoff") = pmsolve::kCholeskyCutoff,
         "cholesky_jittered in C's own storage (float64, C-contiguous, writeable): returns the index of the "

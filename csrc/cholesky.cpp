@@ -38,7 +38,7 @@ struct Strided {
 // (the factor's, which the kernels never write): whole rows are written once, in parallel,
 // where a separate one-thread memset afterwards cost 57 ms at d = 6400 (session 15).
 template <class T>
-void copy_lower_shifted(const SymInput& C, Mat out, double shift) {
+void copy_lower_shifted(const SymInput& C, Mat out, double shift, bool zero_upper) {
   constexpr int64_t tile = 64;
   const Strided<T> src{static_cast<const T*>(C.data), C.row_stride, C.col_stride};
   const int64_t n = C.n;
@@ -57,17 +57,17 @@ void copy_lower_shifted(const SymInput& C, Mat out, double shift) {
       }
       for (int64_t i = ib; i < ie; ++i) {
         out.data[i * out.ld + i] += shift;
-        std::memset(out.data + i * out.ld + i + 1, 0, sizeof(double) * (n - i - 1));
+        if (zero_upper) std::memset(out.data + i * out.ld + i + 1, 0, sizeof(double) * (n - i - 1));
       }
     }
   });
 }
 
-void load_shifted(const SymInput& C, Mat out, double shift) {
+void load_shifted(const SymInput& C, Mat out, double shift, bool zero_upper) {
   if (C.dtype == DType::f32)
-    copy_lower_shifted<float>(C, out, shift);
+    copy_lower_shifted<float>(C, out, shift, zero_upper);
   else
-    copy_lower_shifted<double>(C, out, shift);
+    copy_lower_shifted<double>(C, out, shift, zero_upper);
 }
 
 // Strict lower triangle copied onto the strict upper one (to_upper) or back, in tiles so that
@@ -136,11 +136,13 @@ blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   return info ? info + n1 : 0;
 }
 
-int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts, blas_int cutoff) {
+int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts, blas_int cutoff,
+                      bool out_zeroed) {
   for (int k = 0; k < n_shifts; ++k) {
     // A failed attempt leaves a partial factor in the lower triangle: reload from
-    // C (read-only) instead of keeping a second d × d copy.
-    load_shifted(C, out, shifts[k]);
+    // C (read-only) instead of keeping a second d × d copy. The upper triangle, once zero,
+    // stays so (neither kernel writes it).
+    load_shifted(C, out, shifts[k], /*zero_upper=*/!out_zeroed && k == 0);
     if (factor_lower(out, cutoff) == 0) return k;
   }
   return -1;

@@ -76,9 +76,11 @@ SymStats symmetric_stats(const SymInput& C);
 // (by MKL's dpotrf when mkl_potrf_enabled(), loaded_mkl.h; else cholesky_lower with `cutoff`)
 // (d × d, upper triangle zeroed). Reads only the lower triangle of C. On failure
 // the lower triangle is restored from C itself, so no second d × d buffer exists.
-// Returns k, or -1 when every shift failed.
+// Returns k, or -1 when every shift failed. out_zeroed: `out` is known to hold zeros (fresh
+// anonymous pages): its upper triangle is then not written, and pages wholly inside it are
+// never touched (no page faults, no memory committed for them).
 int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_shifts,
-                      blas_int cutoff = kCholeskyCutoff);
+                      blas_int cutoff = kCholeskyCutoff, bool out_zeroed = false);
 
 // The same in place: `a` (d × d row-major fp64) holds C on entry and L (upper triangle
 // zeroed) on success. Its strict upper triangle first becomes a mirror of the lower one,

@@ -378,6 +378,17 @@ def test_native_cholesky_into_a_given_buffer():
         with pytest.raises((ValueError, TypeError)):
             mod.cholesky_jittered(work.numpy(), [0.0], out=bad.numpy())
     assert torch.equal(work, C)
+    # out_zeroed: a buffer known to hold zeros gets the lower triangle only, also across a failed
+    # first attempt (a dead unit: only the shift works); the result is the same factor.
+    singular = C.clone()
+    singular[:, 7] = singular[7, :] = 0
+    for M, shifts in ((C, [0.0]), (singular, [0.0, 1e-3])):
+        L_ref, k_ref = mod.cholesky_jittered(M.numpy(), shifts)
+        zeros = torch.zeros(300, 300, dtype=F64)
+        _, k = mod.cholesky_jittered(M.numpy(), shifts, out=zeros.numpy(), out_zeroed=True)
+        assert k == k_ref and torch.equal(zeros, torch.from_numpy(L_ref))
+    with pytest.raises(ValueError, match="out_zeroed needs out"):
+        mod.cholesky_jittered(C.numpy(), [0.0], out_zeroed=True)
 
 
 @pytest.mark.native

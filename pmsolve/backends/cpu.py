@@ -15,6 +15,7 @@ never run at the same time: every kernel call is synchronous.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from types import ModuleType
@@ -70,6 +71,18 @@ def blas_threads() -> int:
     return torch.get_num_threads()
 
 
+def _zero_pages_matrix(d: int) -> torch.Tensor:
+    """A d × d float64 tensor of zeros on fresh anonymous pages (an mmap the tensor keeps alive).
+
+    The factor's strict upper triangle is zeros the kernel then never writes: pages wholly inside
+    it are never touched, so they cost no page fault and no memory until someone writes there
+    (reads map the kernel's shared zero page). At d = 6400 that is ~45 % of the factor's 312 MiB.
+    """
+    if d == 0:
+        return torch.zeros((0, 0), dtype=torch.float64)
+    return torch.frombuffer(mmap.mmap(-1, d * d * _F64), dtype=torch.float64).view(d, d)
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -112,12 +125,9 @@ class CpuBackend:
             C = C.to(torch.float32)
             extra = C.numel() * C.element_size()
         d = C.shape[0]
-        # The factor lives in torch's memory rather than a fresh numpy array: torch's allocator
-        # asks for transparent huge pages, which made first-touching a d = 6400 factor 0.1 s
-        # instead of 0.5-1.5 s on the session-7 VM (bench/RESULTS.md).
-        L = torch.empty((d, d), dtype=torch.float64)
+        L = _zero_pages_matrix(d)
         # Any strides are fine: the kernel copies the lower triangle into L anyway.
-        _, k = self._C.cholesky_jittered(C.numpy(), [float(s) for s in shifts], out=L.numpy())
+        _, k = self._C.cholesky_jittered(C.numpy(), [float(s) for s in shifts], out=L.numpy(), out_zeroed=True)
         if k < 0:
             return CholeskyResult(None, -1, d * d * _F64 + extra)
         return CholeskyResult(L, k, d * d * _F64 + extra)
