@@ -20,13 +20,14 @@ namespace pmsolve {
 // by factoring a 2 × 2 matrix), or "" when there is none.
 std::string loaded_mkl_path();
 
-// Whether cholesky_jittered(_inplace) (solver.h) hand whole factorisations to that dpotrf. Switching on without a
-// usable MKL leaves it off.
+// Whether cholesky_jittered(_inplace) (solver.h) hand whole factorisations to that dpotrf.
+// Switching on without a usable MKL leaves it off.
 bool mkl_potrf_enabled();
 void set_mkl_potrf_enabled(bool on);
 
 // MKL's dpotrf on a row-major lower triangle (column-major upper, uplo = 'U'), in MKL's own
-// threads, as many as blas_get_num_threads(). Only valid while mkl_potrf_enabled(); returns LAPACK's info.
+// threads, as many as blas_get_num_threads(). Only valid while mkl_potrf_enabled(); returns
+// LAPACK's info.
 blas_int mkl_potrf_lower(double* a, blas_int n, blas_int lda);
 
 }  // namespace pmsolve

@@ -73,8 +73,8 @@ struct SymStats {
 SymStats symmetric_stats(const SymInput& C);
 
 // Cholesky of C + shifts[k] I for the first k that succeeds, written into `out`
-// (by MKL's dpotrf when mkl_potrf_enabled(), loaded_mkl.h; else cholesky_lower with `cutoff`)
-// (d × d, upper triangle zeroed). Reads only the lower triangle of C. On failure
+// (d × d, upper triangle zeroed) by MKL's dpotrf when mkl_potrf_enabled() (loaded_mkl.h),
+// else by cholesky_lower with `cutoff`. Reads only the lower triangle of C. On failure
 // the lower triangle is restored from C itself, so no second d × d buffer exists.
 // Returns k, or -1 when every shift failed. out_zeroed: `out` is known to hold zeros (fresh
 // anonymous pages): its upper triangle is then not written, and pages wholly inside it are
