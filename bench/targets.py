@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 
 import numpy as np
@@ -51,6 +52,15 @@ def machine() -> dict:
         flags = set(fields.get("flags", "").split())
         info.update(model=fields.get("model name"), family=fields.get("cpu family"), model_id=fields.get("model"),
                     features=sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    except OSError:
+        pass
+    try:  # which code was measured: the commit, and whether the tree had changes
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True)  # fmt: skip
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip() + (" (dirty tree)" if dirty.stdout.strip() else "")
     except OSError:
         pass
     return info
@@ -153,7 +163,8 @@ def _kernels(f: dict) -> str:
 def table(res: dict) -> str:
     m = res["machine"]
     lines = [f"Machine: {m.get('model')} (family {m.get('family')} model {m.get('model_id')}; "
-             f"{', '.join(m.get('features', []))}), torch {m['torch']}, {m['threads']} threads.", "",
+             f"{', '.join(m.get('features', []))}), torch {m['torch']}, {m['threads']} threads; "
+             f"commit {m.get('commit', 'unknown')}.", "",
              "| target (2 threads) | measured | verdict |", "|---|---|---|"]  # fmt: skip
     f = res["factorize"]
     lines.append(f"| #2 `factorize` ≥ 1.5× torch.linalg.cholesky, d = {f['d']} | {f['speedup_vs_torch']:.2f}× "
