@@ -174,10 +174,10 @@ void triangular_solve(const py::array& L, py::array& Z, bool transpose, int cuto
   pmsolve::triangular_solve(l, transpose, z, cutoff);
 }
 
-py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_cond, bool transposed) {
+py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_cond) {
   const Mat z = f64_matrix(Z, "Z");
   require(Z.writeable(), "Z must be writeable (it is overwritten with Z (G + mu I)^-1)");
-  const py::ssize_t n = transposed ? z.rows : z.cols;
+  const py::ssize_t n = z.cols;
   require(n >= 1, "Z must hold at least one key");
   require_finite_nonneg(mus, "mus");
   require(max_cond > 0.0, "max_cond must be positive");
@@ -185,7 +185,7 @@ py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_c
   pmsolve::PMResult res;
   {
     py::gil_scoped_release nogil;
-    res = pmsolve::pm_whitened(z, transposed, mus.data(), static_cast<int>(mus.size()), max_cond, view(G), view(M));
+    res = pmsolve::pm_whitened(z, mus.data(), static_cast<int>(mus.size()), max_cond, view(G), view(M));
   }
   if (res.mu_index < 0) return py::make_tuple(G, py::none(), res.mu_index, res.cond);
   return py::make_tuple(G, M, res.mu_index, res.cond);
@@ -195,10 +195,9 @@ py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_c
 
 void register_solver(py::module_& m) {
   m.def("pm_whitened", &pm_whitened, py::arg("Z"), py::arg("mus"), py::arg("max_cond"),
-        py::arg("transposed") = false,
-        "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous; with transposed, "
-        "Zᵀ as n × d), overwritten in place with Z (G + μI)⁻¹ (or its transpose) when a μ is accepted: "
-        "G = ZᵀZ, the first μ with chol(G + μI) ok and cond ≤ max_cond, M its factor.");
+        "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous), overwritten in "
+        "place with Z (G + μI)⁻¹ when a μ is accepted: G = ZᵀZ, the first μ with chol(G + μI) ok and "
+        "cond ≤ max_cond, M its factor.");
   m.def("triangular_solve", &triangular_solve, py::arg("L"), py::arg("Z"), py::arg("transpose") = false,
         py::arg("cutoff") = pmsolve::kTrsmCutoff,
         "Z := L⁻¹Z (or L⁻ᵀZ with transpose) in place, recursively on GEMM; L lower (float64, row- or "

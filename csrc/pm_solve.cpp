@@ -88,13 +88,10 @@ void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
   solve_block(L, transpose, Z, 0, L.n, std::max<blas_int>(cutoff, 1));
 }
 
-PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
-  // Z is d × n, or its transpose (n × d) when `transposed`: the layout torch's triangular
-  // solves return, taken as it is.
-  const blas_int d = transposed ? Z.cols : Z.rows, n = transposed ? Z.rows : Z.cols;
+PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
+  const blas_int d = Z.rows, n = Z.cols;
   // SYRK guarantees an exactly symmetric, positive semi-definite G (up to rounding in its entries).
-  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, transposed ? CblasNoTrans : CblasTrans, n, d, 1.0, Z.data, Z.ld, 0.0,
-                    G.data, G.ld);
+  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, d, 1.0, Z.data, Z.ld, 0.0, G.data, G.ld);
   mirror_lower(G);
   const double anorm_g = one_norm(G);
 
@@ -109,14 +106,11 @@ PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, doubl
     }
   }
   if (res.mu_index < 0) return res;
-  // Z (G + μI)⁻¹ = Z M⁻ᵀ M⁻¹ (from the right), or (G + μI)⁻¹ Zᵀ = M⁻ᵀ M⁻¹ Zᵀ (from the left).
-  const CBLAS_SIDE side = transposed ? CblasLeft : CblasRight;
-  const CBLAS_TRANSPOSE first = transposed ? CblasNoTrans : CblasTrans;
-  const CBLAS_TRANSPOSE second = transposed ? CblasTrans : CblasNoTrans;
-  scipy_cblas_dtrsm(CblasRowMajor, side, CblasLower, first, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data, M.ld, Z.data,
-                    Z.ld);
-  scipy_cblas_dtrsm(CblasRowMajor, side, CblasLower, second, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data, M.ld, Z.data,
-                    Z.ld);
+  // Z (G + μI)⁻¹ = Z M⁻ᵀ M⁻¹, from the right.
+  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data,
+                    M.ld, Z.data, Z.ld);
+  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data,
+                    M.ld, Z.data, Z.ld);
   return res;
 }
 
@@ -124,7 +118,7 @@ PMResult pm_solve(LowerFactor L, Mat K, const double* mus, int n_mus, double max
   Mat Z = out.B;
   copy_rows(K, Z);
   triangular_solve(L, false, Z);
-  const PMResult res = pm_whitened(Z, false, mus, n_mus, max_cond, out.G, out.M);
+  const PMResult res = pm_whitened(Z, mus, n_mus, max_cond, out.G, out.M);
   if (res.mu_index >= 0) triangular_solve(L, true, Z);  // B = L⁻ᵀ Z (G + μI)⁻¹
   return res;
 }

@@ -116,11 +116,10 @@ struct PMResult {
   double cond;   // condition estimate of G + μI for it (inf when none)
 };
 
-// The n × n half of the solve on whitened keys Z = L⁻¹K (d × n; with `transposed`, Z holds
-// Zᵀ, n × d): G = ZᵀZ, the first μ with chol(G + μI) succeeding and cond ≤ max_cond (M its
-// factor), then Z := Z (G + μI)⁻¹ (or Zᵀ := (G + μI)⁻¹ Zᵀ) in place. Z is untouched when no μ
-// is accepted.
-PMResult pm_whitened(Mat Z, bool transposed, const double* mus, int n_mus, double max_cond, Mat G, Mat M);
+// The n × n half of the solve on whitened keys Z = L⁻¹K (d × n): G = ZᵀZ, the first μ with
+// chol(G + μI) succeeding and cond ≤ max_cond (M its factor), then Z := Z (G + μI)⁻¹ in place.
+// Z is untouched when no μ is accepted.
+PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G, Mat M);
 
 // Z = L⁻¹K, G = ZᵀZ, the first μ with chol(G + μI) succeeding and cond ≤ max_cond,
 // then B = L⁻ᵀ Z M⁻ᵀ M⁻¹. K is d × n (row-major), L the d × d lower factor.

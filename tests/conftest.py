@@ -14,8 +14,8 @@ def gpu_only() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def both_triangular_solve_paths(monkeypatch):
-    """pm_solve's triangular solves go through torch below NATIVE_TRSM_MIN_N keys and natively
-    from there; on Intel CPUs the default sends every n through torch (MKL is faster there).
+    """pm_solve goes through torch below NATIVE_TRSM_MIN_N keys and natively from there; on Intel
+    CPUs the default sends every n through torch (MKL is faster there).
     The tests pin the threshold at 4 so that both paths are exercised on every machine."""
     from pmsolve.backends import cpu
 

@@ -272,12 +272,14 @@ def test_pm_solve_allocates_no_d_by_d_memory(layout, n):
 
 @pytest.mark.native
 @pytest.mark.parametrize("n", [4, 64])
-def test_pm_solve_is_the_same_through_either_triangular_solve(monkeypatch, n):
-    """The native recursive solves and torch's (the default on Intel CPUs) give the same B, G:
-    both are backward stable, so they agree to about d·κ(C)·eps = 512·100·2.2e-16 ≈ 1e-11; we allow
-    1e-10."""
+def test_pm_solve_is_the_same_through_either_route(monkeypatch, n):
+    """The native route (recursive solves, the n × n work on OpenBLAS) and the torch route (the
+    torch backend's solve, whole; the default on Intel CPUs) give the same B, G: both are backward
+    stable, so they agree to about d·κ(C)·eps = 512·100·2.2e-16 ≈ 1e-11; we allow 1e-10. The
+    torch route is exactly the torch backend's result."""
     native_or_skip()
     from pmsolve.backends import cpu, get_backend
+    from pmsolve.backends.torch_backend import TorchBackend
 
     be = get_backend("cpu", torch.device("cpu"))
     d = 512
@@ -286,6 +288,8 @@ def test_pm_solve_is_the_same_through_either_triangular_solve(monkeypatch, n):
     native = be.pm_solve(L, K, [0.0], 1e12)
     monkeypatch.setattr(cpu, "NATIVE_TRSM_MIN_N", sys.maxsize)
     via_torch = be.pm_solve(L, K, [0.0], 1e12)
+    oracle = TorchBackend().pm_solve(L, K, [0.0], 1e12)
+    assert torch.equal(via_torch.B, oracle.B) and via_torch.cond == oracle.cond
     assert native.mu_index == via_torch.mu_index == 0
     for a, b in ((native.B, via_torch.B), (native.G, via_torch.G)):
         assert float((a - b).norm() / b.norm()) < 1e-10

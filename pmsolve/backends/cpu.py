@@ -1,7 +1,7 @@
 """The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
-except the triangular solves of a solve with few keys (with any number on Intel CPUs), which
-go through torch (see pm_solve), and, on Intel CPUs, the Cholesky factorisation itself, which
-runs torch's MKL dpotrf (csrc/loaded_mkl.h).
+except a solve with few keys (with any number on Intel CPUs), which runs through torch (see
+pm_solve), and, on Intel CPUs, the Cholesky factorisation itself, which runs torch's MKL dpotrf
+(csrc/loaded_mkl.h).
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
@@ -25,7 +25,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError
 from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
-from .torch_backend import apply_inv_sqrt_, hager_cond_1norm, symmetric_stats_torch
+from .torch_backend import TorchBackend, apply_inv_sqrt_, hager_cond_1norm, symmetric_stats_torch
 
 _F64 = 8
 
@@ -53,7 +53,7 @@ def _want_mkl_potrf() -> bool:
     return _intel_cpu()
 
 
-# Keys from which the triangular solves of pm_solve run natively (see CpuBackend.pm_solve); a
+# Keys from which pm_solve runs natively (below: through torch, whole; see CpuBackend.pm_solve); a
 # module attribute, so it can be changed. Measured (bench/trsm_standalone.py, d = 6400): on the
 # AMD EPYC of session 6 ours won from 4 keys on; on the Intel Xeon of sessions 2 and 12, MKL's
 # won at every n (session 12: ours 0.31x at n = 1, 0.55x at 16, 0.79x at 256, 0.91x at 1024).
@@ -98,6 +98,7 @@ class CpuBackend:
                 "rebuild with `pip install -e .`"
             )
         self._C = module
+        self._torch = TorchBackend()  # the solve's route below NATIVE_TRSM_MIN_N keys
         module.mkl_potrf(_want_mkl_potrf())  # stays off when no MKL is loaded
 
     def _sync_threads(self) -> None:
@@ -151,33 +152,30 @@ class CpuBackend:
 
         The two d × d triangular solves dominate (2·d²·n flops). From NATIVE_TRSM_MIN_N keys on
         they run natively, recursively on GEMM, in place in one d × n buffer; below it (and at
-        every n on Intel CPUs, where MKL's solves are faster), through torch. Measured in
-        bench/RESULTS.md (sessions 6 and 12). Both read L in place, whichever its storage.
+        every n on Intel CPUs, where MKL's solves are faster), the whole solve runs through torch,
+        the n × n work included: OpenBLAS's threads starting between two of MKL's calls, beside
+        torch's still-spinning OpenMP threads, made the solve 2-3× slower (session 15: d = 6400,
+        n = 1 32 → 10 ms, n = 16 65 → 26 ms, n = 256 244 → 196 ms). Measured in bench/RESULTS.md
+        (sessions 6, 12 and 15). Both read L in place, whichever its storage.
         A low-rank term (``inv_sqrt``) is two d × k × n products around pm_whitened, through torch.
         """
-        self._sync_threads()
         L = L.detach().to(device="cpu", dtype=torch.float64)
         K = K.detach().to(device="cpu", dtype=torch.float64)
-        d, n = K.shape
         mus = [float(m) for m in mus]
-        if n >= NATIVE_TRSM_MIN_N:
-            L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy if either order
-            Z = K.clone(memory_format=torch.contiguous_format)
-            self._C.triangular_solve(L_arr, Z.numpy(), False)
+        d, n = K.shape
+        if n < NATIVE_TRSM_MIN_N:
+            return self._torch.pm_solve(L, K, mus, max_cond, inv_sqrt)
+        self._sync_threads()
+        L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy if either order
+        Z = K.clone(memory_format=torch.contiguous_format)
+        self._C.triangular_solve(L_arr, Z.numpy(), False)
+        apply_inv_sqrt_(Z, inv_sqrt)
+        G, M, k, cond = self._C.pm_whitened(Z.numpy(), mus, float(max_cond))
+        workspace = d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z = B, G, M, dpocon's
+        if k >= 0:
             apply_inv_sqrt_(Z, inv_sqrt)
-            G, M, k, cond = self._C.pm_whitened(Z.numpy(), mus, float(max_cond), transposed=False)
-            workspace = d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z = B, G, M, dpocon's
-            if k >= 0:
-                apply_inv_sqrt_(Z, inv_sqrt)
-                self._C.triangular_solve(L_arr, Z.numpy(), True)
-            B = Z
-        else:
-            Z = apply_inv_sqrt_(torch.linalg.solve_triangular(L, K, upper=False), inv_sqrt)
-            # MKL returns Z column-major: hand over its row-major transpose instead of copying.
-            Zt = Z.mT if Z.mT.is_contiguous() else Z.mT.contiguous()
-            G, M, k, cond = self._C.pm_whitened(Zt.numpy(), mus, float(max_cond), transposed=True)
-            workspace = 2 * d * n * _F64 + 2 * n * n * _F64 + 3 * n * _F64 + 4 * n  # Z, B, G, M, dpocon's
-            B = torch.linalg.solve_triangular(L.mT, apply_inv_sqrt_(Zt.mT, inv_sqrt), upper=True) if k >= 0 else None
+            self._C.triangular_solve(L_arr, Z.numpy(), True)
+        B = Z
         G = torch.from_numpy(G)
         if k < 0:
             return PMSolution(None, G, None, -1, float(cond), workspace)
