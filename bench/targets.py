@@ -69,7 +69,7 @@ def machine() -> dict:
 def factorize_targets(rounds: int) -> dict:
     """pmsolve.factorize vs torch.linalg.cholesky, and against the machine's dgemm rate (the faster
     of OpenBLAS's and torch's, which is MKL's on x86: factorize may run MKL's dpotrf), interleaved."""
-    from test_bench_solver import openblas_dgemm, prefault, problem
+    from test_bench_solver import cholesky_kernels, openblas_dgemm, prefault, problem
 
     C = problem(D)[0]
     Cn = C.numpy()
@@ -79,21 +79,8 @@ def factorize_targets(rounds: int) -> dict:
            "dgemm_torch": lambda: torch.mm(torch.from_numpy(A), torch.from_numpy(B).mT, out=torch.from_numpy(out))}  # fmt: skip
     # The factorisation kernels alone (copy of C + Cholesky), whichever factorize uses by default:
     # which is faster is machine-specific (csrc/loaded_mkl.h; PMSOLVE_MKL_POTRF).
-    mod = require_native()
-    kernels = {"kernel_recursive": False, **({"kernel_mkl_potrf": True} if mod.loaded_mkl_path() else {})}
-    default_mkl = mod.mkl_potrf()
-
-    def kernel(mkl: bool):
-        def run():
-            mod.mkl_potrf(mkl)
-            try:
-                return mod.cholesky_jittered(Cn, [0.0])
-            finally:
-                mod.mkl_potrf(default_mkl)
-
-        return run
-
-    fns.update({name: kernel(mkl) for name, mkl in kernels.items()})
+    default_mkl = require_native().mkl_potrf()
+    fns.update({f"kernel_{name}": fn for name, fn in cholesky_kernels(Cn).items()})
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

@@ -250,21 +250,12 @@ def openblas_dpotrf(a: np.ndarray) -> int:
     return info.value
 
 
-@pytest.mark.parametrize("d", DIMS)
-def test_factorize_vs_libraries(benchmark, d):
-    C = problem(d)[0]
-    Cn = C.numpy()
+def cholesky_kernels(Cn: np.ndarray) -> dict[str, Callable[[], object]]:
+    """`_C.cholesky_jittered(Cn)` with each CPU kernel: "recursive" (ours on OpenBLAS) and, when an
+    MKL is loaded, "mkl_potrf" (csrc/loaded_mkl.h); the switch is restored after each call."""
     mod = native()
-    work = np.empty_like(Cn)
-    # dgemm at the shape of the recursion's top-level update (d × d × d/2): d³ flops.
-    A, B, out = Cn[:, : d // 2].copy(), Cn[:, d // 2 :].copy(), np.empty_like(Cn)
-    At, Bt = torch.from_numpy(A), torch.from_numpy(B)
 
-    def dpotrf_0334():
-        np.copyto(work, Cn)  # dpotrf works in place; the copy is timed separately and subtracted below
-        return openblas_dpotrf(work)
-
-    def native_with(mkl: bool):  # the kernel with MKL's dpotrf switched on or off (csrc/loaded_mkl.h)
+    def with_mkl(mkl: bool) -> Callable[[], object]:
         def run():
             before = mod.mkl_potrf()
             mod.mkl_potrf(mkl)
@@ -275,12 +266,25 @@ def test_factorize_vs_libraries(benchmark, d):
 
         return run
 
-    kernels = {"native_recursive": native_with(False)}
-    if mod.loaded_mkl_path():
-        kernels["native_mkl_potrf"] = native_with(True)
+    return {"recursive": with_mkl(False), **({"mkl_potrf": with_mkl(True)} if mod.loaded_mkl_path() else {})}
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_factorize_vs_libraries(benchmark, d):
+    C = problem(d)[0]
+    Cn = C.numpy()
+    work = np.empty_like(Cn)
+    # dgemm at the shape of the recursion's top-level update (d × d × d/2): d³ flops.
+    A, B, out = Cn[:, : d // 2].copy(), Cn[:, d // 2 :].copy(), np.empty_like(Cn)
+    At, Bt = torch.from_numpy(A), torch.from_numpy(B)
+
+    def dpotrf_0334():
+        np.copyto(work, Cn)  # dpotrf works in place; the copy is timed separately and subtracted below
+        return openblas_dpotrf(work)
+
     comp = Competitors(
         {
-            **kernels,
+            **{f"native_{name}": fn for name, fn in cholesky_kernels(Cn).items()},
             "torch_cholesky": lambda: torch.linalg.cholesky(C),
             "scipy_cholesky": lambda: scipy.linalg.cholesky(Cn, lower=True, check_finite=False),
             "openblas_dpotrf": dpotrf_0334,
