@@ -210,7 +210,7 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
     assert fast_bf16(torch.device("cpu")) == (feature is not None)
     assert info["v_star_precision_cpu"] == (f"bf16 autocast ({feature})" if feature else "model dtype")
     assert info["stats_forward_cpu"] == info["v_star_precision_cpu"]
-    assert info["cpu_triangular_solves"] == "native from 4 keys, torch below"  # tests/conftest.py pins 4
+    assert info["cpu_solve"] == "native from 4 keys, torch below"  # tests/conftest.py pins 4
     if "cpu" in info["backends"]:  # the native module loaded, so OpenBLAS got our thread timeout (or the user's)
         assert info["openblas_thread_timeout"] is not None
         from pmsolve._native import native

@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
         "v_star_precision_cpu": cpu_precision,
         # ... and collect_stats(autocast="auto") for the statistics' forward (edit, stats, eval).
         "stats_forward_cpu": cpu_precision,
-        # Where pm_solve's triangular solves run on the CPU (torch's are MKL's on Intel CPUs).
-        "cpu_triangular_solves": _trsm_route(),
+        # Where a solve runs on the CPU backend: natively from some number of keys, through torch
+        # (whole, MKL on Intel CPUs) below it.
+        "cpu_solve": _solve_route(),
         # Which kernel factors C on the CPU: MKL's dpotrf found in the process (torch's), or ours.
         "cpu_cholesky": _cholesky_route(mod),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -79,11 +80,11 @@ def _cholesky_route(mod) -> str | None:
     return "recursive on OpenBLAS (PMSOLVE_MKL_POTRF=1 to use a loaded MKL's dpotrf)"
 
 
-def _trsm_route() -> str:
+def _solve_route() -> str:
     from pmsolve.backends import cpu
 
     n = cpu.NATIVE_TRSM_MIN_N
-    return "torch (MKL) at every n" if n == sys.maxsize else f"native from {n} keys, torch below"
+    return "torch at every n" if n == sys.maxsize else f"native from {n} keys, torch below"
 
 
 def _cache_usage() -> dict:
