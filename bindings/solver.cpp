@@ -111,14 +111,14 @@ py::tuple cholesky_jittered(const py::array& C, const std::vector<double>& shift
   return py::make_tuple(L, k);
 }
 
-int cholesky_jittered_inplace(py::array& C, const std::vector<double>& shifts, blas_int cutoff) {
+int cholesky_jittered_inplace(py::array& C, const std::vector<double>& shifts, blas_int cutoff, bool symmetric) {
   const Mat a = f64_matrix(C, "C");
   require(C.writeable(), "C must be writeable (it is overwritten with its factor)");
   require(a.rows == a.cols, "C must be square");
   require_finite_nonneg(shifts, "shifts");
   require(cutoff >= 1, "cutoff must be >= 1");
   py::gil_scoped_release nogil;
-  return pmsolve::cholesky_jittered_inplace(a, shifts.data(), static_cast<int>(shifts.size()), cutoff);
+  return pmsolve::cholesky_jittered_inplace(a, shifts.data(), static_cast<int>(shifts.size()), cutoff, symmetric);
 }
 
 py::dict symmetric_stats(const py::array& C) {
@@ -211,10 +211,11 @@ void register_solver(py::module_& m) {
         "of C (float32/float64, any strides). out_zeroed=True promises `out` holds zeros: its upper triangle "
         "is then left unwritten.");
   m.def("cholesky_jittered_inplace", &cholesky_jittered_inplace, py::arg("C"), py::arg("shifts"),
-        py::arg("cutoff") = pmsolve::kCholeskyCutoff,
+        py::arg("cutoff") = pmsolve::kCholeskyCutoff, py::arg("symmetric") = false,
         "cholesky_jittered in C's own storage (float64, C-contiguous, writeable): returns the index of the "
         "shift used, C then holds L (upper triangle zero); -1 if none, C then holds the symmetric matrix of "
-        "its lower triangle. Allocates no d x d buffer.");
+        "its lower triangle. Allocates no d x d buffer. symmetric=True promises C is exactly symmetric "
+        "(its upper triangle then serves as the backup as it is, without a mirroring pass).");
   m.def("symmetric_stats", &symmetric_stats, py::arg("C"),
         "One threaded pass over a square float32/float64 C (any strides): dict with norm1 (max column sum "
         "of |C|), amax, asym (max |C_ij - C_ji|) and asym_at, nonfinite_at (first NaN/Inf in row-major "

@@ -148,10 +148,10 @@ int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_sh
   return -1;
 }
 
-int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff) {
+int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff, bool upper_is_mirror) {
   std::vector<double> diag(a.rows);
   for (blas_int i = 0; i < a.rows; ++i) diag[i] = a.data[static_cast<int64_t>(i) * a.ld + i];
-  mirror_triangle(a, /*to_upper=*/true);  // the backup a failed attempt reloads from
+  if (!upper_is_mirror) mirror_triangle(a, /*to_upper=*/true);  // the backup a failed attempt reloads from
   for (int k = 0; k < n_shifts; ++k) {
     if (k > 0) mirror_triangle(a, /*to_upper=*/false);
     set_diagonal(a, diag, shifts[k]);

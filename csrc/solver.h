@@ -87,7 +87,10 @@ int cholesky_jittered(const SymInput& C, Mat out, const double* shifts, int n_sh
 // from which a failed attempt reloads the lower triangle (the diagonal is kept aside), so
 // no d × d buffer is allocated at all. When every shift fails, `a` is left holding the
 // symmetric matrix whose lower triangle is C's (C itself when C was exactly symmetric).
-int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff = kCholeskyCutoff);
+// upper_is_mirror: the caller knows C is exactly symmetric, so its upper triangle already is
+// that backup and the mirroring pass (53 ms at d = 6400) is skipped.
+int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_int cutoff = kCholeskyCutoff,
+                              bool upper_is_mirror = false);
 
 // 1-norm condition estimate of A = L Lᵀ given ‖A‖₁ (LAPACK dpocon, O(n²)).
 // Returns +inf when A is numerically singular (rcond = 0).

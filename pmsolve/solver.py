@@ -71,8 +71,9 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise _nonfinite_error(name, x, bad)
 
 
-def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
-    """The checked C and its 1-norm (computed on the way, for the condition estimate)."""
+def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float, bool]:
+    """The checked C, its 1-norm (computed on the way, for the condition estimate) and whether it
+    is exactly symmetric."""
     C = _check_float_matrix("C", C)
     if C.shape[0] != C.shape[1]:
         raise InputError(f"C must be square, got shape {tuple(C.shape)}")
@@ -96,7 +97,7 @@ def _validate_C(C: Any, be: SolverBackend) -> tuple[torch.Tensor, float]:
             f"C has a negative diagonal entry C[{i},{i}] = {st.diag_min:.3g}: it is not a second-moment matrix",
             matrix="C",
         )
-    return C, st.norm1
+    return C, st.norm1, st.asym == 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -337,10 +338,11 @@ def _jitter_shifts(jitter: str | float | None, scale: float) -> list[float]:
     raise InputError(f"jitter must be 'auto', None or a finite non-negative number, got {jitter!r}")
 
 
-def _cholesky_in_place(be: SolverBackend, C: torch.Tensor, shifts: list[float]) -> CholeskyResult:
+def _cholesky_in_place(be: SolverBackend, C: torch.Tensor, shifts: list[float],
+                       exactly_symmetric: bool) -> CholeskyResult:
     kernel = getattr(be, "cholesky_jittered_inplace", None)
     if kernel is not None:
-        return kernel(C, shifts)
+        return kernel(C, shifts, exactly_symmetric=exactly_symmetric)
     res = be.cholesky_jittered(C, shifts)
     if res.L is None:
         return res
@@ -383,12 +385,12 @@ def factorize(
         raise InputError(f"overwrite_c=True needs a contiguous float64 C to hold the fp64 factor, got "
                          f"{C.dtype}{'' if C.is_contiguous() else ', not contiguous'}")
     be = get_backend(backend, C.device)
-    C, c_norm = _validate_C(C, be)
+    C, c_norm, exactly_symmetric = _validate_C(C, be)
     scale = float(torch.diagonal(C).to(torch.float64).mean())
     if scale <= 0:
         raise NotPositiveDefiniteError("C has an all-zero diagonal: no preservation statistics in it", matrix="C")
     shifts = _jitter_shifts(jitter, scale)
-    res = _cholesky_in_place(be, C, shifts) if overwrite_c else be.cholesky_jittered(C, shifts)
+    res = _cholesky_in_place(be, C, shifts, exactly_symmetric) if overwrite_c else be.cholesky_jittered(C, shifts)
     if res.shift_index < 0 or res.L is None:
         raise NotPositiveDefiniteError(
             f"C + δI is not positive definite for any allowed δ (largest tried {shifts[-1]:.3g} = "

@@ -348,7 +348,11 @@ def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff, chole
     g = torch.Generator().manual_seed(d)
     K0 = torch.randn(d, 3 * d, generator=g, dtype=F64)
     K0[[1, d // 2]] = 0  # dead units: singular, the first attempt fails
-    cases = {"spd": spd(d, cond=1e4, seed=3).clone(), "singular": K0 @ K0.mT / K0.shape[1]}
+    singular = K0 @ K0.mT / K0.shape[1]
+    singular = (singular + singular.mT) / 2  # exactly symmetric: its upper triangle is the backup as it is
+    nearly = singular.clone()
+    nearly[d - 1, 0] *= 1 + 1e-13  # symmetric within symmetry_rtol only: the kernel mirrors first
+    cases = {"spd": spd(d, cond=1e4, seed=3).clone(), "singular": singular, "singular, nearly symmetric": nearly}
     for name, C in cases.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NumericalWarning)
@@ -362,7 +366,7 @@ def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff, chole
             work = C.clone()
             got = pmsolve.factorize(work, backend=backend, overwrite_c=True)
         assert got.L.data_ptr() == work.data_ptr(), name
-        assert got.jitter == ref.jitter and (got.jitter > 0) == (name == "singular"), name
+        assert got.jitter == ref.jitter and (got.jitter > 0) == name.startswith("singular"), name
         assert torch.equal(got.L, ref.L), name
         assert got.cond == pytest.approx(ref.cond, rel=1e-12), name
 
@@ -393,6 +397,30 @@ def test_native_cholesky_into_a_given_buffer():
         assert k == k_ref and torch.equal(zeros, torch.from_numpy(L_ref))
     with pytest.raises(ValueError, match="out_zeroed needs out"):
         mod.cholesky_jittered(C.numpy(), [0.0], out_zeroed=True)
+
+
+@pytest.mark.native
+def test_inplace_cholesky_takes_an_exactly_symmetric_upper_triangle_as_its_backup(cholesky_kernel):
+    """symmetric=True skips mirroring the lower triangle onto the upper one (the retry backup): for
+    an exactly symmetric C the result is bit for bit the mirroring path's, a retry after a failed
+    first attempt included, and when every shift fails C comes back exactly."""
+    mod = native_or_skip()
+    d = 300
+    C = spd(d, seed=6)
+    C = (C + C.mT) / 2
+    singular = C.clone()
+    singular[:, 5] = singular[5, :] = 0
+    shifts = [0.0, 1e-3 * float(C.diagonal().mean())]
+    for M in (C, singular):
+        a, b = M.clone(), M.clone()
+        k = mod.cholesky_jittered_inplace(a.numpy(), shifts)
+        assert k == mod.cholesky_jittered_inplace(b.numpy(), shifts, symmetric=True) == (0 if M is C else 1)
+        assert torch.equal(a, b)
+    indefinite = C.clone()
+    indefinite[7, 7] = -1.0
+    work = indefinite.clone()
+    assert mod.cholesky_jittered_inplace(work.numpy(), [0.0, 1e-6], symmetric=True) == -1
+    assert torch.equal(work, indefinite)
 
 
 @pytest.mark.native

@@ -133,10 +133,13 @@ class CpuBackend:
             return CholeskyResult(None, -1, d * d * _F64 + extra)
         return CholeskyResult(L, k, d * d * _F64 + extra)
 
-    def cholesky_jittered_inplace(self, C: torch.Tensor, shifts: Sequence[float]) -> CholeskyResult:
-        """As cholesky_jittered, in C's own storage (fp64, C-contiguous, on the CPU): no d × d buffer."""
+    def cholesky_jittered_inplace(self, C: torch.Tensor, shifts: Sequence[float],
+                                  exactly_symmetric: bool = False) -> CholeskyResult:
+        """As cholesky_jittered, in C's own storage (fp64, C-contiguous, on the CPU): no d × d buffer.
+        exactly_symmetric (C == Cᵀ, as checked): its upper triangle is the retry backup as it is."""
         self._sync_threads()
-        k = self._C.cholesky_jittered_inplace(C.detach().numpy(), [float(s) for s in shifts])
+        k = self._C.cholesky_jittered_inplace(C.detach().numpy(), [float(s) for s in shifts],
+                                              symmetric=exactly_symmetric)
         return CholeskyResult(C if k >= 0 else None, k, C.shape[0] * _F64)
 
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
