@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -96,14 +97,48 @@ int64_t first_nonfinite(const void* data, size_t n, RowFormat fmt) {
 
 }  // namespace
 
-CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows)
-    : d_(d), fp64_(fp64_products), centered_(centered), chunk_(chunk_rows > 0 ? chunk_rows : kDefaultChunkRows) {
+namespace {
+
+// The shared ChunkScratch, the lock its users hold, and how many accumulators exist.
+std::mutex g_scratch_lock;
+ChunkScratch g_scratch;
+int64_t g_live = 0;
+
+int64_t checked_d(int64_t d) {
   if (d <= 0) throw std::invalid_argument("d must be positive");
+  return d;
+}
+
+}  // namespace
+
+CovAccumulator::ScratchLease::ScratchLease() {
+  std::lock_guard<std::mutex> hold(g_scratch_lock);
+  ++g_live;
+}
+
+CovAccumulator::ScratchLease::~ScratchLease() {
+  std::lock_guard<std::mutex> hold(g_scratch_lock);
+  if (--g_live == 0) g_scratch = ChunkScratch{};  // the last one frees the buffers
+}
+
+ChunkScratch& CovAccumulator::ScratchLease::scratch() const { return g_scratch; }
+
+CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int64_t chunk_rows)
+    : d_(checked_d(d)),
+      fp64_(fp64_products),
+      centered_(centered),
+      chunk_(chunk_rows > 0 ? chunk_rows : kDefaultChunkRows),
+      rows32_(lease_.scratch().rows32),
+      prod32_(lease_.scratch().prod32),
+      rows64_(lease_.scratch().rows64),
+      prod64_(lease_.scratch().prod64),
+      packed_(lease_.scratch().packed) {
   mat_.assign(static_cast<size_t>(d) * d, 0.0);
   if (centered_) mean_.assign(d, 0.0);
 }
 
 void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
+  std::lock_guard<std::mutex> hold(g_scratch_lock);  // the scratch is shared: one update at a time
   // Nothing may be added from a batch with a NaN/Inf in it. A batch of one chunk whose fp32
   // product goes to a scratch buffer is checked on that product instead of on the rows: a
   // NaN/Inf in column i makes the diagonal entry Σₜ xₜᵢ² NaN/Inf (its terms are ≥ 0, nothing

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -294,3 +296,34 @@ def test_reference_npz_both_ways(tmp_path):
     (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 3])
     with pytest.raises(CacheError, match="truncated"):
         read_reference_npz(tmp_path / "trunc.npz")
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read the RSS")
+def test_accumulators_share_one_chunk_scratch():
+    """Every accumulator keeps its d × d fp64 master, but the per-chunk scratch (up to one d × d
+    fp32 product per thread) is one for the process: five accumulators at d = 2048 grow the RSS by
+    ~5 masters + 1 scratch (192 MiB with two threads), where a scratch each would make it 240–320
+    MiB. The last accumulator's end frees the scratch; the next one starts a new one and works."""
+    d, rows = 2048, 4096
+    x = torch.randn(rows, d)
+    master, scratch = d * d * 8, 2 * d * d * 4  # scratch: at most two threads' products
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    accs = []
+    for _ in range(5):
+        acc = CA(d, backend="native")
+        acc.update(x)
+        accs.append(acc)
+    grown = rss() - before
+    assert grown < 5 * master + 2 * scratch, grown / 2**20
+    expected = truth(x)
+    assert all(rel(acc.mean() * acc.count, expected) < 3e-7 for acc in accs)
+    del accs, acc
+    again = CA(d, backend="native")
+    again.update(x)
+    assert rel(again.mean() * again.count, expected) < 3e-7
