@@ -128,11 +128,7 @@ CovAccumulator::CovAccumulator(int64_t d, bool fp64_products, bool centered, int
       fp64_(fp64_products),
       centered_(centered),
       chunk_(chunk_rows > 0 ? chunk_rows : kDefaultChunkRows),
-      rows32_(lease_.scratch().rows32),
-      prod32_(lease_.scratch().prod32),
-      rows64_(lease_.scratch().rows64),
-      prod64_(lease_.scratch().prod64),
-      packed_(lease_.scratch().packed) {
+      scratch_(lease_.scratch()) {
   mat_.assign(static_cast<size_t>(d) * d, 0.0);
   if (centered_) mean_.assign(d, 0.0);
 }
@@ -171,7 +167,7 @@ void CovAccumulator::check_products_f32(const void* data, int64_t rows, RowForma
   const size_t dd = mat_.size();
   bool ok = true;
   for (int p = 0; p < parts; ++p)
-    for (int64_t i = 0; i < d_; ++i) ok &= std::isfinite(prod32_[p * dd + static_cast<size_t>(i) * d_ + i]);
+    for (int64_t i = 0; i < d_; ++i) ok &= std::isfinite(scratch_.prod32[p * dd + static_cast<size_t>(i) * d_ + i]);
   if (ok) return;
   const int64_t bad = first_nonfinite(data, static_cast<size_t>(rows) * d_, fmt);
   if (bad >= 0) throw std::domain_error("non-finite value (NaN/Inf) in row " + std::to_string(bad / d_));
@@ -198,16 +194,16 @@ void CovAccumulator::check_squares_fit_f32(const void* data, int64_t rows, RowFo
 
 void CovAccumulator::load_rows_f32(const void* data, int64_t rows, RowFormat fmt) {
   size_t n = static_cast<size_t>(rows) * d_;
-  rows32_.resize(n);
+  scratch_.rows32.resize(n);
   if (fmt == RowFormat::f32) {
-    std::memcpy(rows32_.data(), data, n * sizeof(float));
+    std::memcpy(scratch_.rows32.data(), data, n * sizeof(float));
     return;
   }
   const uint16_t* h = static_cast<const uint16_t*>(data);
   if (fmt == RowFormat::bf16) {
-    for (size_t i = 0; i < n; ++i) rows32_[i] = bf16_to_f32(h[i]);
+    for (size_t i = 0; i < n; ++i) scratch_.rows32[i] = bf16_to_f32(h[i]);
   } else {
-    for (size_t i = 0; i < n; ++i) rows32_[i] = f16_to_f32(h[i]);
+    for (size_t i = 0; i < n; ++i) scratch_.rows32[i] = f16_to_f32(h[i]);
   }
 }
 
@@ -216,17 +212,18 @@ void CovAccumulator::load_rows_f32(const void* data, int64_t rows, RowFormat fmt
 void CovAccumulator::center_rows(int64_t rows, std::vector<double>& chunk_mean) {
   chunk_mean.assign(d_, 0.0);
   for (int64_t t = 0; t < rows; ++t) {
-    const float* x = rows32_.data() + static_cast<size_t>(t) * d_;
+    const float* x = scratch_.rows32.data() + static_cast<size_t>(t) * d_;
     for (int64_t j = 0; j < d_; ++j) chunk_mean[j] += x[j];
   }
   for (auto& m : chunk_mean) m /= static_cast<double>(rows);
   for (int64_t t = 0; t < rows; ++t) {
     size_t off = static_cast<size_t>(t) * d_;
     if (fp64_) {
-      for (int64_t j = 0; j < d_; ++j) rows64_[off + j] = static_cast<double>(rows32_[off + j]) - chunk_mean[j];
+      for (int64_t j = 0; j < d_; ++j)
+        scratch_.rows64[off + j] = static_cast<double>(scratch_.rows32[off + j]) - chunk_mean[j];
     } else {
       for (int64_t j = 0; j < d_; ++j)
-        rows32_[off + j] = static_cast<float>(static_cast<double>(rows32_[off + j]) - chunk_mean[j]);
+        scratch_.rows32[off + j] = static_cast<float>(static_cast<double>(scratch_.rows32[off + j]) - chunk_mean[j]);
     }
   }
 }
@@ -268,9 +265,9 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   if (kernel != Bf16Gram::fp32) {
     const uint16_t* x = static_cast<const uint16_t*>(data);
     if (kernel == Bf16Gram::amx)
-      amx_gram_bf16_add(x, rows, d_, mat_.data(), product_threads(d_, rows), packed_);
+      amx_gram_bf16_add(x, rows, d_, mat_.data(), product_threads(d_, rows), scratch_.packed);
     else
-      dpbf16_gram_add(x, rows, d_, mat_.data(), product_threads(d_, rows), packed_);
+      dpbf16_gram_add(x, rows, d_, mat_.data(), product_threads(d_, rows), scratch_.packed);
     count_ += rows;
     return;
   }
@@ -279,29 +276,30 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   if (!direct) load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;
-  if (fp64_) rows64_.assign(rows32_.begin(), rows32_.end());
+  if (fp64_) scratch_.rows64.assign(scratch_.rows32.begin(), scratch_.rows32.end());
   if (centered_) center_rows(rows, chunk_mean);
 
   BlasThreads threads(product_threads(d_, rows) > 1 ? blas_get_num_threads() : 1);  // fp64: BLAS's own threads
   if (fp64_ && !centered_) {  // products already fp64: accumulate straight into the master
-    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 1.0, mat_.data(), n);
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, scratch_.rows64.data(), n, 1.0, mat_.data(), n);
     count_ += rows;
     return;
   }
   if (fp64_) {
-    prod64_.resize(mat_.size());
-    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, rows64_.data(), n, 0.0, prod64_.data(), n);
-    fold_in(nullptr, 0, prod64_.data(), rows, chunk_mean.data());
+    scratch_.prod64.resize(mat_.size());
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, k, 1.0, scratch_.rows64.data(), n, 0.0,
+                      scratch_.prod64.data(), n);
+    fold_in(nullptr, 0, scratch_.prod64.data(), rows, chunk_mean.data());
     return;
   }
   const int parts = product_threads(d_, rows);
-  prod32_.resize(mat_.size() * parts);
-  gram_parts_f32(direct ? static_cast<const float*>(data) : rows32_.data(), rows, parts);
+  scratch_.prod32.resize(mat_.size() * parts);
+  gram_parts_f32(direct ? static_cast<const float*>(data) : scratch_.rows32.data(), rows, parts);
   if (checked_after) check_products_f32(data, rows, fmt, parts);
-  fold_in(prod32_.data(), parts, nullptr, rows, chunk_mean.data());
+  fold_in(scratch_.prod32.data(), parts, nullptr, rows, chunk_mean.data());
 }
 
-// prod32_[p] = lower triangle of X_pᵀX_p for `parts` consecutive row ranges X_p of the chunk x.
+// scratch_.prod32[p] = lower triangle of X_pᵀX_p for `parts` consecutive row ranges X_p of the chunk x.
 void CovAccumulator::gram_parts_f32(const float* x, int64_t rows, int parts) {
   const blas_int n = static_cast<blas_int>(d_);
   const size_t dd = mat_.size();
@@ -309,7 +307,7 @@ void CovAccumulator::gram_parts_f32(const float* x, int64_t rows, int parts) {
   auto part = [&](int p) {
     const int64_t r0 = rows * p / parts, r1 = rows * (p + 1) / parts;
     scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, static_cast<blas_int>(r1 - r0), 1.0f,
-                      x + static_cast<size_t>(r0) * d_, n, 0.0f, prod32_.data() + p * dd, n);
+                      x + static_cast<size_t>(r0) * d_, n, 0.0f, scratch_.prod32.data() + p * dd, n);
   };
   run_on_threads(parts, part);
 }

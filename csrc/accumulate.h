@@ -27,8 +27,8 @@ Bf16Gram bf16_gram_kernel();
 
 // Per-chunk work buffers (up to two d × d fp32 products, row copies, packed bf16 panels). One
 // set serves every accumulator in the process, one update at a time: collecting statistics for
-// several layers keeps one layer's scratch, not one per layer (fp32 products at d = 11008: 0.97 GB
-// instead of 0.97 GB per layer). Freed when the last accumulator goes.
+// several layers keeps one scratch in all, not one per layer (fp32 products at d = 11008 on two
+// threads: 0.97 GB each). Freed when the last accumulator goes.
 struct ChunkScratch {
   std::vector<float> rows32, prod32;  // prod32: one d × d product per thread
   std::vector<double> rows64, prod64;
@@ -94,12 +94,8 @@ class CovAccumulator {
     ChunkScratch& scratch() const;
   };
   ScratchLease lease_;
-  // The scratch's buffers (allocated lazily, used only inside update(), which holds its lock).
-  std::vector<float>& rows32_;
-  std::vector<float>& prod32_;
-  std::vector<double>& rows64_;
-  std::vector<double>& prod64_;
-  std::vector<uint16_t>& packed_;
+  // Its buffers (allocated lazily, used only inside update(), which holds the scratch's lock).
+  ChunkScratch& scratch_;
 };
 
 }  // namespace pmsolve

@@ -44,21 +44,17 @@ void copy_lower_shifted(const SymInput& C, Mat out, double shift, bool zero_uppe
   const int64_t n = C.n;
   // Memory bound (0.05-0.08 s at d = 6400 on one thread): split over the BLAS's threads, tiles
   // of rows dealt round-robin, which balances the triangle's reads and the full rows' writes.
-  const int nt = n < 256 ? 1 : worker_threads();
-  run_on_threads(nt, [&](int t) {
-    for (int64_t ib = t * tile; ib < n; ib += nt * tile) {
-      const int64_t ie = std::min(ib + tile, n);
-      for (int64_t jb = 0; jb < ie; jb += tile) {
-        for (int64_t i = ib; i < ie; ++i) {
-          double* dst = out.data + i * out.ld;
-          const int64_t je = std::min(jb + tile, i + 1);
-          for (int64_t j = jb; j < je; ++j) dst[j] = src(i, j);
-        }
-      }
+  parallel_row_tiles(n, tile, [&](int64_t ib, int64_t ie) {
+    for (int64_t jb = 0; jb < ie; jb += tile) {
       for (int64_t i = ib; i < ie; ++i) {
-        out.data[i * out.ld + i] += shift;
-        if (zero_upper) std::memset(out.data + i * out.ld + i + 1, 0, sizeof(double) * (n - i - 1));
+        double* dst = out.data + i * out.ld;
+        const int64_t je = std::min(jb + tile, i + 1);
+        for (int64_t j = jb; j < je; ++j) dst[j] = src(i, j);
       }
+    }
+    for (int64_t i = ib; i < ie; ++i) {
+      out.data[i * out.ld + i] += shift;
+      if (zero_upper) std::memset(out.data + i * out.ld + i + 1, 0, sizeof(double) * (n - i - 1));
     }
   });
 }
@@ -104,15 +100,12 @@ blas_int factor_lower(Mat a, blas_int cutoff) {
   return mkl_potrf_enabled() ? mkl_potrf_lower(a.data, a.rows, a.ld) : cholesky_lower(a.data, a.rows, a.ld, cutoff);
 }
 
-// Memory bound (57 ms at d = 6400 on one thread, session 15): split over the threads, rows dealt
-// round-robin in tiles (the upper triangle's rows shrink, so a contiguous split would not balance).
+// Memory bound (57 ms at d = 6400 on one thread, session 15): split over the threads in tiles
+// of rows dealt round-robin (the upper triangle's rows shrink).
 void zero_strict_upper(Mat a) {
-  constexpr int64_t tile = 64;
-  const int nt = a.rows < 256 ? 1 : worker_threads();
-  run_on_threads(nt, [&](int t) {
-    for (int64_t ib = t * tile; ib < a.rows; ib += nt * tile)
-      for (int64_t i = ib; i < std::min<int64_t>(ib + tile, a.rows - 1); ++i)
-        std::memset(a.data + i * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
+  parallel_row_tiles(a.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      std::memset(a.data + i * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
   });
 }
 

@@ -73,4 +73,15 @@ void parallel_triangle_rows(int64_t d, F f, int64_t min_d = 256) {
   run_on_threads(nt, [&](int k) { f(k, b[k], b[k + 1]); });
 }
 
+// Run f(r0, r1) over tiles of `tile` rows of [0, d), dealt round-robin to up to worker_threads()
+// threads (one below min_d): balances work that shrinks or grows along the rows (a triangle's
+// reads, a full row's writes) without knowing its shape.
+template <class F>
+void parallel_row_tiles(int64_t d, int64_t tile, F f, int64_t min_d = 256) {
+  const int nt = d < min_d ? 1 : worker_threads();
+  run_on_threads(nt, [&](int t) {
+    for (int64_t r0 = t * tile; r0 < d; r0 += nt * tile) f(r0, std::min(r0 + tile, d));
+  });
+}
+
 }  // namespace pmsolve
