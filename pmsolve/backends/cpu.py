@@ -72,15 +72,23 @@ def blas_threads() -> int:
 
 
 def _zero_pages_matrix(d: int) -> torch.Tensor:
-    """A d × d float64 tensor of zeros on fresh anonymous pages (an mmap the tensor keeps alive).
+    """A d × d float64 tensor of zeros on fresh private anonymous pages (an mmap the tensor keeps
+    alive), transparent huge pages asked for.
 
-    The factor's strict upper triangle is zeros the kernel then never writes: pages wholly inside
-    it are never touched, so they cost no page fault and no memory until someone writes there
-    (reads map the kernel's shared zero page). At d = 6400 that is ~45 % of the factor's 312 MiB.
+    Fresh pages are zeros already, so the kernel never writes the factor's upper triangle. Why
+    these pages (session 16, Zen 5 VM, d = 6400, bench/RESULTS.md): first-touching the matrix cost
+    237 ms on Python's default MAP_SHARED mapping (shmem: no huge pages), 133 ms on private 4 KiB
+    pages and 21 ms on private 2 MiB pages: the factorisation 656 → 549 ms. The price: every huge
+    page holds some of the lower triangle, so the whole d × d becomes resident (312 MiB at
+    d = 6400, as torch.linalg.cholesky's output; 4 KiB pages left ~45 % of it untouched).
+    ``factorize(overwrite_c=True)`` is the memory-lean path: no new matrix at all.
     """
     if d == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
-    return torch.frombuffer(mmap.mmap(-1, d * d * _F64), dtype=torch.float64).view(d, d)
+    buf = mmap.mmap(-1, d * d * _F64, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a no-op where THP is off
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.float64).view(d, d)
 
 
 class CpuBackend:
