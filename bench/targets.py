@@ -1,6 +1,6 @@
 """Issues #2 and #3's CPU targets, measured on this machine in one run (~10 min on 2 cores).
 
-    python bench/targets.py [--quick] [--json FILE]
+    python bench/targets.py [--quick] [--json FILE] [--openblas-env both|keep|unset]
 
 Prints one markdown table, target by target: what was measured, how, and met / missed, with
 the machine (CPU model, family, the AVX-512 / AMX features the kernels dispatch on) on top.
@@ -9,6 +9,12 @@ machine (an AMX Xeon, a Zen 3, a Zen 4): this is the table bench/RESULTS.md keep
 produced the same way each time. The measurements are the benches' own (bench/test_bench_solver.py,
 bench/test_bench_stats.py), with their inputs; ratios are medians of interleaved rounds, so
 they come from the same minutes. --quick skips the 4M-token error runs (~5 min of the 10).
+
+Where the environment sets OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE (shared/DESIGN.md §4: this
+workplace's AMD machines set OPENBLAS_CORETYPE=Haswell, AVX2 kernels), everything is measured
+twice: as set, and in a child process without them, where OpenBLAS picks its kernels itself
+(SkylakeX, AVX-512, on the Zen 5 of session 16: dgemm 116 -> 194-208 GFLOP/s). Each table names
+the kernel set that ran (OpenBLAS's "core=...").
 
 `solve` is timed twice at d = 6400: alone (a loop of its own calls) and interleaved with the
 MEMIT reference (each call right after a reference call). The two placements have differed by
@@ -27,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -39,6 +46,8 @@ from solve_standalone import median_time  # noqa: E402
 
 D = 6400
 SOLVE_NS = (1, 16, 256)
+# Read by OpenBLAS once, when it loads: they pick its kernels and blocking (shared/DESIGN.md §4).
+OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def machine() -> dict:
@@ -54,6 +63,8 @@ def machine() -> dict:
                     features=sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
     except OSError:
         pass
+    info["openblas"] = require_native().blas_config()  # names the kernel set ("core=...") that ran
+    info["openblas_env"] = {k: os.environ.get(k) for k in OPENBLAS_ENV}
     try:  # which code was measured: the commit, and whether the tree had changes
         here = os.path.dirname(os.path.abspath(__file__))
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True)
@@ -149,9 +160,11 @@ def _kernels(f: dict) -> str:
 
 def table(res: dict) -> str:
     m = res["machine"]
+    env = ", ".join(f"{k}={v}" for k, v in m.get("openblas_env", {}).items() if v is not None) or "none set"
     lines = [f"Machine: {m.get('model')} (family {m.get('family')} model {m.get('model_id')}; "
              f"{', '.join(m.get('features', []))}), torch {m['torch']}, {m['threads']} threads; "
-             f"commit {m.get('commit', 'unknown')}.", "",
+             f"commit {m.get('commit', 'unknown')}.",
+             f"OpenBLAS: {m.get('openblas')} (environment: {env}).", "",
              "| target (2 threads) | measured | verdict |", "|---|---|---|"]  # fmt: skip
     f = res["factorize"]
     lines.append(f"| #2 `factorize` ≥ 1.5× torch.linalg.cholesky, d = {f['d']} | {f['speedup_vs_torch']:.2f}× "
@@ -178,18 +191,43 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(quick: bool) -> dict:
+    require_native()
+    return {"machine": machine(), "factorize": factorize_targets(rounds=5), "solve": solve_targets(rounds=3),
+            "stats": stats_targets(quick)}  # fmt: skip
+
+
+def measure_without_openblas_env(quick: bool) -> dict:
+    """The same measurements in a child process whose environment lacks OPENBLAS_CORETYPE and
+    OPENBLAS_L2_SIZE, so that OpenBLAS picks its kernels itself (they are read when it loads)."""
+    env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_ENV}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "targets.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--openblas-env", "keep", "--json", out]
+        subprocess.run(cmd + (["--quick"] if quick else []), env=env, check=True, stdout=sys.stderr)  # its progress; its table comes back as JSON
+        with open(out) as fh:
+            return json.load(fh)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="skip the 4M-token error runs")
     p.add_argument("--json", default=None, help="also write the measurements here")
+    p.add_argument("--openblas-env", choices=("both", "keep", "unset"), default="both",
+                   help="with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE as the environment sets them (keep), without "
+                        "them (unset: OpenBLAS's own kernel choice, in a child process), or both (the default; "
+                        "one run when neither is set)")  # fmt: skip
     args = p.parse_args()
-    require_native()
-    res = {"machine": machine(), "factorize": factorize_targets(rounds=5), "solve": solve_targets(rounds=3),
-           "stats": stats_targets(args.quick)}  # fmt: skip
-    print(table(res), flush=True)
+    forced = any(os.environ.get(k) is not None for k in OPENBLAS_ENV)
+    runs = []
+    if args.openblas_env in ("both", "keep") or not forced:
+        runs.append(measure(args.quick))
+    if forced and args.openblas_env in ("both", "unset"):
+        runs.append(measure_without_openblas_env(args.quick))
+    print("\n\n".join(table(res) for res in runs), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+            json.dump(runs[0] if len(runs) == 1 else runs, fh, indent=1)
 
 
 if __name__ == "__main__":

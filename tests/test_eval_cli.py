@@ -4,6 +4,7 @@ outputs, malformed records, baseline cache, partial results after a crash and re
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -219,3 +220,27 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
         assert info["stats_bf16_kernel"] in ("amx", "avx512_bf16", "fp32")
         on = native().mkl_potrf()
         assert info["cpu_cholesky"].startswith("MKL dpotrf from " if on else "recursive on OpenBLAS")
+        assert info["openblas_env"]["OPENBLAS_CORETYPE"] == os.environ.get("OPENBLAS_CORETYPE")
+
+
+@pytest.mark.parametrize(
+    "forced, config, avx512, warned",
+    [
+        ("Haswell", "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell core=Haswell", True, True),  # AVX2 kernels, AVX-512 CPU
+        ("Haswell", "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell core=Haswell", False, False),  # the CPU has no more
+        ("SkylakeX", "OpenBLAS 0.3.34 DYNAMIC_ARCH SkylakeX core=SkylakeX", True, False),  # forced, but AVX-512
+        (None, "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell core=Haswell", True, False),  # OpenBLAS's own choice
+    ],
+)
+def test_info_warns_when_openblas_is_held_below_the_cpu(monkeypatch, forced, config, avx512, warned):
+    from pmsolve.commands import info
+
+    if forced is None:
+        monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_CORETYPE", forced)
+    monkeypatch.setattr(info, "_cpu_has_avx512", lambda: avx512)
+    note = info._openblas_core_note(config)
+    assert (note is not None) == warned
+    if warned:
+        assert f"OPENBLAS_CORETYPE={forced}" in note and "unset it" in note
