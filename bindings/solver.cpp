@@ -146,6 +146,16 @@ double cond_estimate(const py::array& L, double anorm) {
   return pmsolve::cond_estimate(l, anorm);
 }
 
+void spd_apply_inverse(const py::array& L, py::array& X) {
+  const pmsolve::LowerFactor l = lower_factor(L);
+  require(!l.col_major || l.n <= 1, "L must be C-contiguous (row-major) here");
+  const Mat x = f64_matrix(X, "X");
+  require(X.writeable(), "X must be writeable (it is overwritten)");
+  require(x.cols == l.n, "X must be k x d: one vector per row, d = L's size");
+  py::gil_scoped_release nogil;
+  pmsolve::spd_apply_inverse(l, x);
+}
+
 py::tuple pm_solve(const py::array& L, const py::array& K, const std::vector<double>& mus, double max_cond) {
   const pmsolve::LowerFactor l = lower_factor(L);
   const Mat k = f64_matrix(K, "K");
@@ -222,6 +232,9 @@ void register_solver(py::module_& m) {
         "order, or None), diag_min and diag_min_at.");
   m.def("cond_estimate", &cond_estimate, py::arg("L"), py::arg("anorm"),
         "1-norm condition estimate of L Lᵀ from its lower factor and ‖L Lᵀ‖₁ (LAPACK dpocon).");
+  m.def("spd_apply_inverse", &spd_apply_inverse, py::arg("L"), py::arg("X"),
+        "X := (L Lᵀ)⁻¹ X in place for the vectors in X's rows (k x d, float64, C-contiguous); L lower, "
+        "row-major float64. Memory-bandwidth-bound; one read of L per pass serves all k vectors.");
   m.def("pm_solve", &pm_solve, py::arg("L"), py::arg("K"), py::arg("mus"), py::arg("max_cond"),
         "(B, G, M, mu_index, cond): G = KᵀC⁻¹K, first μ with chol(G + μI) ok and cond ≤ max_cond, "
         "B = C⁻¹K(G + μI)⁻¹ (B and M are None when no μ is accepted). L, K: C-contiguous float64.");

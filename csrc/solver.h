@@ -96,6 +96,10 @@ int cholesky_jittered_inplace(Mat a, const double* shifts, int n_shifts, blas_in
 // Returns +inf when A is numerically singular (rcond = 0).
 double cond_estimate(LowerFactor L, double anorm);
 
+// X := (L Lᵀ)⁻¹ X for the vectors stored as the rows of X (k × n), L row-major: streamed at
+// memory bandwidth, several vectors per read of L (csrc/spd_apply.cpp).
+void spd_apply_inverse(LowerFactor L, Mat X);
+
 // Split point of the recursive kernels: half, rounded down to a multiple of 8 so that
 // sub-blocks start on 64-byte boundaries when the buffer does.
 inline blas_int half_split(blas_int n) { return std::max<blas_int>(1, (n / 2) & ~blas_int{7}); }

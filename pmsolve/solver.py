@@ -319,12 +319,11 @@ def _cond_extended(f: Factor) -> float:
     form the d × d matrix."""
     L, U = f.L, f.lowrank.U
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(1)
-        return (L @ (L.mT @ x) + U @ (U.mT @ x)).squeeze(1)
+    def apply(X: torch.Tensor) -> torch.Tensor:
+        return L @ (L.mT @ X) + U @ (U.mT @ X)
 
     anorm = hager_norm1(apply, f.d, L.dtype, L.device)
-    ainv = hager_norm1(lambda x: f.solve(x.unsqueeze(1)).squeeze(1), f.d, L.dtype, L.device)
+    ainv = hager_norm1(f.solve, f.d, L.dtype, L.device)
     return anorm * ainv if ainv > 0 else math.inf
 
 

@@ -752,6 +752,62 @@ def test_native_triangular_solve_matches_torch(d, n, cutoff, cond):
             assert rel(Z, want) <= cond_tol(math.sqrt(cond)), (transpose, factor.is_contiguous())
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("d,k,zeros", [(1, 1, 0), (5, 2, 0), (300, 1, 0), (300, 3, 100), (700, 4, 0),
+                                       (700, 6, 350), (1100, 2, 1099)])  # fmt: skip
+@pytest.mark.parametrize("cond", [1e2, 1e8])
+def test_native_spd_apply_inverse_matches_fp64_solve(d, k, zeros, cond):
+    """_C.spd_apply_inverse (X := (LLᵀ)⁻¹X for X's rows, streamed in panels of 256 rows, the
+    rectangles threaded, at most 4 vectors per pass) against an upcast solve with the same
+    factor: d spans one and several panels, k one, two passes (6 = 4 + 2); leading zeros (the
+    estimate's e_j) take the path that skips them. Two backward-stable solves with the same
+    factor differ by at most c·ε·κ(C)."""
+    mod = native_or_skip()
+    C = spd(d, cond=cond, seed=3)
+    L = torch.linalg.cholesky(C).contiguous()
+    g = torch.Generator().manual_seed(d + k)
+    X = torch.randn(k, d, generator=g, dtype=F64)
+    X[:, :zeros] = 0.0
+    want = torch.cholesky_solve(X.mT.to(torch.float64), L).mT
+    got = X.clone()
+    mod.spd_apply_inverse(L.numpy(), got.numpy())
+    assert rel(got, want) <= cond_tol(cond)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("d", [300, 1100])
+@pytest.mark.parametrize("cond", [1e2, 1e8])
+def test_cpu_cond_estimate_equals_the_torch_oracle(d, cond):
+    """The cpu backend runs DLACN2's iteration on _C.spd_apply_inverse, the torch backend on
+    torch's triangular solves: the same estimate up to the solves' rounding (c·ε·κ relative; a
+    different sign or argmax decision would change it by far more), for a row-major factor (the
+    kernel) and a column-major one (torch's solves)."""
+    native_or_skip()
+    from pmsolve.backends import get_backend
+    from pmsolve.backends.torch_backend import TorchBackend
+
+    C = spd(d, cond=cond, seed=11)
+    anorm = float(C.abs().sum(0).max())
+    L = torch.linalg.cholesky(C)
+    want = TorchBackend().cond_estimate(L, anorm)
+    cpu = get_backend("cpu", C.device)
+    for factor in (L.contiguous(), L):
+        assert cpu.cond_estimate(factor, anorm) == pytest.approx(want, rel=cond_tol(cond))
+    assert want <= float(torch.linalg.cond(C, 1)) * (1 + cond_tol(cond))
+
+
+@pytest.mark.native
+def test_native_spd_apply_inverse_rejects_bad_arguments():
+    mod = native_or_skip()
+    L = torch.linalg.cholesky(spd(8, cond=10.0, seed=1))
+    with pytest.raises(ValueError, match="row-major"):
+        mod.spd_apply_inverse(L.mT.contiguous().mT.numpy(), torch.ones(1, 8, dtype=F64).numpy())
+    with pytest.raises(ValueError, match="k x d"):
+        mod.spd_apply_inverse(L.contiguous().numpy(), torch.ones(8, 1, dtype=F64).numpy())
+    with pytest.raises(TypeError, match="float64"):
+        mod.spd_apply_inverse(L.contiguous().numpy(), torch.ones(1, 8, dtype=torch.float32).numpy())
+
+
 # ---------------------------------------------------------------------------
 # missing native module
 # ---------------------------------------------------------------------------

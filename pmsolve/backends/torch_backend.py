@@ -26,52 +26,57 @@ def hager_cond_1norm(L: torch.Tensor, anorm: float, max_iter: int = 5) -> float:
     take the same accept/reject decisions. A lower bound on the true condition
     number, usually within a factor of 3.
     """
-    n = L.shape[0]
-    if n == 0:
+    if L.shape[0] == 0:
         return 1.0
     if anorm == 0:
         return math.inf
 
-    def apply_inv(x: torch.Tensor) -> torch.Tensor:  # A⁻¹ x; A symmetric, so A⁻ᵀ = A⁻¹
+    def apply_inv(X: torch.Tensor) -> torch.Tensor:  # A⁻¹ X; A symmetric, so A⁻ᵀ = A⁻¹
         # Two triangular solves, not torch.cholesky_solve: on CPU that took 1.2–1.7 s per
         # vector at d = 6400 (it copies the factor each call), the two solves 0.02 s.
-        y = torch.linalg.solve_triangular(L, x.unsqueeze(1), upper=False)
-        return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(1)
+        return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, X, upper=False), upper=True)
 
-    return _reciprocal_cond(hager_norm1(apply_inv, n, L.dtype, L.device, max_iter), anorm)
+    return reciprocal_cond(hager_norm1(apply_inv, L.shape[0], L.dtype, L.device, max_iter), anorm)
 
 
 def hager_norm1(apply: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: torch.dtype, device: torch.device,
                 max_iter: int = 5) -> float:
-    """Estimate of ‖A‖₁ for a *symmetric* n × n operator given as x ↦ A x (DLACN2's iteration;
-    a lower bound, usually within a factor of 3). Applied to x ↦ A⁻¹x it gives DPOCON's ‖A⁻¹‖₁."""
+    """Estimate of ‖A‖₁ for a *symmetric* n × n operator given as X ↦ A X on n × k blocks (DLACN2's
+    iteration; a lower bound, usually within a factor of 3). Applied to X ↦ A⁻¹X it gives DPOCON's
+    ‖A⁻¹‖₁. DLACN2's last test vector rides along with its first (one block of two columns): where
+    applying A means reading a factor from memory, two columns cost little more than one."""
 
     def signs(x: torch.Tensor) -> torch.Tensor:  # Fortran SIGN(1, x): zero counts as positive
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
-    x = apply(torch.full((n,), 1.0 / n, dtype=dtype, device=device))
+    def apply1(x: torch.Tensor) -> torch.Tensor:
+        return apply(x.unsqueeze(1)).squeeze(1)
+
+    ones = torch.full((n,), 1.0 / n, dtype=dtype, device=device)
     if n == 1:
-        return float(x.abs().sum())
+        return float(apply1(ones).abs().sum())
+    # Higham's alternating-sign test vector guards against the method's bad cases.
+    i = torch.arange(n, dtype=dtype, device=device)
+    alt = (1 + i / (n - 1)) * torch.where(i % 2 == 0, 1.0, -1.0).to(dtype)
+    first = apply(torch.stack([ones, alt], dim=1))
+    x, alt_est = first[:, 0], 2.0 * float(first[:, 1].abs().sum()) / (3.0 * n)
     est = float(x.abs().sum())
     sgn = signs(x)
-    j = int(apply(sgn).abs().argmax())
+    j = int(apply1(sgn).abs().argmax())
     for it in range(2, max_iter + 1):
         e_j = torch.zeros(n, dtype=dtype, device=device)
         e_j[j] = 1.0
-        x = apply(e_j)
+        x = apply1(e_j)
         est_old, est = est, float(x.abs().sum())
         new_sgn = signs(x)
         if bool((new_sgn == sgn).all()) or est <= est_old:
             break  # repeated sign vector (converged) or no progress (cycling)
         sgn = new_sgn
-        z = apply(sgn)
+        z = apply1(sgn)
         j_last, j = j, int(z.abs().argmax())
         if float(z[j_last]) == float(z[j].abs()) or it == max_iter:
             break
-    # Higham's alternating-sign test vector guards against the method's bad cases.
-    i = torch.arange(n, dtype=dtype, device=device)
-    alt = (1 + i / (n - 1)) * torch.where(i % 2 == 0, 1.0, -1.0).to(dtype)
-    return max(est, 2.0 * float(apply(alt).abs().sum()) / (3.0 * n))
+    return max(est, alt_est)
 
 
 def apply_inv_sqrt_(Z: torch.Tensor, inv_sqrt: InvSqrt | None) -> torch.Tensor:
@@ -85,7 +90,7 @@ def apply_inv_sqrt_(Z: torch.Tensor, inv_sqrt: InvSqrt | None) -> torch.Tensor:
     return Z
 
 
-def _reciprocal_cond(ainv_norm: float, anorm: float) -> float:
+def reciprocal_cond(ainv_norm: float, anorm: float) -> float:
     """1 / DPOCON's rcond = (1/‖A⁻¹‖)/‖A‖, with its convention that rcond = 0 means inf."""
     if ainv_norm == 0:
         return math.inf
