@@ -313,6 +313,32 @@ def test_factorize_vs_libraries(benchmark, d):
     )
 
 
+@pytest.mark.parametrize("d", DIMS)
+def test_cond_estimate_vs_library_solves(benchmark, d):
+    """The cpu backend's condition estimate (DLACN2 on _C.spd_apply_inverse) against the same
+    iteration on torch's triangular solves (MKL's) and LAPACK's dpocon (OpenBLAS's), same factor.
+    Which is faster decides cpu.NATIVE_COND_SOLVES per machine; the estimates must agree."""
+    from pmsolve.backends import get_backend
+    from pmsolve.backends.torch_backend import hager_cond_1norm
+
+    C = problem(d)[0]
+    be = get_backend("cpu", C.device)
+    L = be.cholesky_jittered(C, [0.0]).L
+    anorm = float(be.symmetric_stats(C).norm1)
+    mod = native()
+    comp = Competitors({"torch_solves": lambda: hager_cond_1norm(L, anorm),
+                        "lapack_dpocon": lambda: mod.cond_estimate(L.numpy(), anorm)})  # fmt: skip
+    native_kernel = lambda: be._cond_native(L, anorm)  # noqa: E731
+    benchmark.group = f"cond-d{d}"
+    t = _run(benchmark, native_kernel, comp, 5)
+    med = comp.medians()
+    estimates = {"native": native_kernel(), "torch_solves": hager_cond_1norm(L, anorm),
+                 "lapack_dpocon": mod.cond_estimate(L.numpy(), anorm)}  # fmt: skip
+    benchmark.extra_info.update(d=d, t_native=t, **{f"t_{k}": v for k, v in med.items()},
+                                speedup_vs_torch_solves=med["torch_solves"] / t, estimates=estimates)  # fmt: skip
+    assert estimates["native"] == pytest.approx(estimates["torch_solves"], rel=1e-6)
+
+
 @pytest.mark.skipif(4096 not in DIMS, reason="tuning sweep at d = 4096: full runs only")
 def test_cholesky_cutoff_sweep(benchmark):
     """Recursion cutoff of the native Cholesky at d = 4096 (the default is _C.CHOLESKY_CUTOFF)."""

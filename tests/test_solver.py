@@ -777,13 +777,16 @@ def test_native_spd_apply_inverse_matches_fp64_solve(d, k, zeros, cond):
 @pytest.mark.native
 @pytest.mark.parametrize("d", [300, 1100])
 @pytest.mark.parametrize("cond", [1e2, 1e8])
-def test_cpu_cond_estimate_equals_the_torch_oracle(d, cond):
-    """The cpu backend runs DLACN2's iteration on _C.spd_apply_inverse, the torch backend on
-    torch's triangular solves: the same estimate up to the solves' rounding (c·ε·κ relative; a
-    different sign or argmax decision would change it by far more), for a row-major factor (the
-    kernel) and a column-major one (torch's solves)."""
+def test_cpu_cond_estimate_equals_the_torch_oracle(d, cond, monkeypatch):
+    """The cpu backend runs DLACN2's iteration on _C.spd_apply_inverse (switched on here whatever
+    the CPU), the torch backend on torch's triangular solves: the same estimate up to the solves'
+    rounding (c·ε·κ relative; a different sign or argmax decision would change it by far more),
+    for a row-major factor (the kernel) and a column-major one (torch's solves)."""
     native_or_skip()
+    from pmsolve.backends import cpu as cpu_backend
     from pmsolve.backends import get_backend
+
+    monkeypatch.setattr(cpu_backend, "NATIVE_COND_SOLVES", True)
     from pmsolve.backends.torch_backend import TorchBackend
 
     C = spd(d, cond=cond, seed=11)

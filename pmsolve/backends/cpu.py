@@ -61,6 +61,12 @@ def _want_mkl_potrf() -> bool:
 NATIVE_TRSM_MIN_N = sys.maxsize if _torch_solves_are_mkl_on_intel() else 4
 
 
+# Whether the condition estimate's solves run natively (_C.spd_apply_inverse) or through torch:
+# natively except on Intel CPUs, where MKL's vector solves ran at 4.1-4.6 ms per d = 6400 triangle
+# (session 15) and the native kernel is not yet measured (bench: test_cond_estimate_vs_library_solves).
+NATIVE_COND_SOLVES = not _torch_solves_are_mkl_on_intel()
+
+
 def blas_threads() -> int:
     """Threads OpenBLAS should use now: PMSOLVE_NUM_THREADS, else torch's intra-op count."""
     env = os.environ.get("PMSOLVE_NUM_THREADS")
@@ -152,14 +158,18 @@ class CpuBackend:
         return CholeskyResult(C if k >= 0 else None, k, C.shape[0] * _F64)
 
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
-        """DPOCON's estimate (DLACN2's iteration, hager_norm1), its solves by ``_C.spd_apply_inverse``:
-        both triangular solves streamed at memory bandwidth, two vectors per read of the factor.
-        d = 6400 (Zen 5, session 16): one vector 10.6 ms against 15.7 ms for torch's (MKL's) two
-        solves, two vectors 12.4 ms; the estimate ~65 → ~40 ms. ``_C.cond_estimate`` keeps
-        LAPACK's dpocon (85 ms here). A column-major factor takes torch's solves."""
+        """DPOCON's estimate (DLACN2's iteration, hager_norm1). Its solves: ``_C.spd_apply_inverse``
+        where NATIVE_COND_SOLVES (both triangular solves streamed at memory bandwidth, two vectors
+        per read of the factor; d = 6400 on Zen 5, session 16: one vector 10.6 ms against 15.7 ms
+        for torch's two solves, two vectors 12.4 ms, the estimate 57-89 → 43-60 ms), else torch's
+        (MKL's; 4.1-4.6 ms per solve on the Intel Xeon of session 15). A column-major factor takes
+        torch's. ``_C.cond_estimate`` keeps LAPACK's dpocon (85 ms on that Zen 5)."""
         L = L.detach().to(device="cpu", dtype=torch.float64)
-        if not L.is_contiguous() or anorm == 0 or L.shape[0] == 0:
+        if not NATIVE_COND_SOLVES or not L.is_contiguous() or anorm == 0 or L.shape[0] == 0:
             return hager_cond_1norm(L, float(anorm))
+        return self._cond_native(L, float(anorm))
+
+    def _cond_native(self, L: torch.Tensor, anorm: float) -> float:
         self._sync_threads()
         Ln = L.numpy()
 
@@ -168,7 +178,7 @@ class CpuBackend:
             self._C.spd_apply_inverse(Ln, rows.numpy())
             return rows.mT
 
-        return reciprocal_cond(hager_norm1(apply_inv, L.shape[0], L.dtype, L.device), float(anorm))
+        return reciprocal_cond(hager_norm1(apply_inv, L.shape[0], L.dtype, L.device), anorm)
 
     def pm_solve(self, L: torch.Tensor, K: torch.Tensor, mus: Sequence[float], max_cond: float,
                  inv_sqrt: InvSqrt | None = None) -> PMSolution:
