@@ -12,6 +12,7 @@
 #include "accumulate.h"
 #include "amx_gram.h"
 #include "dpbf16_gram.h"
+#include "f32_gram.h"
 #include "switch.h"
 
 namespace py = pybind11;
@@ -155,6 +156,11 @@ void register_stats(py::module_& m) {
       m, "dpbf16_bf16", &pmsolve::dpbf16_enabled, &pmsolve::set_dpbf16_enabled,
       "whether bf16 chunks may take the AVX512-BF16 Gram kernel when AMX is off or absent (switch it with "
       "enable; PMSOLVE_DPBF16=0 starts it off)");
+  m.def("f32_gram_available", &pmsolve::f32_gram_available, "the CPU has AVX512-F");
+  pmsolve_bindings::def_switch(
+      m, "f32_gram", &pmsolve::f32_gram_enabled, &pmsolve::set_f32_gram_enabled,
+      "whether fp32 chunks take the AVX-512 Gram kernel instead of OpenBLAS's ssyrk (switch it with enable; "
+      "by default on only where OpenBLAS's selected kernels lack AVX-512; PMSOLVE_F32_GRAM=0/1 decides)");
   m.def(
       "bf16_gram_kernel",
       [] {

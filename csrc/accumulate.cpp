@@ -11,6 +11,7 @@
 #include "amx_gram.h"
 #include "blas.h"
 #include "dpbf16_gram.h"
+#include "f32_gram.h"
 #include "parallel.h"
 
 namespace pmsolve {
@@ -140,10 +141,11 @@ void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
   // NaN/Inf in column i makes the diagonal entry Σₜ xₜᵢ² NaN/Inf (its terms are ≥ 0, nothing
   // cancels), and the check happens before the fold. That saves a pass over the rows: 4-7 ms
   // of ~70 for 4096 × 1536 fp32 rows on the session-9 machine (bench/RESULTS.md). Everything
-  // else (several chunks, fp64 or centred products, the bf16 kernels, which add into the
-  // master directly) is checked up front, so a rejected update leaves the state untouched.
+  // else (several chunks, fp64 or centred products, the bf16 and AVX-512 fp32 kernels, which
+  // add into the master directly) is checked up front, so a rejected update leaves the state untouched.
   const bool bf16_kernel = fmt == RowFormat::bf16 && bf16_gram_kernel() != Bf16Gram::fp32;
-  const bool check_after = rows <= chunk_ && !fp64_ && !centered_ && !bf16_kernel;
+  const bool f32_kernel = fmt == RowFormat::f32 && f32_gram_enabled();
+  const bool check_after = rows <= chunk_ && !fp64_ && !centered_ && !bf16_kernel && !f32_kernel;
   if (!check_after) {
     const size_t n = static_cast<size_t>(rows) * d_;
     const uint32_t top = max_magnitude_bits(data, n, fmt);
@@ -273,6 +275,11 @@ void CovAccumulator::process_chunk(const void* data, int64_t rows, RowFormat fmt
   }
   // fp32 rows for fp32 products, uncentred: the caller's buffer as it is, no copy.
   const bool direct = fmt == RowFormat::f32 && !fp64_ && !centered_;
+  if (direct && f32_gram_enabled()) {  // checked up front (update): the kernel adds into the master
+    f32_gram_add(static_cast<const float*>(data), rows, d_, mat_.data(), product_threads(d_, rows), scratch_.packed);
+    count_ += rows;
+    return;
+  }
   const blas_int n = static_cast<blas_int>(d_), k = static_cast<blas_int>(rows);
   if (!direct) load_rows_f32(data, rows, fmt);
   std::vector<double> chunk_mean;

@@ -46,3 +46,25 @@ def cholesky_kernel(request):
     assert mod.mkl_potrf(request.param == "mkl") == (request.param == "mkl")
     yield request.param
     mod.mkl_potrf(before)
+
+
+@pytest.fixture(params=["ssyrk", "avx512"])
+def f32_path(request):
+    """Native fp32 statistics run OpenBLAS's ssyrk or the AVX-512 Gram kernel (csrc/f32_gram.h;
+    the default only where OpenBLAS's kernels lack AVX-512). Tests taking this fixture run with
+    each; "avx512" skips on CPUs without AVX512-F and with the torch backend."""
+    from pmsolve._native import native
+
+    callspec = getattr(request.node, "callspec", None)
+    mod = native()
+    if callspec is not None and callspec.params.get("backend") == "torch" or mod is None:
+        if request.param == "avx512":
+            pytest.skip("only the native accumulator has the AVX-512 kernel")
+        yield request.param
+        return
+    if request.param == "avx512" and not mod.f32_gram_available():
+        pytest.skip("the CPU lacks AVX512-F")
+    before = mod.f32_gram()
+    assert mod.f32_gram(request.param == "avx512") == (request.param == "avx512")
+    yield request.param
+    mod.f32_gram(before)

@@ -38,7 +38,7 @@ def truth(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("products,tol", [("fp32", 3e-7), ("fp64", 1e-13)])
-def test_sum_matches_fp64_truth(backend, products, tol):
+def test_sum_matches_fp64_truth(backend, products, tol, f32_path):
     x = mlp_like(5000, 96)
     acc = CA(96, dtype_products=products, backend=backend, chunk_rows=700)  # chunks with a remainder
     for part in torch.split(x, 1234):
@@ -52,7 +52,7 @@ def test_sum_matches_fp64_truth(backend, products, tol):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_error_does_not_grow_with_tokens(backend):
+def test_fp32_error_does_not_grow_with_tokens(backend, f32_path):
     # The reference accumulates into an fp32 matrix: its error grows with the number of batches.
     d, batch = 48, 64
     x = mlp_like(256 * batch, d, seed=1)
@@ -91,20 +91,22 @@ def test_half_inputs_convert_exactly(dtype):
     if dtype == torch.float16:
         x[0, :5] = torch.tensor([6e-8, 1e-6, -3e-5, 65504.0, -0.0], dtype=dtype)  # subnormals, max, signed zero
     a, b = CA(33, backend="native"), CA(33, backend="native")
-    # The conversion is under test: bf16 must take the same ssyrk as fp32, not a bf16 kernel
-    # (their summation order differs; tests/test_bf16_gram.py bounds those).
+    # The conversion is under test: bf16 must take the same ssyrk as fp32, not a bf16 kernel, and
+    # fp32 not the AVX-512 one (their summation orders differ; tests/test_bf16_gram.py and
+    # tests/test_f32_gram.py bound those).
     from pmsolve._native import native
 
-    switches = [getattr(native(), name) for name in ("amx_bf16", "dpbf16_bf16") if hasattr(native(), name)]
+    names = ("amx_bf16", "dpbf16_bf16", "f32_gram")
+    switches = [getattr(native(), name) for name in names if hasattr(native(), name)]
     before = [switch() for switch in switches]
     for switch in switches:
         switch(False)
     try:
         a.update(x)
+        b.update(x.float())
     finally:
         for switch, on in zip(switches, before):
             switch(on)
-    b.update(x.float())
     assert torch.equal(a.sum(), b.sum())
 
 
@@ -161,7 +163,7 @@ def test_bad_updates(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rejected_updates_add_nothing_whatever_the_path(backend):
+def test_rejected_updates_add_nothing_whatever_the_path(backend, f32_path):
     """A NaN/Inf anywhere in a batch, in its first or its last chunk, with fp32, fp64 or centred
     products, and fp32 squares that overflow: an error naming the problem, the state unchanged.
     (The native fp32 path checks a one-chunk batch on its product's diagonal, the others up front.)"""

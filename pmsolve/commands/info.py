@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         # Which kernel multiplies bf16 activations in the statistics: "amx" (csrc/amx_gram.cpp),
         # "avx512_bf16" (csrc/dpbf16_gram.cpp) or "fp32" (widened, ssyrk); None without the native core.
         "stats_bf16_kernel": mod.bf16_gram_kernel() if mod and hasattr(mod, "bf16_gram_kernel") else None,
+        # ... and fp32 activations: OpenBLAS's "ssyrk", or "avx512" (csrc/f32_gram.cpp), which runs where
+        # OpenBLAS's own kernels lack AVX-512 (PMSOLVE_F32_GRAM=0/1 decides).
+        "stats_f32_kernel": ("avx512" if mod.f32_gram() else "ssyrk") if mod and hasattr(mod, "f32_gram") else None,
         # Where the native kernels' own parallel work runs: torch's OpenMP pool when the process has
         # one OpenMP runtime (csrc/parallel.h), else threads of their own.
         "native_threads": _native_threads(mod),
