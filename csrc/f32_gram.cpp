@@ -3,28 +3,23 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "blas.h"
-#include "parallel.h"
+#include "gram_tiles.h"
 
 namespace pmsolve {
 namespace {
 
-// Packed layout: features in panels of 16, token t of panel q at packed[(q·nt + t)·16 + c] =
-// x[t][16q + c]. One copy serves both operands: a panel row is a 16-lane B vector, any single
-// float of it an A value to broadcast. The tiling follows dpbf16_gram.cpp.
-constexpr int64_t kPanel = 16;
-constexpr int64_t kRowsPerTile = 8;  // micro-tile: 8 features × up to 3 panels (24 zmm accumulators)
-constexpr int kMaxPanels = 3;
-constexpr int64_t kTileCols = kMaxPanels * kPanel;
-constexpr int64_t kInner = 64;   // tokens summed in registers before the tile
-constexpr int64_t kFold = 512;   // tokens summed in the tile before the fp64 master
-constexpr int64_t kStrip = 128;  // rows of the triangle a thread owns at a time (A slice in L2)
+using namespace gram_tiles;
+
+// Steps are single tokens (gram_tiles.h): token t of panel q at packed[(q·nt + t)·16 + c] =
+// x[t][16q + c]; a panel row is a 16-lane B vector, any single float of it an A value.
+constexpr int64_t kInner = 64;  // tokens summed in registers before the tile
+constexpr int64_t kFold = 512;  // tokens summed in the tile before the fp64 master
 
 #define PMSOLVE_F32_GRAM_TARGET "avx512f"
 
@@ -55,8 +50,7 @@ __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void micro_tile(const float* a,
   }
 }
 
-using MicroTile = void (*)(const float*, const float*, int64_t, int64_t, float*);
-constexpr MicroTile kMicroTiles[kMaxPanels + 1] = {nullptr, micro_tile<1>, micro_tile<2>, micro_tile<3>};
+constexpr MicroTile<float> kMicroTiles[kMaxPanels + 1] = {nullptr, micro_tile<1>, micro_tile<2>, micro_tile<3>};
 
 // Tokens [t0, t1) of the chunk into the panel layout; features past d are zeros.
 __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void pack(const float* x, int64_t d, int64_t nt, int64_t t0,
@@ -68,38 +62,6 @@ __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void pack(const float* x, int64
     for (int64_t q = full; q < nq; ++q) {  // the ragged last panel
       float* dst = packed + (q * nt + t) * kPanel;
       for (int64_t c = 0; c < kPanel; ++c) dst[c] = q * kPanel + c < d ? row[q * kPanel + c] : 0.0f;
-    }
-  }
-}
-
-// master[i][j] += tile for the rows i0.. and columns j0.. the tile covers, j ≤ i, i, j < d.
-__attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void fold(const float* tile, int64_t i0, int64_t j0, int64_t cols,
-                                                        int64_t d, double* master) {
-  for (int64_t r = 0; r < kRowsPerTile && i0 + r < d; ++r) {
-    const int64_t i = i0 + r, j_end = std::min({j0 + cols, i + 1, d});
-    const float* t = tile + r * kTileCols - j0;
-    double* m = master + i * d;
-    for (int64_t j = j0; j < j_end; ++j) m[j] += static_cast<double>(t[j]);
-  }
-}
-
-// Rows [s0, s1) of the lower triangle, all tokens of the chunk.
-void strip_product(const float* packed, int64_t nt, int64_t d, int64_t s0, int64_t s1, double* master) {
-  alignas(64) float tile[kRowsPerTile * kTileCols];
-  const int64_t panel_stride = nt * kPanel;
-  for (int64_t t0 = 0; t0 < nt; t0 += kFold) {
-    const int64_t tokens = std::min(kFold, nt - t0);
-    for (int64_t j0 = 0; j0 < s1; j0 += kTileCols) {
-      for (int64_t i0 = std::max(s0, j0 / kRowsPerTile * kRowsPerTile); i0 < s1; i0 += kRowsPerTile) {
-        // Panels this tile needs: up to the last column on or below its last row's diagonal.
-        const int64_t last = std::min({i0 + kRowsPerTile, j0 + kTileCols, d}) - 1;
-        if (last < j0) continue;
-        const int np_used = static_cast<int>((last - j0) / kPanel + 1);
-        const float* a = packed + ((i0 / kPanel) * nt + t0) * kPanel + i0 % kPanel;
-        const float* b = packed + ((j0 / kPanel) * nt + t0) * kPanel;
-        kMicroTiles[np_used](a, b, panel_stride, tokens, tile);
-        fold(tile, i0, j0, np_used * kPanel, d, master);
-      }
     }
   }
 }
@@ -135,23 +97,9 @@ void set_f32_gram_enabled(bool on) { g_mode = on ? 1 : 0; }
 void f32_gram_add(const float* x, int64_t rows, int64_t d, double* master, int threads,
                   std::vector<uint16_t>& scratch) {
   if (rows <= 0) return;
-  const int64_t nq = (d + kPanel - 1) / kPanel;
-  scratch.resize(static_cast<size_t>(2 * nq * rows * kPanel + 32));
-  const uintptr_t base = reinterpret_cast<uintptr_t>(scratch.data());
-  float* packed = reinterpret_cast<float*>((base + 63) & ~uintptr_t{63});  // cache-line aligned panels
-  const int npk = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 128)));
-  run_on_threads(npk, [&](int t) { pack(x, d, rows, rows * t / npk, rows * (t + 1) / npk, packed); });
-
-  const int64_t strips = (d + kStrip - 1) / kStrip;
-  std::atomic<int64_t> next{0};
-  const int nw = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, strips)));
-  run_on_threads(nw, [&](int) {
-    // Longest strips (the bottom of the triangle) first, so that threads finish together.
-    for (int64_t k; (k = next.fetch_add(1)) < strips;) {
-      const int64_t s = strips - 1 - k;
-      strip_product(packed, rows, d, s * kStrip, std::min(d, (s + 1) * kStrip), master);
-    }
-  });
+  gram_add<float>(
+      rows, d, master, threads, scratch,
+      [&](int64_t t0, int64_t t1, float* packed) { pack(x, d, rows, t0, t1, packed); }, kMicroTiles, kFold, 128);
 }
 
 }  // namespace pmsolve
