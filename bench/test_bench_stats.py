@@ -4,7 +4,8 @@
     pytest bench/test_bench_stats.py            # the same pieces as pytest-benchmark tests
 
 1. Throughput, per 4096-token batch: the native accumulator (ssyrk of one triangle
-   into fp32 scratch, folded into an fp64 master) against the reference formula
+   into fp32 scratch, folded into an fp64 master, or the AVX-512 Gram kernel where
+   OpenBLAS's kernels lack AVX-512; the table names which) against the reference formula
    `mom2 += a.T @ a` in fp32 with torch, d ∈ {1536, 6400}. Timings alternate the two
    and report medians (the machine is shared: noisy).
 2. Relative Frobenius error against an fp64 ground truth after ≥ 4M tokens (d = 1536):
@@ -85,9 +86,12 @@ def throughput(d: int, rounds: int = 5, dtype: torch.dtype = torch.float32) -> d
 
 
 def _kernel(dtype: torch.dtype) -> str:
-    """The product kernel the native accumulator uses for this input: "ssyrk" for fp32, and for
-    bf16 "amx", "avx512_bf16" or "fp32" (widened, ssyrk)."""
-    return native().bf16_gram_kernel() if dtype == torch.bfloat16 else "ssyrk"
+    """The product kernel the native accumulator uses for this input: for fp32 "ssyrk" or "avx512"
+    (csrc/f32_gram.h, where OpenBLAS's kernels lack AVX-512), for bf16 "amx", "avx512_bf16" or
+    "fp32" (widened, then as fp32)."""
+    if dtype == torch.bfloat16:
+        return native().bf16_gram_kernel()
+    return "avx512" if getattr(native(), "f32_gram", lambda: False)() else "ssyrk"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
