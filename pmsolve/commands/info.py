@@ -66,11 +66,10 @@ _AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 
 def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("flags") and " avx512f" in line for line in fh)
-    except OSError:
-        return False
+    import torch
+
+    probe = getattr(torch.cpu, "_is_avx512_supported", None)  # torch's own CPU feature probe
+    return bool(probe is not None and probe())
 
 
 def _openblas_core_note(config: str | None) -> str | None:
