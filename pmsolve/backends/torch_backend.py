@@ -22,9 +22,9 @@ def hager_cond_1norm(L: torch.Tensor, anorm: float, max_iter: int = 5) -> float:
     """1-norm condition estimate of A = L Lᵀ from its factor and ‖A‖₁, exactly as LAPACK's DPOCON.
 
     The iteration is LAPACK's DLACN2 (Hager's method with Higham's refinements),
-    step for step, so that this oracle and the native backend (which calls DPOCON)
-    take the same accept/reject decisions. A lower bound on the true condition
-    number, usually within a factor of 3.
+    step for step (hager_norm1), so that this oracle, the cpu backend (the same
+    iteration on native solves) and LAPACK's DPOCON take the same accept/reject
+    decisions. A lower bound on the true condition number, usually within a factor of 3.
     """
     if L.shape[0] == 0:
         return 1.0
