@@ -16,6 +16,9 @@ using blas_int = int32_t;
 std::string blas_config();
 void blas_set_num_threads(int n);
 int blas_get_num_threads();
+// Whether OpenBLAS runs its AVX-512 kernels (the core it selected, or OPENBLAS_CORETYPE forced):
+// the kernels in f32_gram.h and f64_gemm.h run only where it does not.
+bool openblas_core_has_avx512();
 }  // namespace pmsolve
 
 extern "C" {

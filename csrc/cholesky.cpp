@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "f64_gemm.h"
 #include "loaded_mkl.h"
 #include "parallel.h"
 #include "solver.h"
@@ -109,13 +110,72 @@ void zero_strict_upper(Mat a) {
   });
 }
 
+// OpenBLAS on the calling thread only, for a scope. Its pthreads workers spin for a while
+// after each threaded call and then held a core that our threads needed: a 3000 × 256 × 256
+// update took 31 ms right after a threaded OpenBLAS call against 2 ms without one.
+class SerialBlas {
+ public:
+  SerialBlas() : saved_(blas_get_num_threads()) { blas_set_num_threads(1); }
+  ~SerialBlas() { blas_set_num_threads(saved_); }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int saved_;
+};
+
+// X := X·L⁻ᵀ for X rows × n and L n × n lower, both row-major with leading dimension ld (the
+// Cholesky's L21 = A21·L11⁻ᵀ). Recursive halving turns all but the leaves' flops into
+// f64_gemm_nt_sub; leaves are OpenBLAS's dtrsm, serial, on row slices in parallel.
+void trsm_right_lower_trans(const double* L, int64_t n, double* X, int64_t rows, int64_t ld, int threads) {
+  if (n <= kOwnTrsmLeaf) {
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64)));
+    run_on_threads(nt, [&](int t) {
+      const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
+      if (r1 > r0)
+        scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, static_cast<blas_int>(r1 - r0),
+                          static_cast<blas_int>(n), 1.0, L, static_cast<blas_int>(ld), X + r0 * ld,
+                          static_cast<blas_int>(ld));
+    });
+    return;
+  }
+  // [X1 X2]·[L11 0; L21 L22]ᵀ = [X1·L11ᵀ, X1·L21ᵀ + X2·L22ᵀ]
+  const int64_t n1 = half_split(static_cast<blas_int>(n)), n2 = n - n1;
+  trsm_right_lower_trans(L, n1, X, rows, ld, threads);
+  f64_gemm_nt_sub(rows, n2, n1, X, ld, L + n1 * ld, ld, X + n1, ld, /*lower_only=*/false, threads);
+  trsm_right_lower_trans(L + n1 * ld + n1, n2, X + n1, rows, ld, threads);
+}
+
+// The recursion of cholesky_lower with all level-3 work in f64_gemm_nt_sub on our threads
+// (see f64_gemm.h for when); leaves are OpenBLAS's dpotrf, serial.
+blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, int threads) {
+  if (n <= kOwnCholeskyLeaf) return lapack_potrf_lower(a, n, lda);
+  const blas_int n1 = half_split(n), n2 = n - n1;
+  if (blas_int info = cholesky_lower_own(a, n1, lda, threads)) return info;
+  double* a21 = a + static_cast<int64_t>(n1) * lda;
+  double* a22 = a21 + n1;
+  trsm_right_lower_trans(a, n1, a21, n2, lda, threads);
+  f64_gemm_nt_sub(n2, n2, n1, a21, lda, a21, lda, a22, lda, /*lower_only=*/true, threads);
+  const blas_int info = cholesky_lower_own(a22, n2, lda, threads);
+  return info ? info + n1 : 0;
+}
+
 }  // namespace
 
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
+  if (n > std::max<blas_int>(cutoff, 1) && f64_gemm_enabled()) {
+    const int threads = worker_threads();
+    SerialBlas serial;
+    return cholesky_lower_own(a, n, lda, threads);
+  }
+  return cholesky_lower_blas(a, n, lda, cutoff);
+}
+
+blas_int cholesky_lower_blas(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   if (n <= std::max<blas_int>(cutoff, 1)) return lapack_potrf_lower(a, n, lda);
   const blas_int n1 = half_split(n), n2 = n - n1;
   // [A11 .; A21 A22]: L11 = chol(A11), L21 = A21 L11⁻ᵀ, L22 = chol(A22 - L21 L21ᵀ).
-  if (blas_int info = cholesky_lower(a, n1, lda, cutoff)) return info;
+  if (blas_int info = cholesky_lower_blas(a, n1, lda, cutoff)) return info;
   double* a21 = a + static_cast<int64_t>(n1) * lda;
   double* a22 = a21 + n1;
   scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, n2, n1, 1.0, a, lda, a21,
@@ -125,7 +185,7 @@ blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   // on two threads here (bench/cholesky_variants.cpp; bench/RESULTS.md, "Tuning").
   scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasTrans, n2, n1, -1.0, a21, lda, a21, lda, 1.0, a22,
                      lda);
-  const blas_int info = cholesky_lower(a22, n2, lda, cutoff);
+  const blas_int info = cholesky_lower_blas(a22, n2, lda, cutoff);
   return info ? info + n1 : 0;
 }
 

@@ -3,10 +3,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "blas.h"
 #include "gram_tiles.h"
@@ -64,12 +62,6 @@ __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void pack(const float* x, int64
       for (int64_t c = 0; c < kPanel; ++c) dst[c] = q * kPanel + c < d ? row[q * kPanel + c] : 0.0f;
     }
   }
-}
-
-bool openblas_core_has_avx512() {
-  std::string core = scipy_openblas_get_corename();
-  for (char& ch : core) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  return core == "skylakex" || core == "cooperlake" || core == "sapphirerapids";
 }
 
 int g_mode = [] {  // 1 on, 0 off, -1 automatic

@@ -22,6 +22,10 @@ namespace pmsolve {
 // load the small cutoff had looked better (the "Tuning" table), but that load was
 // other engineers' jobs, not the users' situation.
 constexpr blas_int kCholeskyCutoff = 1024;
+// Leaves of the recursion on f64_gemm.h's kernel: serial OpenBLAS dpotrf below this size, and
+// its dtrsm (on row slices in parallel) below kOwnTrsmLeaf columns.
+constexpr blas_int kOwnCholeskyLeaf = 256;
+constexpr int64_t kOwnTrsmLeaf = 256;
 
 enum class DType { f32, f64 };
 
@@ -56,7 +60,10 @@ struct LowerFactor {
 // A = L Lᵀ in place on the lower triangle of the n × n row-major `a`
 // (the strict upper triangle is neither read nor written).
 // Returns 0, or the 1-based index of the first non-positive pivot (LAPACK's info).
+// Above `cutoff`, where f64_gemm_enabled(), the recursion runs on the AVX-512 kernel of
+// f64_gemm.h down to kOwnCholeskyLeaf (cholesky_lower_blas: always on OpenBLAS's kernels).
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
+blas_int cholesky_lower_blas(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
 
 // What factorize checks in C before trusting it, from one pass over both triangles.
 // Non-finite entries make amax/norm1/asym meaningless; bad_i/bad_j locate the first
