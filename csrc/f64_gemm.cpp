@@ -16,14 +16,17 @@ namespace {
 
 // Goto's blocking with the roles named for row-major C: a micro-tile is kRows rows of C
 // (A's values, broadcast) by kCols columns (B's, three zmm of 8 doubles), 24 accumulators.
-// Per step of k: 3 vector loads + 8 broadcasts for 24 FMAs. B's packed block (all columns,
-// kDepth steps) sits in L2/L3 and its micro-panel (kDepth × 24) in L1 while the A micro-panels
-// of a row block (kRowBlock × kDepth, packed per thread, in L2) stream past it.
+// Per step of k: 3 vector loads + 8 broadcasts for 24 FMAs. B's packed block (up to kColBlock
+// columns, kDepth steps) sits in L3/L2; a thread packs a row block of A (kRowBlock × kDepth, in
+// L2) and runs it past every B micro-panel. Depth and row block were tuned on the Cholesky at
+// d = 1536, 4096, 6400 on the session-17 Zen 5 (bench/RESULTS.md): deep steps (448-1024 alike)
+// beat 192-256 by 5-15 %: they cut the passes over C, whose rows lie far apart (ld = d), more
+// than they cost in L1 misses on B.
 constexpr int64_t kRows = 8;
 constexpr int64_t kCols = 24;
-constexpr int64_t kDepth = 192;     // 36 KiB B micro-panel: fits Zen 5's and Skylake's 48/32 KiB L1 with A's stream
-constexpr int64_t kRowBlock = 96;   // 144 KiB of packed A per thread
-constexpr int64_t kColBlock = 4800; // 7 MiB of packed B at most
+constexpr int64_t kDepth = 512;      // a B micro-panel: 96 KiB (L2)
+constexpr int64_t kRowBlock = 96;    // 384 KiB of packed A per thread (L2)
+constexpr int64_t kColBlock = 3072;  // 12 MiB of packed B at most
 
 #define PMSOLVE_F64_GEMM_TARGET "avx512f"
 
@@ -31,6 +34,13 @@ constexpr int64_t kColBlock = 4800; // 7 MiB of packed B at most
 __attribute__((target(PMSOLVE_F64_GEMM_TARGET))) void micro_tile(int64_t depth, const double* __restrict a,
                                                               const double* __restrict b, double* c, int64_t ldc,
                                                               double* tmp) {
+  if (c != nullptr)  // the tile's lines of C, read at the end: −6 to −9 % time at d = 6400
+    for (int r = 0; r < kRows; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 8), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 23), _MM_HINT_T0);
+    }
   __m512d acc[kRows][3];
   for (int r = 0; r < kRows; ++r)
     for (int q = 0; q < 3; ++q) acc[r][q] = _mm512_setzero_pd();
