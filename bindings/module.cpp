@@ -20,6 +20,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pmsolve native core (C++17 on OpenBLAS)";
   m.attr("__version__") = PMSOLVE_VERSION_INFO;
   m.def("blas_config", &pmsolve::blas_config, "OpenBLAS build configuration and the core it selected");
+  {
+    py::list cores;
+    for (const char* name : pmsolve::kOpenblasAvx512Cores) cores.append(name);
+    m.attr("OPENBLAS_AVX512_CORES") = py::tuple(cores);  // lower case, as openblas_core_has_avx512 compares
+  }
+  m.def("openblas_core_has_avx512", &pmsolve::openblas_core_has_avx512,
+        "whether OpenBLAS runs AVX-512 kernels (the pmsolve AVX-512 kernels default to on where it does not)");
   m.def("blas_set_num_threads", &pmsolve::blas_set_num_threads, py::arg("n"));
   m.def("blas_get_num_threads", &pmsolve::blas_get_num_threads);
   pmsolve_bindings::def_switch(

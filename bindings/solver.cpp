@@ -16,7 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "f64_gemm.h"
+#include "parallel.h"
 #include "solver.h"
+#include "switch.h"
 
 namespace py = pybind11;
 using pmsolve::blas_int;
@@ -201,9 +204,47 @@ py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_c
   return py::make_tuple(G, M, res.mu_index, res.cond);
 }
 
+// C −= A·Bᵀ (only C's lower triangle with lower_only) on the AVX-512 kernel, for tests and
+// benchmarks: A m × k, B n × k, C m × n, float64, rows contiguous (row strides may exceed the
+// width, e.g. blocks of a larger matrix).
+void f64_gemm_nt_sub(const py::array& A, const py::array& B, py::array& C, bool lower_only) {
+  require(pmsolve::f64_gemm_available(), "f64_gemm_nt_sub needs a CPU with AVX512-F");
+  struct View {
+    double* data;
+    int64_t rows, cols, ld;
+  };
+  auto view_of = [](const py::array& a, const char* name) {
+    if (!a.dtype().is(py::dtype::of<double>()))
+      throw py::type_error(std::string(name) + " must be float64, got " + std::string(py::str(a.dtype())));
+    require(a.ndim() == 2, std::string(name) + " must be 2-D");
+    require(a.shape(1) <= 1 || a.strides(1) == sizeof(double), std::string(name) + " must have contiguous rows");
+    require(a.shape(0) <= 1 || (a.strides(0) % sizeof(double) == 0 && a.strides(0) >= a.shape(1) * sizeof(double)),
+            std::string(name) + " must have non-overlapping rows at a whole-element stride");
+    const int64_t ld = a.shape(0) > 1 ? a.strides(0) / sizeof(double) : std::max<int64_t>(a.shape(1), 1);
+    return View{const_cast<double*>(static_cast<const double*>(a.data())), a.shape(0), a.shape(1), ld};
+  };
+  const View a = view_of(A, "A"), b = view_of(B, "B"), c = view_of(C, "C");
+  require(C.writeable(), "C must be writeable");
+  require(a.cols == b.cols, "A and B must have as many columns (k), got " + std::to_string(a.cols) + " and " +
+                                std::to_string(b.cols));
+  require(c.rows == a.rows && c.cols == b.rows, "C must be A.rows x B.rows");
+  py::gil_scoped_release nogil;
+  pmsolve::f64_gemm_nt_sub(a.rows, b.rows, a.cols, a.data, a.ld, b.data, b.ld, c.data, c.ld, lower_only,
+                           pmsolve::worker_threads());
+}
+
 }  // namespace
 
 void register_solver(py::module_& m) {
+  m.def("f64_gemm_available", &pmsolve::f64_gemm_available, "the CPU has AVX512-F");
+  pmsolve_bindings::def_switch(
+      m, "f64_gemm", &pmsolve::f64_gemm_enabled, &pmsolve::set_f64_gemm_enabled,
+      "whether the Cholesky recursion runs on the AVX-512 fp64 kernel instead of OpenBLAS's dgemmt/dtrsm "
+      "(switch it with enable; by default on only where OpenBLAS's selected kernels lack AVX-512; "
+      "PMSOLVE_F64_GEMM=0/1 decides)");
+  m.def("f64_gemm_nt_sub", &f64_gemm_nt_sub, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("lower_only") = false,
+        "C -= A Bᵀ in place on the AVX-512 fp64 kernel (only C's lower triangle with lower_only; its strict "
+        "upper triangle is then neither read nor written). float64, contiguous rows.");
   m.def("pm_whitened", &pm_whitened, py::arg("Z"), py::arg("mus"), py::arg("max_cond"),
         "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous), overwritten in "
         "place with Z (G + μI)⁻¹ when a μ is accepted: G = ZᵀZ, the first μ with chol(G + μI) ok and "

@@ -15,7 +15,9 @@ int blas_get_num_threads() { return scipy_openblas_get_num_threads(); }
 bool openblas_core_has_avx512() {
   std::string core = scipy_openblas_get_corename();
   for (char& ch : core) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  return core == "skylakex" || core == "cooperlake" || core == "sapphirerapids";
+  for (const char* name : kOpenblasAvx512Cores)
+    if (core == name) return true;
+  return false;
 }
 
 }  // namespace pmsolve

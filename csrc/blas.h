@@ -16,8 +16,10 @@ using blas_int = int32_t;
 std::string blas_config();
 void blas_set_num_threads(int n);
 int blas_get_num_threads();
-// Whether OpenBLAS runs its AVX-512 kernels (the core it selected, or OPENBLAS_CORETYPE forced):
-// the kernels in f32_gram.h and f64_gemm.h run only where it does not.
+// OpenBLAS's kernel sets with AVX-512 (DYNAMIC_ARCH x86_64 builds, 0.3.34), lower case.
+inline constexpr const char* kOpenblasAvx512Cores[] = {"skylakex", "cooperlake", "sapphirerapids"};
+// Whether OpenBLAS runs one of them (the core it selected, or OPENBLAS_CORETYPE forced): the
+// kernels in f32_gram.h and f64_gemm.h run by default only where it does not.
 bool openblas_core_has_avx512();
 }  // namespace pmsolve
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "f64_gemm.h"
@@ -110,25 +111,39 @@ void zero_strict_upper(Mat a) {
   });
 }
 
-// OpenBLAS on the calling thread only, for a scope. Its pthreads workers spin for a while
-// after each threaded call and then held a core that our threads needed: a 3000 × 256 × 256
-// update took 31 ms right after a threaded OpenBLAS call against 2 ms without one.
+// OpenBLAS serial for a scope (its leaf calls then run on the calling thread). Its pthreads
+// workers spin for a while after each threaded call and then held a core that our threads
+// needed: a 3000 × 256 × 256 update took 31 ms right after a threaded OpenBLAS call against
+// 2 ms without one. The setting is process-wide: nested or concurrent scopes share it, the
+// first saves the thread count and the last restores it.
 class SerialBlas {
  public:
-  SerialBlas() : saved_(blas_get_num_threads()) { blas_set_num_threads(1); }
-  ~SerialBlas() { blas_set_num_threads(saved_); }
+  SerialBlas() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (depth_++ == 0) {
+      saved_ = blas_get_num_threads();
+      blas_set_num_threads(1);
+    }
+  }
+  ~SerialBlas() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--depth_ == 0) blas_set_num_threads(saved_);
+  }
   SerialBlas(const SerialBlas&) = delete;
   SerialBlas& operator=(const SerialBlas&) = delete;
 
  private:
-  int saved_;
+  static inline std::mutex mutex_;
+  static inline int depth_ = 0;
+  static inline int saved_ = 1;
 };
 
 // X := X·L⁻ᵀ for X rows × n and L n × n lower, both row-major with leading dimension ld (the
 // Cholesky's L21 = A21·L11⁻ᵀ). Recursive halving turns all but the leaves' flops into
 // f64_gemm_nt_sub; leaves are OpenBLAS's dtrsm, serial, on row slices in parallel.
-void trsm_right_lower_trans(const double* L, int64_t n, double* X, int64_t rows, int64_t ld, int threads) {
-  if (n <= kOwnTrsmLeaf) {
+void trsm_right_lower_trans(const double* L, int64_t n, double* X, int64_t rows, int64_t ld, int64_t leaf,
+                            int threads) {
+  if (n <= leaf) {
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64)));
     run_on_threads(nt, [&](int t) {
       const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
@@ -141,22 +156,22 @@ void trsm_right_lower_trans(const double* L, int64_t n, double* X, int64_t rows,
   }
   // [X1 X2]·[L11 0; L21 L22]ᵀ = [X1·L11ᵀ, X1·L21ᵀ + X2·L22ᵀ]
   const int64_t n1 = half_split(static_cast<blas_int>(n)), n2 = n - n1;
-  trsm_right_lower_trans(L, n1, X, rows, ld, threads);
+  trsm_right_lower_trans(L, n1, X, rows, ld, leaf, threads);
   f64_gemm_nt_sub(rows, n2, n1, X, ld, L + n1 * ld, ld, X + n1, ld, /*lower_only=*/false, threads);
-  trsm_right_lower_trans(L + n1 * ld + n1, n2, X + n1, rows, ld, threads);
+  trsm_right_lower_trans(L + n1 * ld + n1, n2, X + n1, rows, ld, leaf, threads);
 }
 
 // The recursion of cholesky_lower with all level-3 work in f64_gemm_nt_sub on our threads
-// (see f64_gemm.h for when); leaves are OpenBLAS's dpotrf, serial.
-blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, int threads) {
-  if (n <= kOwnCholeskyLeaf) return lapack_potrf_lower(a, n, lda);
+// (see f64_gemm.h for when); leaves (≤ leaf) are OpenBLAS's dpotrf, serial.
+blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, blas_int leaf, int threads) {
+  if (n <= leaf) return lapack_potrf_lower(a, n, lda);
   const blas_int n1 = half_split(n), n2 = n - n1;
-  if (blas_int info = cholesky_lower_own(a, n1, lda, threads)) return info;
+  if (blas_int info = cholesky_lower_own(a, n1, lda, leaf, threads)) return info;
   double* a21 = a + static_cast<int64_t>(n1) * lda;
   double* a22 = a21 + n1;
-  trsm_right_lower_trans(a, n1, a21, n2, lda, threads);
+  trsm_right_lower_trans(a, n1, a21, n2, lda, leaf, threads);
   f64_gemm_nt_sub(n2, n2, n1, a21, lda, a21, lda, a22, lda, /*lower_only=*/true, threads);
-  const blas_int info = cholesky_lower_own(a22, n2, lda, threads);
+  const blas_int info = cholesky_lower_own(a22, n2, lda, leaf, threads);
   return info ? info + n1 : 0;
 }
 
@@ -164,9 +179,9 @@ blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, int threads) {
 
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff) {
   if (n > std::max<blas_int>(cutoff, 1) && f64_gemm_enabled()) {
-    const int threads = worker_threads();
+    const int threads = worker_threads();  // before SerialBlas: it follows the BLAS setting
     SerialBlas serial;
-    return cholesky_lower_own(a, n, lda, threads);
+    return cholesky_lower_own(a, n, lda, std::min(std::max<blas_int>(cutoff, 1), kOwnLeaf), threads);
   }
   return cholesky_lower_blas(a, n, lda, cutoff);
 }

@@ -22,10 +22,10 @@ namespace pmsolve {
 // load the small cutoff had looked better (the "Tuning" table), but that load was
 // other engineers' jobs, not the users' situation.
 constexpr blas_int kCholeskyCutoff = 1024;
-// Leaves of the recursion on f64_gemm.h's kernel: serial OpenBLAS dpotrf below this size, and
-// its dtrsm (on row slices in parallel) below kOwnTrsmLeaf columns.
-constexpr blas_int kOwnCholeskyLeaf = 256;
-constexpr int64_t kOwnTrsmLeaf = 256;
+// Leaves of the recursion on f64_gemm.h's kernel (the smaller of this and the cutoff): serial
+// OpenBLAS dpotrf below this size, and its dtrsm (on row slices in parallel) below as many
+// columns. At d = 6400 on the session-17 Zen 5, 128 and 512 were 2-7 % slower than 256.
+constexpr blas_int kOwnLeaf = 256;
 
 enum class DType { f32, f64 };
 
@@ -61,7 +61,7 @@ struct LowerFactor {
 // (the strict upper triangle is neither read nor written).
 // Returns 0, or the 1-based index of the first non-positive pivot (LAPACK's info).
 // Above `cutoff`, where f64_gemm_enabled(), the recursion runs on the AVX-512 kernel of
-// f64_gemm.h down to kOwnCholeskyLeaf (cholesky_lower_blas: always on OpenBLAS's kernels).
+// f64_gemm.h down to min(cutoff, kOwnLeaf) (cholesky_lower_blas: always on OpenBLAS's kernels).
 blas_int cholesky_lower(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
 blas_int cholesky_lower_blas(double* a, blas_int n, blas_int lda, blas_int cutoff = kCholeskyCutoff);
 

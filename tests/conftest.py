@@ -22,17 +22,19 @@ def both_triangular_solve_paths(monkeypatch):
     monkeypatch.setattr(cpu, "NATIVE_TRSM_MIN_N", 4)
 
 
-@pytest.fixture(params=["recursive", "mkl"])
+@pytest.fixture(params=["openblas", "avx512", "mkl"])
 def cholesky_kernel(request):
-    """The CPU backend factors C with MKL's dpotrf (found in the process, from torch; the default
-    on Intel CPUs) or with our recursion on OpenBLAS (elsewhere). Tests taking this fixture run
-    with each; "mkl" skips where torch brought no MKL, and with the torch backend (one kernel)."""
+    """The CPU backend factors C with our recursion on OpenBLAS ("openblas"), the same recursion
+    on the AVX-512 fp64 kernel (csrc/f64_gemm.h; the default where OpenBLAS's kernels lack
+    AVX-512) or MKL's dpotrf (found in the process, from torch; the default on Intel CPUs).
+    Tests taking this fixture run with each; "avx512" skips on CPUs without AVX512-F, "mkl"
+    where torch brought no MKL, and both with the torch backend (one kernel)."""
     from pmsolve._native import native, unavailable_reason
     from pmsolve.backends import get_backend
 
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "torch":
-        if request.param == "mkl":
+        if request.param != "openblas":
             pytest.skip("the torch backend has one Cholesky kernel")
         yield request.param  # needs no native module
         return
@@ -41,11 +43,15 @@ def cholesky_kernel(request):
         pytest.skip(f"pmsolve._C unavailable: {unavailable_reason()}")
     if request.param == "mkl" and not mod.loaded_mkl_path():
         pytest.skip("no MKL loaded in this process (torch built without it)")
+    if request.param == "avx512" and not mod.f64_gemm_available():
+        pytest.skip("the CPU lacks AVX512-F")
     get_backend("cpu", torch.device("cpu"))  # created first: creation sets the default
-    before = mod.mkl_potrf()
+    before = mod.mkl_potrf(), mod.f64_gemm()
     assert mod.mkl_potrf(request.param == "mkl") == (request.param == "mkl")
+    assert mod.f64_gemm(request.param == "avx512") == (request.param == "avx512")
     yield request.param
-    mod.mkl_potrf(before)
+    mod.mkl_potrf(before[0])
+    mod.f64_gemm(before[1])
 
 
 @pytest.fixture(params=["ssyrk", "avx512"])

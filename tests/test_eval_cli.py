@@ -219,8 +219,9 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
         assert info["stats_bf16_kernel"] == native().bf16_gram_kernel()
         assert info["stats_bf16_kernel"] in ("amx", "avx512_bf16", "fp32")
         assert info["stats_f32_kernel"] == ("avx512" if native().f32_gram() else "ssyrk")
-        on = native().mkl_potrf()
-        assert info["cpu_cholesky"].startswith("MKL dpotrf from " if on else "recursive on OpenBLAS")
+        mkl, avx512 = native().mkl_potrf(), native().f64_gemm()
+        route = "MKL dpotrf from " if mkl else "recursive on pmsolve's AVX-512" if avx512 else "recursive on OpenBLAS"
+        assert info["cpu_cholesky"].startswith(route)
         assert info["openblas_env"]["OPENBLAS_CORETYPE"] == os.environ.get("OPENBLAS_CORETYPE")
 
 

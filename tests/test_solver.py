@@ -424,16 +424,24 @@ def test_inplace_cholesky_takes_an_exactly_symmetric_upper_triangle_as_its_backu
 
 
 @pytest.mark.native
-@pytest.mark.parametrize("d,cond", [(1, 1.0), (7, 1e3), (1100, 1e2), (1100, 1e8), (2100, 1e4)])
-def test_the_two_cpu_cholesky_kernels_agree(d, cond):
-    """MKL's dpotrf (found in the process) and our recursion (trsm + gemmt levels above d = 1024)
-    give the same factor up to rounding (Cholesky's forward error scales with κ^{1/2}), each
-    with an exactly zero upper triangle, and the same verdicts when C is singular or indefinite."""
+@pytest.mark.parametrize("d,cond,cutoff", [(1, 1.0, 1024), (7, 1e3, 1024), (1100, 1e2, 1024), (1100, 1e8, 1024),
+                                           (2100, 1e4, 1024), (333, 1e6, 24), (700, 1e3, 100)])  # fmt: skip
+def test_the_cpu_cholesky_kernels_agree(d, cond, cutoff):
+    """Our recursion on OpenBLAS (trsm + gemmt levels above the cutoff), the same recursion on
+    the AVX-512 fp64 kernel (recursive trsm and trailing updates on csrc/f64_gemm.cpp) and MKL's
+    dpotrf (found in the process) give the same factor up to rounding (Cholesky's forward error
+    scales with κ^{1/2}), each with an exactly zero upper triangle, and the same verdicts when C
+    is singular or indefinite. Small cutoffs force deep recursions with ragged halves."""
     mod = native_or_skip()
-    if not mod.loaded_mkl_path():
-        pytest.skip("no MKL loaded in this process (torch built without it)")
+    kernels = ["openblas"]
+    if mod.f64_gemm_available():
+        kernels.append("avx512")
+    if mod.loaded_mkl_path():
+        kernels.append("mkl")
+    if len(kernels) == 1:
+        pytest.skip("neither MKL in this process nor AVX512-F: one CPU Cholesky kernel")
     pmsolve.backends.get_backend("cpu", torch.device("cpu"))
-    before = mod.mkl_potrf()
+    before = mod.mkl_potrf(), mod.f64_gemm()
     C = spd(d, cond=cond, seed=d) if d > 1 else torch.tensor([[2.5]], dtype=F64)
     singular = C.clone()
     singular[:, d // 2] = singular[d // 2, :] = 0  # a dead unit: only a shift makes it PD
@@ -441,18 +449,22 @@ def test_the_two_cpu_cholesky_kernels_agree(d, cond):
     indefinite[d - 1, d - 1] = -1.0
     got = {}
     try:
-        for kernel in (False, True):
-            mod.mkl_potrf(kernel)
-            L, k = mod.cholesky_jittered(C.numpy(), [0.0])
+        for kernel in kernels:
+            mod.mkl_potrf(kernel == "mkl")
+            mod.f64_gemm(kernel == "avx512")
+            L, k = mod.cholesky_jittered(C.numpy(), [0.0], cutoff)
             assert k == 0 and torch.equal(torch.from_numpy(L).triu(1), torch.zeros(d, d, dtype=F64))
-            k_sing = mod.cholesky_jittered(singular.numpy(), [0.0, 1e-3 * float(C.diagonal().mean())])[1]
-            k_indef = mod.cholesky_jittered(indefinite.numpy(), [0.0])[1]
+            k_sing = mod.cholesky_jittered(singular.numpy(), [0.0, 1e-3 * float(C.diagonal().mean())], cutoff)[1]
+            k_indef = mod.cholesky_jittered(indefinite.numpy(), [0.0], cutoff)[1]
             got[kernel] = (torch.from_numpy(L), k_sing, k_indef)
     finally:
-        mod.mkl_potrf(before)
-    assert rel(got[True][0], got[False][0]) <= 2 * cond_tol(cond**0.5)
-    assert rel(got[True][0], torch.linalg.cholesky(C)) <= 2 * cond_tol(cond**0.5)
-    assert got[True][1:] == got[False][1:] == (1, -1)
+        mod.mkl_potrf(before[0])
+        mod.f64_gemm(before[1])
+    reference = torch.linalg.cholesky(C)
+    for kernel in kernels:
+        assert rel(got[kernel][0], got["openblas"][0]) <= 2 * cond_tol(cond**0.5), kernel
+        assert rel(got[kernel][0], reference) <= 2 * cond_tol(cond**0.5), kernel
+        assert got[kernel][1:] == (1, -1), kernel
 
 
 def test_mkl_potrf_choice_follows_the_environment(monkeypatch):

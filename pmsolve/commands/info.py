@@ -61,10 +61,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# OpenBLAS's kernel sets with AVX-512 (DYNAMIC_ARCH x86_64 builds, 0.3.34).
-_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
-
-
 def _cpu_has_avx512() -> bool:
     import torch
 
@@ -74,15 +70,20 @@ def _cpu_has_avx512() -> bool:
 
 def _openblas_core_note(config: str | None) -> str | None:
     """A warning when OPENBLAS_CORETYPE holds OpenBLAS to narrower kernels than the CPU runs."""
+    from pmsolve._native import native
+
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    if not config or not forced or "core=" not in config:
+    mod = native()
+    if not config or not forced or "core=" not in config or mod is None:
         return None
     core = config.rsplit("core=", 1)[1].split()[0]
-    if core.lower() in _AVX512_CORES or not _cpu_has_avx512():
+    if core.lower() in mod.OPENBLAS_AVX512_CORES or not _cpu_has_avx512():
         return None
     return (f"OPENBLAS_CORETYPE={forced} holds OpenBLAS to its {core} kernels (no AVX-512) on this AVX-512 CPU; "
-            "unset it before Python starts for OpenBLAS's own choice (session 16, Zen 5, 2 threads: dgemm "
-            "116 -> 194-208 GFLOP/s, factorize at d = 6400 0.94 -> 0.66 s; bench/RESULTS.md)")
+            "pmsolve's own AVX-512 kernels take over the Cholesky and the fp32 statistics, the rest of its BLAS "
+            "work (the solve's triangular solves and products) runs at the narrower rate; unset it before Python "
+            "starts for OpenBLAS's own choice (session 16, Zen 5, 2 threads: dgemm 116 -> 194-208 GFLOP/s; "
+            "bench/RESULTS.md)")
 
 
 def _native_threads(mod) -> str | None:
@@ -106,6 +107,8 @@ def _cholesky_route(mod) -> str | None:
     get_backend("cpu", torch.device("cpu"))  # the backend switches MKL's dpotrf on or off when it is created
     if mod.mkl_potrf():
         return f"MKL dpotrf from {mod.loaded_mkl_path()}"
+    if hasattr(mod, "f64_gemm") and mod.f64_gemm():
+        return "recursive on pmsolve's AVX-512 fp64 kernel, OpenBLAS for the leaves (PMSOLVE_F64_GEMM=0 for OpenBLAS's)"
     return "recursive on OpenBLAS (PMSOLVE_MKL_POTRF=1 to use a loaded MKL's dpotrf)"
 
 
