@@ -251,22 +251,45 @@ def openblas_dpotrf(a: np.ndarray) -> int:
 
 
 def cholesky_kernels(Cn: np.ndarray) -> dict[str, Callable[[], object]]:
-    """`_C.cholesky_jittered(Cn)` with each CPU kernel: "recursive" (ours on OpenBLAS) and, when an
-    MKL is loaded, "mkl_potrf" (csrc/loaded_mkl.h); the switch is restored after each call."""
+    """`_C.cholesky_jittered(Cn)` with each CPU kernel: "recursive" (ours on OpenBLAS),
+    "recursive_avx512" (ours on csrc/f64_gemm.h, where the CPU has AVX512-F) and, when an MKL is
+    loaded, "mkl_potrf" (csrc/loaded_mkl.h); the switches are restored after each call."""
     mod = native()
 
-    def with_mkl(mkl: bool) -> Callable[[], object]:
+    def with_kernel(mkl: bool, avx512: bool) -> Callable[[], object]:
         def run():
-            before = mod.mkl_potrf()
+            before = mod.mkl_potrf(), mod.f64_gemm()
             mod.mkl_potrf(mkl)
+            mod.f64_gemm(avx512)
             try:
                 return mod.cholesky_jittered(Cn, [0.0])
             finally:
-                mod.mkl_potrf(before)
+                mod.mkl_potrf(before[0])
+                mod.f64_gemm(before[1])
 
         return run
 
-    return {"recursive": with_mkl(False), **({"mkl_potrf": with_mkl(True)} if mod.loaded_mkl_path() else {})}
+    kernels = {"recursive": with_kernel(False, False)}
+    if mod.f64_gemm_available():
+        kernels["recursive_avx512"] = with_kernel(False, True)
+    if mod.loaded_mkl_path():
+        kernels["mkl_potrf"] = with_kernel(True, False)
+    return kernels
+
+
+def default_cholesky_kernel() -> str:
+    """The cholesky_kernels() name factorize uses by default on this machine."""
+    mod = native()
+    return "mkl_potrf" if mod.mkl_potrf() else "recursive_avx512" if mod.f64_gemm() else "recursive"
+
+
+def pmsolve_dgemm(A: np.ndarray, B: np.ndarray, out: np.ndarray) -> Callable[[], object] | None:
+    """out −= A Bᵀ on pmsolve's AVX-512 fp64 kernel (the Cholesky's, csrc/f64_gemm.h), the same
+    flops as dgemm; None where the CPU lacks AVX512-F."""
+    mod = native()
+    if not mod.f64_gemm_available():
+        return None
+    return lambda: mod.f64_gemm_nt_sub(A, B, out)
 
 
 @pytest.mark.parametrize("d", DIMS)
@@ -290,6 +313,7 @@ def test_factorize_vs_libraries(benchmark, d):
             "openblas_dpotrf": dpotrf_0334,
             "openblas_dgemm": lambda: openblas_dgemm(A, B, out),
             "torch_matmul": lambda: At @ Bt.mT,
+            **({"pmsolve_dgemm": pmsolve_dgemm(A, B, out)} if pmsolve_dgemm(A, B, out) else {}),
         },
         prefault_bytes=2 * d * d * 8,  # an output factor, and a copy of C where one is made
     )
@@ -306,8 +330,8 @@ def test_factorize_vs_libraries(benchmark, d):
         **{f"t_{k}": v for k, v in med.items()},
         gflops={**{k: flops / v / 1e9 for k, v in med.items() if "gemm" not in k and "matmul" not in k},
                 "factorize": flops / t_ours / 1e9,
-                "openblas_dgemm": gemm_flops / med["openblas_dgemm"] / 1e9,
-                "torch_matmul": gemm_flops / med["torch_matmul"] / 1e9},  # fmt: skip
+                **{k: gemm_flops / v / 1e9 for k, v in med.items() if "gemm" in k or "matmul" in k}},  # fmt: skip
+        default_kernel=default_cholesky_kernel(),
         peak_bytes_factorize=peak_rss_increase(lambda: pmsolve.factorize(C, backend="cpu")),
         peak_bytes_torch_cholesky=peak_rss_increase(lambda: torch.linalg.cholesky(C)),
     )
