@@ -289,7 +289,7 @@ def pmsolve_dgemm(A: np.ndarray, B: np.ndarray, out: np.ndarray) -> Callable[[],
     mod = native()
     if not mod.f64_gemm_available():
         return None
-    return lambda: mod.f64_gemm_nt_sub(A, B, out)
+    return lambda: mod.f64_gemm_sub(A, B, out)
 
 
 @pytest.mark.parametrize("d", DIMS)

@@ -205,32 +205,39 @@ py::tuple pm_whitened(py::array& Z, const std::vector<double>& mus, double max_c
 }
 
 // C −= A·Bᵀ (only C's lower triangle with lower_only) on the AVX-512 kernel, for tests and
-// benchmarks: A m × k, B n × k, C m × n, float64, rows contiguous (row strides may exceed the
-// width, e.g. blocks of a larger matrix).
-void f64_gemm_nt_sub(const py::array& A, const py::array& B, py::array& C, bool lower_only) {
-  require(pmsolve::f64_gemm_available(), "f64_gemm_nt_sub needs a CPU with AVX512-F");
-  struct View {
-    double* data;
-    int64_t rows, cols, ld;
-  };
-  auto view_of = [](const py::array& a, const char* name) {
-    if (!a.dtype().is(py::dtype::of<double>()))
-      throw py::type_error(std::string(name) + " must be float64, got " + std::string(py::str(a.dtype())));
-    require(a.ndim() == 2, std::string(name) + " must be 2-D");
-    require(a.shape(1) <= 1 || a.strides(1) == sizeof(double), std::string(name) + " must have contiguous rows");
-    require(a.shape(0) <= 1 || (a.strides(0) % sizeof(double) == 0 && a.strides(0) >= a.shape(1) * sizeof(double)),
-            std::string(name) + " must have non-overlapping rows at a whole-element stride");
-    const int64_t ld = a.shape(0) > 1 ? a.strides(0) / sizeof(double) : std::max<int64_t>(a.shape(1), 1);
-    return View{const_cast<double*>(static_cast<const double*>(a.data())), a.shape(0), a.shape(1), ld};
-  };
-  const View a = view_of(A, "A"), b = view_of(B, "B"), c = view_of(C, "C");
+// benchmarks: A m × k, B n × k, C m × n, float64. A and B may be views with contiguous rows or
+// contiguous columns (a transposed matrix, a block of a larger one); C needs contiguous rows.
+pmsolve::Operand operand(const py::array& a, const char* name, bool& transposed) {
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::type_error(std::string(name) + " must be float64, got " + std::string(py::str(a.dtype())));
+  require(a.ndim() == 2, std::string(name) + " must be 2-D");
+  const auto item = static_cast<py::ssize_t>(sizeof(double));
+  const py::ssize_t rows = a.shape(0), cols = a.shape(1);
+  // Strides of a dimension of length ≤ 1 mean nothing: such a dimension counts as contiguous.
+  const bool row_major = cols <= 1 || a.strides(1) == item, col_major = rows <= 1 || a.strides(0) == item;
+  require(row_major || col_major, std::string(name) + " must have contiguous rows or contiguous columns");
+  transposed = !row_major;
+  const py::ssize_t step = transposed ? a.strides(1) : a.strides(0), width = transposed ? rows : cols;
+  const py::ssize_t lines = transposed ? cols : rows;
+  require(lines <= 1 || (step % item == 0 && step / item >= width),
+          std::string(name) + " must not overlap itself, at a whole-element stride");
+  const int64_t ld = lines > 1 ? step / item : std::max<int64_t>(width, 1);
+  return {static_cast<const double*>(a.data()), ld, transposed};
+}
+
+void f64_gemm_sub(const py::array& A, const py::array& B, py::array& C, bool lower_only) {
+  require(pmsolve::f64_gemm_available(), "f64_gemm_sub needs a CPU with AVX512-F");
+  bool a_t = false, b_t = false, c_t = false;
+  const pmsolve::Operand a = operand(A, "A", a_t), b = operand(B, "B", b_t), c = operand(C, "C", c_t);
+  require(!c_t, "C must have contiguous rows");
   require(C.writeable(), "C must be writeable");
-  require(a.cols == b.cols, "A and B must have as many columns (k), got " + std::to_string(a.cols) + " and " +
-                                std::to_string(b.cols));
-  require(c.rows == a.rows && c.cols == b.rows, "C must be A.rows x B.rows");
+  require(A.shape(1) == B.shape(1), "A and B must have as many columns (k), got " + std::to_string(A.shape(1)) +
+                                        " and " + std::to_string(B.shape(1)));
+  require(C.shape(0) == A.shape(0) && C.shape(1) == B.shape(0), "C must be A.rows x B.rows");
+  const int64_t m = A.shape(0), n = B.shape(0), k = A.shape(1);
+  double* cdata = static_cast<double*>(C.mutable_data());
   py::gil_scoped_release nogil;
-  pmsolve::f64_gemm_nt_sub(a.rows, b.rows, a.cols, a.data, a.ld, b.data, b.ld, c.data, c.ld, lower_only,
-                           pmsolve::worker_threads());
+  pmsolve::f64_gemm_sub(m, n, k, a, b, cdata, c.ld, lower_only, pmsolve::worker_threads());
 }
 
 }  // namespace
@@ -242,9 +249,10 @@ void register_solver(py::module_& m) {
       "whether the Cholesky recursion runs on the AVX-512 fp64 kernel instead of OpenBLAS's dgemmt/dtrsm "
       "(switch it with enable; by default on only where OpenBLAS's selected kernels lack AVX-512; "
       "PMSOLVE_F64_GEMM=0/1 decides)");
-  m.def("f64_gemm_nt_sub", &f64_gemm_nt_sub, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("lower_only") = false,
+  m.def("f64_gemm_sub", &f64_gemm_sub, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("lower_only") = false,
         "C -= A Bᵀ in place on the AVX-512 fp64 kernel (only C's lower triangle with lower_only; its strict "
-        "upper triangle is then neither read nor written). float64, contiguous rows.");
+        "upper triangle is then neither read nor written). float64; A and B with contiguous rows or columns, C "
+        "with contiguous rows.");
   m.def("pm_whitened", &pm_whitened, py::arg("Z"), py::arg("mus"), py::arg("max_cond"),
         "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous), overwritten in "
         "place with Z (G + μI)⁻¹ when a μ is accepted: G = ZᵀZ, the first μ with chol(G + μI) ok and "

@@ -1,6 +1,7 @@
 #include "blas.h"
 
 #include <cctype>
+#include <mutex>
 
 namespace pmsolve {
 
@@ -18,6 +19,26 @@ bool openblas_core_has_avx512() {
   for (const char* name : kOpenblasAvx512Cores)
     if (core == name) return true;
   return false;
+}
+
+
+namespace {
+std::mutex g_serial_mutex;
+int g_serial_depth = 0;
+int g_serial_saved = 1;
+}  // namespace
+
+SerialBlas::SerialBlas() {
+  std::lock_guard<std::mutex> lock(g_serial_mutex);
+  if (g_serial_depth++ == 0) {
+    g_serial_saved = blas_get_num_threads();
+    blas_set_num_threads(1);
+  }
+}
+
+SerialBlas::~SerialBlas() {
+  std::lock_guard<std::mutex> lock(g_serial_mutex);
+  if (--g_serial_depth == 0) blas_set_num_threads(g_serial_saved);
 }
 
 }  // namespace pmsolve

@@ -21,6 +21,20 @@ inline constexpr const char* kOpenblasAvx512Cores[] = {"skylakex", "cooperlake",
 // Whether OpenBLAS runs one of them (the core it selected, or OPENBLAS_CORETYPE forced): the
 // kernels in f32_gram.h and f64_gemm.h run by default only where it does not.
 bool openblas_core_has_avx512();
+
+// OpenBLAS serial for a scope, for kernels that run their own threads and call OpenBLAS on each
+// (the recursions on f64_gemm.h). Its pthreads workers spin for a while after each threaded
+// call and then held a core that our threads needed: a 3000 × 256 × 256 update took 31 ms
+// right after a threaded OpenBLAS call against 2 ms without one (standalone, OpenBLAS's
+// default spin time). The setting is process-wide: nested or concurrent scopes share it, the
+// first saves the thread count and the last restores it; take worker_threads() before.
+class SerialBlas {
+ public:
+  SerialBlas();
+  ~SerialBlas();
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
 }  // namespace pmsolve
 
 extern "C" {

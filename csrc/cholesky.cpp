@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "f64_gemm.h"
@@ -110,33 +109,6 @@ void zero_strict_upper(Mat a) {
       std::memset(a.data + i * a.ld + i + 1, 0, sizeof(double) * (a.cols - i - 1));
   });
 }
-
-// OpenBLAS serial for a scope (its leaf calls then run on the calling thread). Its pthreads
-// workers spin for a while after each threaded call and then held a core that our threads
-// needed: a 3000 × 256 × 256 update took 31 ms right after a threaded OpenBLAS call against
-// 2 ms without one. The setting is process-wide: nested or concurrent scopes share it, the
-// first saves the thread count and the last restores it.
-class SerialBlas {
- public:
-  SerialBlas() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (depth_++ == 0) {
-      saved_ = blas_get_num_threads();
-      blas_set_num_threads(1);
-    }
-  }
-  ~SerialBlas() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (--depth_ == 0) blas_set_num_threads(saved_);
-  }
-  SerialBlas(const SerialBlas&) = delete;
-  SerialBlas& operator=(const SerialBlas&) = delete;
-
- private:
-  static inline std::mutex mutex_;
-  static inline int depth_ = 0;
-  static inline int saved_ = 1;
-};
 
 // X := X·L⁻ᵀ for X rows × n and L n × n lower, both row-major with leading dimension ld (the
 // Cholesky's L21 = A21·L11⁻ᵀ). Recursive halving turns all but the leaves' flops into

@@ -68,18 +68,29 @@ __attribute__((target(PMSOLVE_F64_GEMM_TARGET))) void micro_tile(int64_t depth, 
   }
 }
 
-// Rows [0, rows) of X, steps [p0, p0 + depth), into panels of W rows:
-// out[(panel·depth + p)·W + r]; rows past the end are zeros. Row by row: each source row is
-// read once, in order (reading W rows in lockstep thrashed L1 sets when ld is a multiple of a
-// large power of two, as a Cholesky of d = 6400 has), and the writes stay in the panel
-// (W·depth doubles, in L1).
+// Rows [r0, r0 + rows) of an operand, steps [p0, p0 + depth), into panels of W rows:
+// out[(panel·depth + p)·W + r]; rows past the end are zeros. The operand's element (r, p) is
+// X[r·ld + p], or X[p·ld + r] when stored transposed (a k × rows matrix).
+// Untransposed, row by row: each source row is read once, in order (reading W rows in lockstep
+// thrashed L1 sets when ld is a multiple of a large power of two, as a Cholesky of d = 6400
+// has), and the writes stay in the panel (W·depth doubles, in L1). Transposed, a panel row is
+// W contiguous source elements.
 template <int64_t W>
-void pack_panels(const double* X, int64_t ld, int64_t rows, int64_t p0, int64_t depth, double* out) {
+void pack_panels(const Operand& X, int64_t r0, int64_t rows, int64_t p0, int64_t depth, double* out) {
   for (int64_t q0 = 0; q0 < rows; q0 += W) {
     const int64_t live = std::min(W, rows - q0);
     double* dst = out + q0 * depth;
+    if (X.transposed) {
+      for (int64_t p = 0; p < depth; ++p) {
+        const double* src = X.data + (p0 + p) * X.ld + r0 + q0;
+        double* o = dst + p * W;
+        for (int64_t r = 0; r < live; ++r) o[r] = src[r];
+        for (int64_t r = live; r < W; ++r) o[r] = 0.0;
+      }
+      continue;
+    }
     for (int64_t r = 0; r < live; ++r) {
-      const double* src = X + (q0 + r) * ld + p0;
+      const double* src = X.data + (r0 + q0 + r) * X.ld + p0;
       for (int64_t p = 0; p < depth; ++p) dst[p * W + r] = src[p];
     }
     for (int64_t r = live; r < W; ++r)
@@ -101,10 +112,7 @@ struct Scratch {
 
 struct Problem {
   int64_t m, n, k;
-  const double* A;
-  int64_t lda;
-  const double* B;
-  int64_t ldb;
+  Operand A, B;
   double* C;
   int64_t ldc;
   bool lower;
@@ -166,10 +174,10 @@ bool f64_gemm_enabled() {
 
 void set_f64_gemm_enabled(bool on) { g_mode = on ? 1 : 0; }
 
-void f64_gemm_nt_sub(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B, int64_t ldb,
-                     double* C, int64_t ldc, bool lower_only, int threads) {
+void f64_gemm_sub(int64_t m, int64_t n, int64_t k, Operand A, Operand B, double* C, int64_t ldc, bool lower_only,
+                  int threads) {
   if (m <= 0 || n <= 0 || k <= 0) return;
-  const Problem P{m, n, k, A, lda, B, ldb, C, ldc, lower_only};
+  const Problem P{m, n, k, A, B, C, ldc, lower_only};
   if (lower_only) n = std::min(n, m);
   const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, row_blocks)));
@@ -186,7 +194,7 @@ void f64_gemm_nt_sub(int64_t m, int64_t n, int64_t k, const double* A, int64_t l
       run_on_threads(nt, [&](int t) {
         const int64_t q0 = col_panels * t / nt, q1 = col_panels * (t + 1) / nt;
         const int64_t c0 = j0 + q0 * kCols, c1 = std::min(j1, j0 + q1 * kCols);
-        if (c1 > c0) pack_panels<kCols>(B + c0 * ldb, ldb, c1 - c0, p0, depth, bp + q0 * kCols * depth);
+        if (c1 > c0) pack_panels<kCols>(B, c0, c1 - c0, p0, depth, bp + q0 * kCols * depth);
       });
       // Row blocks dealt dynamically, the bottom (widest in a triangle) first.
       std::atomic<int64_t> next{0};
@@ -196,7 +204,7 @@ void f64_gemm_nt_sub(int64_t m, int64_t n, int64_t k, const double* A, int64_t l
         double* ap = a_scratch.get(round_up(kRowBlock, kRows) * depth);
         for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
           const int64_t i0 = (row_blocks - 1 - b) * kRowBlock, i1 = std::min(m, i0 + kRowBlock);
-          pack_panels<kRows>(A + i0 * lda, lda, i1 - i0, p0, depth, ap);
+          pack_panels<kRows>(A, i0, i1 - i0, p0, depth, ap);
           row_block(P, i0, i1, j0, j1, ap, bp, depth);
         }
       });

@@ -22,10 +22,24 @@ bool f64_gemm_available();
 bool f64_gemm_enabled();
 void set_f64_gemm_enabled(bool on);
 
-// C[i][j] −= Σ_p A[i][p]·B[j][p] for i < m, j < n, and only j ≤ i when lower_only (the lower
-// triangle of a square C; the strict upper one is neither read nor written). All row-major
-// with leading dimensions lda, ldb, ldc; A is m × k, B is n × k. Runs on `threads` threads.
-void f64_gemm_nt_sub(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B, int64_t ldb,
-                     double* C, int64_t ldc, bool lower_only, int threads);
+// A row-major operand: element (i, p) at data[i·ld + p], or at data[p·ld + i] when transposed.
+struct Operand {
+  const double* data;
+  int64_t ld;
+  bool transposed = false;
+};
+
+// C[i][j] −= Σ_p A(i, p)·B(j, p) for i < m, j < n, and only j ≤ i when lower_only (the lower
+// triangle of a square C; the strict upper one is neither read nor written): C −= A·Bᵀ for A
+// m × k and B n × k as Operand reads them, C row-major with leading dimension ldc. Runs on
+// `threads` threads.
+void f64_gemm_sub(int64_t m, int64_t n, int64_t k, Operand A, Operand B, double* C, int64_t ldc, bool lower_only,
+                  int threads);
+
+// The Cholesky's case: A and B untransposed.
+inline void f64_gemm_nt_sub(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B,
+                            int64_t ldb, double* C, int64_t ldc, bool lower_only, int threads) {
+  f64_gemm_sub(m, n, k, Operand{A, lda}, Operand{B, ldb}, C, ldc, lower_only, threads);
+}
 
 }  // namespace pmsolve

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <limits>
 
+#include "f64_gemm.h"
+#include "parallel.h"
 #include "solver.h"
 
 namespace pmsolve {
@@ -53,14 +55,22 @@ void load_ridged(Mat G, Mat M, double mu) {
 // (through torch) ran at ~78 % of its dgemm rate at d = 6400, n = 256, less for fewer
 // columns, and OpenBLAS's dtrsm slower still (bench/RESULTS.md, session 6).
 // Column-major L is the row-major U = Lᵀ, so its block L21 is U12 read transposed.
-void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m, blas_int cutoff) {
+// `threads` > 0: the GEMMs on f64_gemm.h's kernel with that many threads and the leaves'
+// dtrsm serial on column slices in parallel (inside a SerialBlas scope); 0: OpenBLAS's own.
+void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m, blas_int cutoff, int threads) {
   const blas_int n = Z.cols;
   double* z0 = Z.data + static_cast<int64_t>(off) * Z.ld;
   if (m <= cutoff) {
     const CBLAS_UPLO uplo = L.col_major ? CblasUpper : CblasLower;
     const bool trans = transpose != L.col_major;
-    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, uplo, trans ? CblasTrans : CblasNoTrans, CblasNonUnit, m, n, 1.0,
-                      L.data + static_cast<int64_t>(off) * L.ld + off, L.ld, z0, Z.ld);
+    const double* l = L.data + static_cast<int64_t>(off) * L.ld + off;
+    const int nt = std::max(1, std::min(threads, static_cast<int>(n / 16)));
+    run_on_threads(nt, [&](int t) {
+      const blas_int c0 = n * t / nt, c1 = n * (t + 1) / nt;
+      if (c1 > c0)
+        scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, uplo, trans ? CblasTrans : CblasNoTrans, CblasNonUnit, m,
+                          c1 - c0, 1.0, l, L.ld, z0 + c0, Z.ld);
+    });
     return;
   }
   const blas_int m1 = half_split(m), m2 = m - m1;
@@ -69,23 +79,37 @@ void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m,
   // L21 (m2 × m1): row-major at (off + m1, off); column-major as U12 (m1 × m2) at (off, off + m1).
   const double* l21 = L.col_major ? L.data + static_cast<int64_t>(off) * L.ld + off + m1
                                   : L.data + static_cast<int64_t>(off + m1) * L.ld + off;
+  // For the kernel (C −= A·Bᵀ): Z's blocks are Bᵀ, so B reads them transposed.
   if (!transpose) {  // [L11 0; L21 L22] [X1; X2] = [Z1; Z2]
-    solve_block(L, false, Z, off, m1, cutoff);
-    scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasTrans : CblasNoTrans, CblasNoTrans, m2, n, m1, -1.0, l21, L.ld,
-                      z1, Z.ld, 1.0, z2, Z.ld);
-    solve_block(L, false, Z, off + m1, m2, cutoff);
+    solve_block(L, false, Z, off, m1, cutoff, threads);
+    if (threads > 0)
+      f64_gemm_sub(m2, n, m1, Operand{l21, L.ld, L.col_major}, Operand{z1, Z.ld, true}, z2, Z.ld, false, threads);
+    else
+      scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasTrans : CblasNoTrans, CblasNoTrans, m2, n, m1, -1.0, l21,
+                        L.ld, z1, Z.ld, 1.0, z2, Z.ld);
+    solve_block(L, false, Z, off + m1, m2, cutoff, threads);
   } else {  // [L11ᵀ L21ᵀ; 0 L22ᵀ] [X1; X2] = [Z1; Z2]
-    solve_block(L, true, Z, off + m1, m2, cutoff);
-    scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasNoTrans : CblasTrans, CblasNoTrans, m1, n, m2, -1.0, l21, L.ld,
-                      z2, Z.ld, 1.0, z1, Z.ld);
-    solve_block(L, true, Z, off, m1, cutoff);
+    solve_block(L, true, Z, off + m1, m2, cutoff, threads);
+    if (threads > 0)
+      f64_gemm_sub(m1, n, m2, Operand{l21, L.ld, !L.col_major}, Operand{z2, Z.ld, true}, z1, Z.ld, false, threads);
+    else
+      scipy_cblas_dgemm(CblasRowMajor, L.col_major ? CblasNoTrans : CblasTrans, CblasNoTrans, m1, n, m2, -1.0, l21,
+                        L.ld, z2, Z.ld, 1.0, z1, Z.ld);
+    solve_block(L, true, Z, off, m1, cutoff, threads);
   }
 }
 
 }  // namespace
 
 void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
-  solve_block(L, transpose, Z, 0, L.n, std::max<blas_int>(cutoff, 1));
+  cutoff = std::max<blas_int>(cutoff, 1);
+  if (L.n > cutoff && Z.cols >= kOwnSolveMinCols && f64_gemm_enabled()) {
+    const int threads = worker_threads();  // before SerialBlas: it follows the BLAS setting
+    SerialBlas serial;
+    solve_block(L, transpose, Z, 0, L.n, cutoff, threads);
+    return;
+  }
+  solve_block(L, transpose, Z, 0, L.n, cutoff, 0);
 }
 
 PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {

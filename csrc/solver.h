@@ -115,7 +115,9 @@ inline blas_int half_split(blas_int n) { return std::max<blas_int>(1, (n / 2) & 
 constexpr blas_int kTrsmCutoff = 256;
 
 // Z := L⁻¹ Z (transpose = false) or L⁻ᵀ Z (transpose = true) in place; Z is d × n row-major.
-// Recursive on GEMM; L in either storage (LowerFactor).
+// Recursive on GEMM; L in either storage (LowerFactor). The GEMMs run on f64_gemm.h's kernel
+// where f64_gemm_enabled() and Z has at least kOwnSolveMinCols columns (its tiles are 24 wide).
+constexpr blas_int kOwnSolveMinCols = 16;
 void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff = kTrsmCutoff);
 
 // Outputs of pm_solve; every buffer is owned by the caller.

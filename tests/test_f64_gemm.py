@@ -19,7 +19,7 @@ from pmsolve._native import native
 
 C = native()
 pytestmark = [
-    pytest.mark.skipif(C is None or not hasattr(C, "f64_gemm_nt_sub"), reason="needs the native core"),
+    pytest.mark.skipif(C is None or not hasattr(C, "f64_gemm_sub"), reason="needs the native core"),
     pytest.mark.skipif(C is not None and hasattr(C, "f64_gemm") and not C.f64_gemm_available(),
                        reason="the CPU lacks AVX512-F"),
 ]  # fmt: skip
@@ -49,7 +49,7 @@ def test_exact_on_integers(m, n, k, lower):
         Cm[upper] = float("nan")  # never read, never written
         expected[upper] = float("nan")
     got = Cm.clone()
-    C.f64_gemm_nt_sub(A.numpy(), B.numpy(), got.numpy(), lower)
+    C.f64_gemm_sub(A.numpy(), B.numpy(), got.numpy(), lower)
     assert torch.equal(torch.nan_to_num(got, nan=1e300), torch.nan_to_num(expected, nan=1e300))
 
 
@@ -60,7 +60,7 @@ def test_within_the_dot_product_bound_of_torch(m, n, k):
     B = torch.randn(n, k, generator=g, dtype=torch.float64)
     Cm = torch.randn(m, n, generator=g, dtype=torch.float64)
     got = Cm.clone()
-    C.f64_gemm_nt_sub(A.numpy(), B.numpy(), got.numpy())
+    C.f64_gemm_sub(A.numpy(), B.numpy(), got.numpy())
     gamma = (k + 1) * U / (1 - (k + 1) * U)  # k products and k additions into C
     bound = 2 * gamma * (Cm.abs() + A.abs() @ B.abs().T)
     assert bool(((got - (Cm - A @ B.T)).abs() <= bound).all())
@@ -74,24 +74,41 @@ def test_blocks_of_a_larger_matrix():
     A, B, Cv = work[200:, :150], work[150:350, 10:160], work[200:, 150:350]
     expected = big.clone()
     expected[200:, 150:350] = (big[200:, 150:350].long() - big[200:, :150].long() @ big[150:350, 10:160].long().T).double()
-    C.f64_gemm_nt_sub(A.numpy(), B.numpy(), Cv.numpy())
+    C.f64_gemm_sub(A.numpy(), B.numpy(), Cv.numpy())
     assert torch.equal(work, expected)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (9, 25, 513), (193, 97, 1025), (130, 256, 700)])
+@pytest.mark.parametrize("a_t,b_t", [(True, False), (False, True), (True, True)])
+def test_transposed_operands_exact_on_integers(m, n, k, a_t, b_t):
+    """Operands stored transposed (k × m, k × n: the triangular solves' blocks) pack the same."""
+    g = torch.Generator().manual_seed(m + 3 * n + 7 * k + 11 * a_t + 13 * b_t)
+    A, B, Cm = ints(g, m, k), ints(g, n, k), ints(g, m, n)
+    expected = (Cm.long() - A.long() @ B.long().T).double()
+    a = A.T.contiguous().T if a_t else A  # same values, column-major storage
+    b = B.T.contiguous().T if b_t else B
+    assert a.stride(0) == (1 if a_t else k) or m == 1
+    got = Cm.clone()
+    C.f64_gemm_sub(a.numpy(), b.numpy(), got.numpy())
+    assert torch.equal(got, expected)
 
 
 def test_bad_arguments_are_refused():
     A = np.zeros((4, 3))
     with pytest.raises(TypeError, match="A must be float64"):
-        C.f64_gemm_nt_sub(A.astype(np.float32), A, np.zeros((4, 4)))
+        C.f64_gemm_sub(A.astype(np.float32), A, np.zeros((4, 4)))
     with pytest.raises(ValueError, match="as many columns"):
-        C.f64_gemm_nt_sub(A, np.zeros((4, 2)), np.zeros((4, 4)))
+        C.f64_gemm_sub(A, np.zeros((4, 2)), np.zeros((4, 4)))
     with pytest.raises(ValueError, match="C must be A.rows x B.rows"):
-        C.f64_gemm_nt_sub(A, A, np.zeros((4, 5)))
-    with pytest.raises(ValueError, match="contiguous rows"):
-        C.f64_gemm_nt_sub(np.zeros((3, 4)).T, A, np.zeros((4, 4)))
+        C.f64_gemm_sub(A, A, np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="contiguous rows or contiguous columns"):
+        C.f64_gemm_sub(np.zeros((8, 6))[::2, ::2], A, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="C must have contiguous rows"):
+        C.f64_gemm_sub(A, A, np.zeros((4, 4)).T)
     readonly = np.zeros((4, 4))
     readonly.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        C.f64_gemm_nt_sub(A, A, readonly)
+        C.f64_gemm_sub(A, A, readonly)
 
 
 def test_switch_follows_the_environment_default_and_overrides():

@@ -743,10 +743,24 @@ def test_lapack_dpocon_equals_the_hager_iteration(cond):
         assert got == pytest.approx(want, rel=1e3 * EPS * cond)
 
 
+@pytest.fixture(params=["openblas", "avx512"])
+def gemm_kernel(request):
+    """The native triangular solves' GEMMs on OpenBLAS or on the AVX-512 fp64 kernel
+    (csrc/f64_gemm.h; the default where OpenBLAS's kernels lack AVX-512, from 16 columns)."""
+    mod = native_or_skip()
+    if request.param == "avx512" and not mod.f64_gemm_available():
+        pytest.skip("the CPU lacks AVX512-F")
+    before = mod.f64_gemm()
+    mod.f64_gemm(request.param == "avx512")
+    yield request.param
+    mod.f64_gemm(before)
+
+
 @pytest.mark.native
-@pytest.mark.parametrize("d,n,cutoff", [(1, 1, 1), (9, 4, 2), (300, 1, 8), (300, 17, 64), (700, 33, 256)])
+@pytest.mark.parametrize("d,n,cutoff", [(1, 1, 1), (9, 4, 2), (300, 1, 8), (300, 17, 64), (700, 33, 256),
+                                        (517, 100, 40)])  # fmt: skip
 @pytest.mark.parametrize("cond", [1e2, 1e8])
-def test_native_triangular_solve_matches_torch(d, n, cutoff, cond):
+def test_native_triangular_solve_matches_torch(d, n, cutoff, cond, gemm_kernel):
     """_C.triangular_solve (recursive halving onto GEMM) against torch.linalg.solve_triangular,
     both directions, row- and column-major factors; small cutoffs force deep recursion with odd
     splits. Two backward-stable triangular solves differ by at most c·ε·κ(L), κ(L) = √κ(C)."""
