@@ -22,6 +22,20 @@ inline constexpr const char* kOpenblasAvx512Cores[] = {"skylakex", "cooperlake",
 // kernels in f32_gram.h and f64_gemm.h run by default only where it does not.
 bool openblas_core_has_avx512();
 
+// The on/off rule those kernels share: available where the CPU (and the OS, for the zmm state)
+// has AVX512-F; on when the environment variable is set to anything but "0", off when "0", and,
+// unset, on only where openblas_core_has_avx512() is false. set() overrides the variable.
+class Avx512KernelSwitch {
+ public:
+  explicit Avx512KernelSwitch(const char* env_var);
+  static bool available();
+  bool enabled() const;
+  void set(bool on) { mode_ = on ? 1 : 0; }
+
+ private:
+  int mode_;  // 1 on, 0 off, -1 automatic
+};
+
 // OpenBLAS serial for a scope, for kernels that run their own threads and call OpenBLAS on each
 // (the recursions on f64_gemm.h). Its pthreads workers spin for a while after each threaded
 // call and then held a core that our threads needed: a 3000 × 256 × 256 update took 31 ms

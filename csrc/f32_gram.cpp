@@ -3,8 +3,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "blas.h"
 #include "gram_tiles.h"
@@ -64,27 +62,15 @@ __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void pack(const float* x, int64
   }
 }
 
-int g_mode = [] {  // 1 on, 0 off, -1 automatic
-  const char* env = std::getenv("PMSOLVE_F32_GRAM");
-  if (env == nullptr || *env == '\0') return -1;
-  return std::strcmp(env, "0") != 0 ? 1 : 0;
-}();
+Avx512KernelSwitch g_switch("PMSOLVE_F32_GRAM");
 
 }  // namespace
 
-bool f32_gram_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+bool f32_gram_available() { return Avx512KernelSwitch::available(); }
 
-bool f32_gram_enabled() {
-  if (!f32_gram_available() || g_mode == 0) return false;
-  if (g_mode == 1) return true;
-  static const bool narrower_blas = !openblas_core_has_avx512();
-  return narrower_blas;
-}
+bool f32_gram_enabled() { return g_switch.enabled(); }
 
-void set_f32_gram_enabled(bool on) { g_mode = on ? 1 : 0; }
+void set_f32_gram_enabled(bool on) { g_switch.set(on); }
 
 void f32_gram_add(const float* x, int64_t rows, int64_t d, double* master, int threads,
                   std::vector<uint16_t>& scratch) {

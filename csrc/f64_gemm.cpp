@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "blas.h"
@@ -152,27 +150,15 @@ __attribute__((target(PMSOLVE_F64_GEMM_TARGET))) void row_block(const Problem& P
   }
 }
 
-int g_mode = [] {  // 1 on, 0 off, -1 automatic
-  const char* env = std::getenv("PMSOLVE_F64_GEMM");
-  if (env == nullptr || *env == '\0') return -1;
-  return std::strcmp(env, "0") != 0 ? 1 : 0;
-}();
+Avx512KernelSwitch g_switch("PMSOLVE_F64_GEMM");
 
 }  // namespace
 
-bool f64_gemm_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+bool f64_gemm_available() { return Avx512KernelSwitch::available(); }
 
-bool f64_gemm_enabled() {
-  if (!f64_gemm_available() || g_mode == 0) return false;
-  if (g_mode == 1) return true;
-  static const bool narrower_blas = !openblas_core_has_avx512();
-  return narrower_blas;
-}
+bool f64_gemm_enabled() { return g_switch.enabled(); }
 
-void set_f64_gemm_enabled(bool on) { g_mode = on ? 1 : 0; }
+void set_f64_gemm_enabled(bool on) { g_switch.set(on); }
 
 void f64_gemm_sub(int64_t m, int64_t n, int64_t k, Operand A, Operand B, double* C, int64_t ldc, bool lower_only,
                   int threads) {
