@@ -339,6 +339,38 @@ def test_dead_units_get_jitter_reported(backend, cholesky_kernel):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dead", [False, True])
+@pytest.mark.parametrize("n", [5, 12])  # fewer and more edits than d_out = 7 (two routes for δ's term)
+@pytest.mark.parametrize("method", ["emmet", "memit"])
+def test_preservation_cost_is_the_dense_trace(backend, dead, n, method):
+    """diagnostics.preservation_cost is tr(Δ C Δᵀ) with the C given (δ not included), against the
+    dense product in fp64. With dead units C is singular; a fixed δ of 5 % of mean(diag C) makes
+    δ's share of the cost large enough that leaving it in would fail. Tolerance: cond_tol with
+    κ(C + δI) and κ(G + μI), which bound the forward error of B, and so of the quadratic form,
+    on both sides."""
+    d = 96
+    g = torch.Generator().manual_seed(n)
+    K0 = torch.randn(d, 3 * d, generator=g, dtype=F64)
+    if dead:
+        K0[[5, 50]] = 0
+    C = K0 @ K0.mT / K0.shape[1]
+    jitter = 0.05 * float(torch.diagonal(C).mean()) if dead else None
+    f = pmsolve.factorize(C, jitter=jitter, backend=backend)
+    assert (f.jitter > 0) == dead
+    K, R = keys(d, n, seed=n + 1)
+    if dead:
+        K[[5, 50]] = 0
+    up = pmsolve.solve(f, K, R, method=method, mu=None if method == "emmet" else 0.5, backend=backend)
+    D = up.dense()
+    truth = float(torch.trace(D @ C @ D.mT))
+    Cd = C + f.jitter * torch.eye(d, dtype=F64)
+    G = K.mT @ torch.linalg.solve(Cd, K)
+    tol = cond_tol(kappa(Cd), kappa(G + up.diagnostics.mu * torch.eye(n, dtype=F64)))
+    assert up.diagnostics.preservation_cost == pytest.approx(truth, rel=tol)
+    assert truth > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d,cutoff", [(64, None), (300, 64), (700, 128), (1500, None)])
 def test_factorize_overwrite_c_equals_the_copying_path(backend, d, cutoff, cholesky_kernel):
     """overwrite_c factors in C's own storage: bit for bit the factor of the copying path
