@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "f64_gemm.h"
+#include "f64_trsm.h"
 #include "parallel.h"
 #include "solver.h"
 #include "switch.h"
@@ -240,6 +241,21 @@ void f64_gemm_sub(const py::array& A, const py::array& B, py::array& C, bool low
   pmsolve::f64_gemm_sub(m, n, k, a, b, cdata, c.ld, lower_only, pmsolve::worker_threads());
 }
 
+// X := X·L⁻ᵀ (transpose) or X·L⁻¹ on the kernel, for tests: L row-major lower n × n, X rows × n.
+void f64_trsm_right(const py::array& L, py::array& X, bool transpose, int leaf) {
+  require(pmsolve::f64_gemm_available(), "f64_trsm_right needs a CPU with AVX512-F");
+  const pmsolve::LowerFactor l = lower_factor(L);
+  require(!l.col_major || l.n <= 1, "L must be C-contiguous (row-major) here");
+  const Mat x = f64_matrix(X, "X");
+  require(X.writeable(), "X must be writeable (it is overwritten with the solution)");
+  require(x.cols == l.n, "X must be rows x n, n = L's size");
+  require(leaf >= 1, "leaf must be >= 1");
+  py::gil_scoped_release nogil;
+  const int threads = pmsolve::worker_threads();  // before SerialBlas: it follows the BLAS setting
+  pmsolve::SerialBlas serial;
+  pmsolve::trsm_right_lower(l.data, l.ld, l.n, x.data, x.ld, x.rows, transpose, leaf, threads);
+}
+
 }  // namespace
 
 void register_solver(py::module_& m) {
@@ -253,6 +269,10 @@ void register_solver(py::module_& m) {
         "C -= A Bᵀ in place on the AVX-512 fp64 kernel (only C's lower triangle with lower_only; its strict "
         "upper triangle is then neither read nor written). float64; A and B with contiguous rows or columns, C "
         "with contiguous rows.");
+  m.def("f64_trsm_right", &f64_trsm_right, py::arg("L"), py::arg("X"), py::arg("transpose") = false,
+        py::arg("leaf") = pmsolve::kOwnLeaf,
+        "X := X L⁻ᵀ (transpose) or X L⁻¹ in place, recursively on the AVX-512 fp64 kernel with OpenBLAS's dtrsm "
+        "below `leaf` columns; L n x n lower, X rows x n, both float64 C-contiguous.");
   m.def("pm_whitened", &pm_whitened, py::arg("Z"), py::arg("mus"), py::arg("max_cond"),
         "(G, M, mu_index, cond) for whitened keys Z = L⁻¹K (d × n, float64, C-contiguous), overwritten in "
         "place with Z (G + μI)⁻¹ when a μ is accepted: G = ZᵀZ, the first μ with chol(G + μI) ok and "

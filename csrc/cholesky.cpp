@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "f64_gemm.h"
+#include "f64_trsm.h"
 #include "loaded_mkl.h"
 #include "parallel.h"
 #include "solver.h"
@@ -110,29 +111,6 @@ void zero_strict_upper(Mat a) {
   });
 }
 
-// X := X·L⁻ᵀ for X rows × n and L n × n lower, both row-major with leading dimension ld (the
-// Cholesky's L21 = A21·L11⁻ᵀ). Recursive halving turns all but the leaves' flops into
-// f64_gemm_nt_sub; leaves are OpenBLAS's dtrsm, serial, on row slices in parallel.
-void trsm_right_lower_trans(const double* L, int64_t n, double* X, int64_t rows, int64_t ld, int64_t leaf,
-                            int threads) {
-  if (n <= leaf) {
-    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64)));
-    run_on_threads(nt, [&](int t) {
-      const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
-      if (r1 > r0)
-        scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, static_cast<blas_int>(r1 - r0),
-                          static_cast<blas_int>(n), 1.0, L, static_cast<blas_int>(ld), X + r0 * ld,
-                          static_cast<blas_int>(ld));
-    });
-    return;
-  }
-  // [X1 X2]·[L11 0; L21 L22]ᵀ = [X1·L11ᵀ, X1·L21ᵀ + X2·L22ᵀ]
-  const int64_t n1 = half_split(static_cast<blas_int>(n)), n2 = n - n1;
-  trsm_right_lower_trans(L, n1, X, rows, ld, leaf, threads);
-  f64_gemm_nt_sub(rows, n2, n1, X, ld, L + n1 * ld, ld, X + n1, ld, /*lower_only=*/false, threads);
-  trsm_right_lower_trans(L + n1 * ld + n1, n2, X + n1, rows, ld, leaf, threads);
-}
-
 // The recursion of cholesky_lower with all level-3 work in f64_gemm_nt_sub on our threads
 // (see f64_gemm.h for when); leaves (≤ leaf) are OpenBLAS's dpotrf, serial.
 blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, blas_int leaf, int threads) {
@@ -141,7 +119,7 @@ blas_int cholesky_lower_own(double* a, blas_int n, blas_int lda, blas_int leaf, 
   if (blas_int info = cholesky_lower_own(a, n1, lda, leaf, threads)) return info;
   double* a21 = a + static_cast<int64_t>(n1) * lda;
   double* a22 = a21 + n1;
-  trsm_right_lower_trans(a, n1, a21, n2, lda, leaf, threads);
+  trsm_right_lower(a, lda, n1, a21, lda, n2, /*transpose=*/true, leaf, threads);
   f64_gemm_nt_sub(n2, n2, n1, a21, lda, a21, lda, a22, lda, /*lower_only=*/true, threads);
   const blas_int info = cholesky_lower_own(a22, n2, lda, leaf, threads);
   return info ? info + n1 : 0;

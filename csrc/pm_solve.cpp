@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "f64_gemm.h"
+#include "f64_trsm.h"
 #include "parallel.h"
 #include "solver.h"
 
@@ -28,12 +29,28 @@ void mirror_lower(Mat a) {
     for (blas_int j = 0; j < i; ++j) a.data[static_cast<int64_t>(j) * a.ld + i] = a.data[static_cast<int64_t>(i) * a.ld + j];
 }
 
-// ‖A‖₁ (max column sum of |a_ij|) of a full square matrix.
-double one_norm(Mat a) {
+// The lower triangle of G = ZᵀZ (Z d × n). `threads` > 0: on f64_gemm.h's kernel (G's lower
+// triangle −= ZᵀZ from zero, then negated: both exact), else OpenBLAS's dsyrk.
+void gram_lower(Mat Z, Mat G, int threads) {
+  const blas_int n = Z.cols;
+  if (threads <= 0) {
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, Z.rows, 1.0, Z.data, Z.ld, 0.0, G.data, G.ld);
+    return;
+  }
+  for (blas_int i = 0; i < n; ++i) std::fill_n(G.data + static_cast<int64_t>(i) * G.ld, i + 1, 0.0);
+  const Operand Zt{Z.data, Z.ld, /*transposed=*/true};
+  f64_gemm_sub(n, n, Z.rows, Zt, Zt, G.data, G.ld, /*lower_only=*/true, threads);
+  for (blas_int i = 0; i < n; ++i)
+    for (blas_int j = 0; j <= i; ++j) G.data[static_cast<int64_t>(i) * G.ld + j] *= -1.0;
+}
+
+// ‖A‖₁ of a symmetric matrix, as its max row sum (= max column sum), read along the rows.
+double one_norm_symmetric(Mat a) {
   double best = 0.0;
-  for (blas_int j = 0; j < a.cols; ++j) {
+  for (blas_int i = 0; i < a.rows; ++i) {
+    const double* row = a.data + static_cast<int64_t>(i) * a.ld;
     double s = 0.0;
-    for (blas_int i = 0; i < a.rows; ++i) s += std::abs(a.data[static_cast<int64_t>(i) * a.ld + j]);
+    for (blas_int j = 0; j < a.cols; ++j) s += std::abs(row[j]);
     best = std::max(best, s);
   }
   return best;
@@ -113,11 +130,11 @@ void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
 }
 
 PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
-  const blas_int d = Z.rows, n = Z.cols;
-  // SYRK guarantees an exactly symmetric, positive semi-definite G (up to rounding in its entries).
-  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, n, d, 1.0, Z.data, Z.ld, 0.0, G.data, G.ld);
-  mirror_lower(G);
-  const double anorm_g = one_norm(G);
+  const blas_int n = Z.cols;
+  const int own_threads = n >= kOwnSolveMinCols && f64_gemm_enabled() ? worker_threads() : 0;
+  gram_lower(Z, G, own_threads);
+  mirror_lower(G);  // an exactly symmetric G, positive semi-definite up to rounding in its entries
+  const double anorm_g = one_norm_symmetric(G);
 
   PMResult res{-1, std::numeric_limits<double>::infinity()};
   for (int k = 0; k < n_mus; ++k) {
@@ -131,6 +148,12 @@ PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G
   }
   if (res.mu_index < 0) return res;
   // Z (G + μI)⁻¹ = Z M⁻ᵀ M⁻¹, from the right.
+  if (own_threads > 0) {
+    SerialBlas serial;
+    for (bool transpose : {true, false})
+      trsm_right_lower(M.data, M.ld, n, Z.data, Z.ld, Z.rows, transpose, kOwnLeaf, own_threads);
+    return res;
+  }
   scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data,
                     M.ld, Z.data, Z.ld);
   scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, Z.rows, Z.cols, 1.0, M.data,

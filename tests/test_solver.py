@@ -811,6 +811,52 @@ def test_native_triangular_solve_matches_torch(d, n, cutoff, cond, gemm_kernel):
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("n,rows,leaf", [(1, 1, 1), (9, 5, 2), (40, 300, 8), (100, 7, 16), (300, 130, 64),
+                                         (517, 200, 256)])  # fmt: skip
+@pytest.mark.parametrize("cond", [1e2, 1e8])
+def test_native_right_triangular_solve_matches_torch(n, rows, leaf, cond):
+    """_C.f64_trsm_right (X := X·L⁻ᵀ or X·L⁻¹ by recursive halving onto the AVX-512 kernel; the
+    Cholesky's panel solve and the solve's Z·(G + μI)⁻¹) against torch.linalg.solve_triangular
+    with left=False; small leaves force deep recursion with odd splits. Bound as for the left
+    solves: c·ε·κ(L), κ(L) = √κ(C)."""
+    mod = native_or_skip()
+    if not mod.f64_gemm_available():
+        pytest.skip("the CPU lacks AVX512-F")
+    L = torch.linalg.cholesky(spd(n, cond=cond, seed=n)).contiguous()
+    g = torch.Generator().manual_seed(n + rows)
+    for transpose in (False, True):
+        Y = torch.randn(rows, n, generator=g, dtype=F64)
+        want = torch.linalg.solve_triangular(L.mT if transpose else L, Y, upper=transpose, left=False)
+        X = Y.clone()
+        mod.f64_trsm_right(L.numpy(), X.numpy(), transpose, leaf)
+        assert rel(X, want) <= cond_tol(math.sqrt(cond)), transpose
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("d,n,method", [(200, 100, "emmet"), (700, 300, "emmet"), (300, 300, "memit"),
+                                        (400, 20, "memit")])  # fmt: skip
+def test_cpu_solve_matches_torch_on_both_gemm_kernels(d, n, method, gemm_kernel):
+    """The whole native solve (the d × d triangular solves, G = ZᵀZ and Z·(G + μI)⁻¹ on the
+    AVX-512 kernel from 16 keys, or on OpenBLAS) against the torch backend; n = d with MEMIT
+    and n > 256 put the n × n solves through the kernel's recursion. κ(C) = 10, Gaussian keys."""
+    native_or_skip()
+    C = spd(d, cond=10, seed=d + n)
+    K, R = keys(d, n)
+    ft, fc = pmsolve.factorize(C, backend="torch"), pmsolve.factorize(C, backend="cpu")
+    mu = None if method == "emmet" else 0.1 * float(torch.diagonal(K.mT @ torch.linalg.solve(C, K)).mean())
+    ut = pmsolve.solve(ft, K, R, method=method, mu=mu, backend="torch")
+    uc = pmsolve.solve(fc, K, R, method=method, mu=mu, backend="cpu")
+    G = K.mT @ torch.linalg.solve(C, K) + (mu or 0.0) * torch.eye(n, dtype=F64)
+    tol = cond_tol(10.0, kappa(G))
+    assert rel(uc.B, ut.B) <= tol
+    assert uc.diagnostics.cond_G == pytest.approx(ut.diagnostics.cond_G, rel=tol)
+    if method == "emmet":  # equality: (W0 + Δ)K = V, so ΔK = R
+        assert uc.diagnostics.residual <= tol
+    else:  # least squares: the same residual on both backends
+        assert uc.diagnostics.residual == pytest.approx(ut.diagnostics.residual, rel=tol)
+
+
+@pytest.mark.native
 @pytest.mark.parametrize("d,k,zeros", [(1, 1, 0), (5, 2, 0), (300, 1, 0), (300, 3, 100), (700, 4, 0),
                                        (700, 6, 350), (1100, 2, 1099)])  # fmt: skip
 @pytest.mark.parametrize("cond", [1e2, 1e8])
