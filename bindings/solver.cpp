@@ -282,6 +282,7 @@ void register_solver(py::module_& m) {
         "Z := L⁻¹Z (or L⁻ᵀZ with transpose) in place, recursively on GEMM; L lower (float64, row- or "
         "column-major), Z d × n float64 C-contiguous.");
   m.attr("TRSM_CUTOFF") = pmsolve::kTrsmCutoff;
+  m.attr("F64_GEMM_SOLVE_MIN_KEYS") = pmsolve::kOwnSolveMinCols;
   m.attr("CHOLESKY_CUTOFF") = pmsolve::kCholeskyCutoff;
   m.def("cholesky_jittered", &cholesky_jittered, py::arg("C"), py::arg("shifts"),
         py::arg("cutoff") = pmsolve::kCholeskyCutoff, py::arg("out") = py::none(), py::arg("out_zeroed") = false,

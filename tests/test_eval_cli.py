@@ -211,7 +211,7 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
     assert fast_bf16(torch.device("cpu")) == (feature is not None)
     assert info["v_star_precision_cpu"] == (f"bf16 autocast ({feature})" if feature else "model dtype")
     assert info["stats_forward_cpu"] == info["v_star_precision_cpu"]
-    assert info["cpu_solve"] == "native from 4 keys, torch below"  # tests/conftest.py pins 4
+    assert info["cpu_solve"].startswith("native from 4 keys, torch below")  # tests/conftest.py pins 4
     if "cpu" in info["backends"]:  # the native module loaded, so OpenBLAS got our thread timeout (or the user's)
         assert info["openblas_thread_timeout"] is not None
         from pmsolve._native import native
@@ -222,6 +222,8 @@ def test_info_reports_backends_and_the_v_star_precision(capsys, tmp_path, monkey
         mkl, avx512 = native().mkl_potrf(), native().f64_gemm()
         route = "MKL dpotrf from " if mkl else "recursive on pmsolve's AVX-512" if avx512 else "recursive on OpenBLAS"
         assert info["cpu_cholesky"].startswith(route)
+        own = f"; on pmsolve's AVX-512 fp64 kernel from {native().F64_GEMM_SOLVE_MIN_KEYS} keys"
+        assert info["cpu_solve"].endswith(own) == avx512
         assert info["openblas_env"]["OPENBLAS_CORETYPE"] == os.environ.get("OPENBLAS_CORETYPE")
 
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         "stats_forward_cpu": cpu_precision,
         # Where a solve runs on the CPU backend: natively from some number of keys, through torch
         # (whole, MKL on Intel CPUs) below it.
-        "cpu_solve": _solve_route(),
+        "cpu_solve": _solve_route(mod),
         # Which kernel factors C on the CPU: MKL's dpotrf found in the process (torch's), or ours.
         "cpu_cholesky": _cholesky_route(mod),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -112,11 +112,16 @@ def _cholesky_route(mod) -> str | None:
     return "recursive on OpenBLAS (PMSOLVE_MKL_POTRF=1 to use a loaded MKL's dpotrf)"
 
 
-def _solve_route() -> str:
+def _solve_route(mod) -> str:
     from pmsolve.backends import cpu
 
     n = cpu.NATIVE_TRSM_MIN_N
-    return "torch at every n" if n == sys.maxsize else f"native from {n} keys, torch below"
+    if n == sys.maxsize:
+        return "torch at every n"
+    if mod is not None and hasattr(mod, "f64_gemm") and mod.f64_gemm():
+        own = max(n, mod.F64_GEMM_SOLVE_MIN_KEYS)
+        return f"native from {n} keys, torch below; on pmsolve's AVX-512 fp64 kernel from {own} keys"
+    return f"native from {n} keys, torch below"
 
 
 def _cache_usage() -> dict:
