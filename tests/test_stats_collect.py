@@ -426,8 +426,46 @@ def test_corpora(tmp_path):
 
 def test_saved_hf_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": ["one doc", "another doc"]}).save_to_disk(str(tmp_path / "ds"))
-    assert list(open_corpus(tmp_path / "ds").texts()) == ["one doc", "another doc"]
+    rows = {"text": ["one doc", None, "another doc", ""], "body": ["b0", "b1", "b2", "b3"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    corpus = open_corpus(tmp_path / "ds")
+    assert list(corpus.texts()) == ["one doc", "another doc"]  # missing and empty documents skipped
+    body = open_corpus(tmp_path / "ds", field="body")
+    assert list(body.texts()) == rows["body"] and body.id != corpus.id  # the field is part of the cache id
+    # A DatasetDict: its "train" split.
+    splits = {"test": datasets.Dataset.from_dict({"text": ["t"]}), "train": datasets.Dataset.from_dict({"text": ["a"]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    assert list(open_corpus(tmp_path / "dd").texts()) == ["a"]
+    with pytest.raises(InputError, match=r"no column 'content'.*\['text', 'body'\]"):
+        open_corpus(tmp_path / "ds", field="content")
+    datasets.Dataset.from_dict({"n": [1, 2]}).save_to_disk(str(tmp_path / "ints"))
+    with pytest.raises(InputError, match=r"row 0: field 'n' holds a value of type int, not a string"):
+        list(open_corpus(tmp_path / "ints", field="n").texts())
+
+
+def test_named_hf_dataset_resolves_name_config_and_split(monkeypatch):
+    """hf:NAME[:CONFIG[:SPLIT]] (the download itself needs a network; load_dataset is stood in for)."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [f"{name}/{config}/{split}"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(open_corpus("hf:wiki").texts()) == ["wiki/None/train"]
+    assert list(open_corpus("hf:wiki:en:validation").texts()) == ["wiki/en/validation"]
+    assert calls == [("wiki", None, "train"), ("wiki", "en", "validation")]
+    assert open_corpus("hf:wiki:en:validation").id.startswith("hf:wiki:en:validation:text:")
+    with pytest.raises(InputError, match="name the dataset"):
+        open_corpus("hf:")
+
+
+def test_jsonl_values_must_be_strings(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "a"}\n{"text": null}\n{"text": 3}\n')
+    with pytest.raises(InputError, match=r"c.jsonl:3: field 'text' holds a value of type int"):
+        list(open_corpus(f).texts())
 
 
 def tiny_folder(tmp_path) -> Path:
@@ -463,6 +501,26 @@ def test_cli_stats_writes_cache_and_npz(tmp_path, corpus, capsys):
         acc = CovarianceAccumulator.load(path, expect={"model_id": "tiny", "max_tokens": 300})
         back = CovarianceAccumulator.from_npz(Path(path).with_suffix(".npz"))
         assert back.count == acc.count == 300 and rel(back.sum(), acc.sum()) < 1e-6
+
+
+def test_cli_stats_corpus_field(tmp_path, corpus, capsys):
+    """--corpus-field reads another JSON key; the default field missing is one error line, exit 2."""
+    from pmsolve.cli import main
+
+    folder = tiny_folder(tmp_path)
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in corpus.open()))
+    common = ["stats", "--model", str(folder), "--layers", "0", "--max-tokens", "200", "--quiet", "--no-resume"]
+    assert main(common + ["--corpus", str(corpus), "--out", str(tmp_path / "a")]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(common + ["--corpus", str(body), "--corpus-field", "body", "--out", str(tmp_path / "b")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == want["tokens"] == 200
+    a, b = (CovarianceAccumulator.load(r["files"]["0"]) for r in (want, got))
+    assert torch.equal(a.sum(), b.sum())  # the same documents, in the same order
+    assert main(common + ["--corpus", str(body), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "body.jsonl:1" in err and "'text'" in err and "Traceback" not in err
 
 
 def test_load_stats_finds_ours_and_the_references_files_by_module(tmp_path, corpus):

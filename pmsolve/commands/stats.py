@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_document_start(p)
     p.add_argument("--layers", required=True, type=parse_layers, help="layer indices, e.g. 4,5,6 or 4-6")
     p.add_argument("--corpus", default=None, help="text/JSONL file, saved HF dataset, 'hf:<name>' or 'offline' (default)")
+    p.add_argument("--corpus-field", default="text", help="the JSON key or dataset column holding the text (default: text)")
     p.add_argument("--max-tokens", type=positive_int, default=100_000, help="real tokens per layer")
     p.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per forward batch")
     p.add_argument("--seq-len", type=positive_int, default=512, help="truncate documents to this many tokens")
@@ -113,11 +114,13 @@ def _run(args: argparse.Namespace, rank: int, device_map: str | None) -> int:
 
 
 def _collect(args: argparse.Namespace, loaded, collect_stats, rank: int):
+    from pmsolve.stats import open_corpus
+
     return collect_stats(
         loaded.model,
         loaded.tokenizer,
         args.layers,
-        args.corpus,
+        open_corpus(args.corpus, field=args.corpus_field),
         max_tokens=args.max_tokens,
         batch_tokens=args.batch_tokens,
         seq_len=args.seq_len,

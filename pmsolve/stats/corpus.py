@@ -87,11 +87,22 @@ def _jsonl_file(path: Path, field: str) -> Corpus:
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)[field]
+                    value = json.loads(line)[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise InputError(f"{path}:{lineno}: not a JSON object with a {field!r} string ({exc})") from None
+                yield _document(value, f"{path}:{lineno}", field)
 
     return Corpus(f"jsonl:{path.name}:{field}:{_file_digest(path)}", f"JSONL file {path} (field {field!r})", texts)
+
+
+def _document(value: object, where: str, field: str) -> str:
+    """A document's text: a string, or "" for a missing value (null / None: skipped, as empty
+    documents are); anything else is an error naming where it is."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field {field!r} holds a value of type {type(value).__name__}, not a string")
+    return value
 
 
 def _import_datasets():  # type: ignore[no-untyped-def]
@@ -102,24 +113,33 @@ def _import_datasets():  # type: ignore[no-untyped-def]
     return datasets
 
 
+def _hf_texts(ds, field: str, source: str) -> Callable[[], Iterator[str]]:  # type: ignore[no-untyped-def]
+    """The field's values row by row, checked for the column up front (the error lists the ones
+    there are) and for strings as rows are read (the error names the row)."""
+    columns = list(getattr(ds, "column_names", None) or [])
+    if field not in columns:
+        raise InputError(f"{source} has no column {field!r}; its columns: {columns} (choose one with field=...)")
+    only = ds.select_columns([field])  # rows decode only this column
+    return lambda: (_document(row[field], f"{source}, row {i}", field) for i, row in enumerate(only))
+
+
 def _hf_saved(path: Path, field: str) -> Corpus:
     ds = _import_datasets().load_from_disk(str(path))
     if hasattr(ds, "keys"):  # a DatasetDict: take "train" when present
         ds = ds["train"] if "train" in ds else ds[sorted(ds.keys())[0]]
     fingerprint = getattr(ds, "_fingerprint", "unknown")
-    return Corpus(
-        f"hf-disk:{path.name}:{fingerprint}", f"saved Hugging Face dataset {path}", lambda: (r[field] for r in ds)
-    )
+    source = f"saved Hugging Face dataset {path}"
+    return Corpus(f"hf-disk:{path.name}:{field}:{fingerprint}", source, _hf_texts(ds, field, source))
 
 
 def _hf_named(spec: str, field: str) -> Corpus:
     name, config, split = (spec.split(":") + [None, None])[:3]
-    ds = _import_datasets().load_dataset(name, config, split=split or "train")
-    return Corpus(
-        f"hf:{name}:{config}:{split or 'train'}:{getattr(ds, '_fingerprint', 'unknown')}",
-        f"Hugging Face dataset {spec}",
-        lambda: (r[field] for r in ds),
-    )
+    if not name:
+        raise InputError(f"'hf:{spec}': name the dataset, as hf:NAME[:CONFIG[:SPLIT]]")
+    ds = _import_datasets().load_dataset(name, config or None, split=split or "train")
+    source = f"Hugging Face dataset {spec}"
+    fingerprint = getattr(ds, "_fingerprint", "unknown")
+    return Corpus(f"hf:{name}:{config}:{split or 'train'}:{field}:{fingerprint}", source, _hf_texts(ds, field, source))
 
 
 def _stdlib_docstrings() -> Iterator[str]:
