@@ -118,7 +118,8 @@ def _hf_texts(ds, field: str, source: str) -> Callable[[], Iterator[str]]:  # ty
     there are) and for strings as rows are read (the error names the row)."""
     columns = list(getattr(ds, "column_names", None) or [])
     if field not in columns:
-        raise InputError(f"{source} has no column {field!r}; its columns: {columns} (pick one with field=, or --corpus-field on the command line)")
+        raise InputError(f"{source} has no column {field!r}; its columns: {columns} (pick one with field=, or "
+                         "--corpus-field on the command line)")
     only = ds.select_columns([field])  # rows decode only this column
     return lambda: (_document(row[field], f"{source}, row {i}", field) for i, row in enumerate(only))
 
