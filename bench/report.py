@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+MiB = 1 << 20
+
+
 def _markers(tag: str) -> tuple[str, str]:
     label = f" {tag}" if tag else ""
     return f"<!-- BEGIN GENERATED{label} (bench/report.py) -->", f"<!-- END GENERATED{label} -->"
-MiB = 1 << 20
 
 
 def _by_test(benchmarks: list[dict], prefix: str) -> list[dict]:
