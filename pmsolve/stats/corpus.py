@@ -120,7 +120,7 @@ def _hf_texts(ds, field: str, source: str) -> Callable[[], Iterator[str]]:  # ty
     if field not in columns:
         raise InputError(f"{source} has no column {field!r}; its columns: {columns} (pick one with field=, or "
                          "--corpus-field on the command line)")
-    only = ds.select_columns([field])  # rows decode only this column
+    only = ds.select_columns([field]) if hasattr(ds, "select_columns") else ds  # rows decode only this column
     return lambda: (_document(row[field], f"{source}, row {i}", field) for i, row in enumerate(only))
 
 
