@@ -682,7 +682,8 @@ def _diagnostics(
     seconds: float,
 ) -> SolveDiagnostics:
     B, G = sol.B, sol.G
-    BtK = B.mT @ K  # n × n: Δ K = R (Bᵀ K); the d × n² product is the honest check of the solves
+    # n × n: Δ K = R (Bᵀ K); the d × n² product from the final B is the honest check of the solves.
+    BtK = sol.BtK if sol.BtK is not None else B.mT @ K
     residual = float(torch.linalg.matrix_norm(R @ BtK - R)) / max(float(torch.linalg.matrix_norm(R)), 1e-300)
     cost = _preservation_cost(B, G, sol.M, R, factor.jitter)
     return SolveDiagnostics(

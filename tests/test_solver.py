@@ -857,6 +857,28 @@ def test_cpu_solve_matches_torch_on_both_gemm_kernels(d, n, method, gemm_kernel)
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("n", [4, 16, 100])
+def test_cpu_residual_product_on_the_kernel(n, gemm_kernel):
+    """The cpu backend hands the diagnostics BᵀK (the residual's check) from the AVX-512 kernel
+    where the solve's GEMMs run on it, from F64_GEMM_SOLVE_MIN_KEYS keys, else leaves it to torch
+    (None). It must equal torch's product within the bound of two fp64 sums of d products,
+    2·γ_d·(|B|ᵀ|K|)."""
+    from pmsolve.backends import get_backend
+
+    mod = native_or_skip()
+    d = 300
+    L = torch.linalg.cholesky(spd(d, cond=10, seed=3)).contiguous()
+    K, _ = keys(d, n)
+    sol = get_backend("cpu", K.device).pm_solve(L, K, [0.0], 1e12)
+    on_kernel = gemm_kernel == "avx512" and n >= mod.F64_GEMM_SOLVE_MIN_KEYS
+    assert (sol.BtK is not None) == on_kernel
+    if on_kernel:
+        gamma = d * EPS / (1 - d * EPS)
+        bound = 2 * gamma * (sol.B.abs().mT @ K.abs())
+        assert bool(((sol.BtK - sol.B.mT @ K).abs() <= bound).all())
+
+
+@pytest.mark.native
 @pytest.mark.parametrize("d,k,zeros", [(1, 1, 0), (5, 2, 0), (300, 1, 0), (300, 3, 100), (700, 4, 0),
                                        (700, 6, 350), (1100, 2, 1099)])  # fmt: skip
 @pytest.mark.parametrize("cond", [1e2, 1e8])

@@ -47,6 +47,9 @@ class PMSolution:
     mu_index: int  # index into the mus tried; -1 when none gave a factor with cond <= max_cond
     cond: float  # 1-norm condition estimate of G + mu I for the accepted mu (inf on failure)
     workspace_bytes: int
+    # Bᵀ K from the final B and the keys as given (the residual's check), when the backend has a
+    # faster product than torch's; None: the diagnostics form it with torch.
+    BtK: torch.Tensor | None = None
 
 
 class SolverBackend(Protocol):
