@@ -29,6 +29,13 @@ void mirror_lower(Mat a) {
     for (blas_int j = 0; j < i; ++j) a.data[static_cast<int64_t>(j) * a.ld + i] = a.data[static_cast<int64_t>(i) * a.ld + j];
 }
 
+// Threads for a solve's level-3 work with `cols` right-hand sides (or keys) on f64_gemm.h's
+// kernel, or 0 for OpenBLAS's routes. Taken before any SerialBlas scope: worker_threads()
+// follows the BLAS setting, which that scope lowers to 1.
+int own_solve_threads(blas_int cols) {
+  return cols >= kOwnSolveMinCols && f64_gemm_enabled() ? worker_threads() : 0;
+}
+
 // The lower triangle of G = ZᵀZ (Z d × n). `threads` > 0: on f64_gemm.h's kernel (G's lower
 // triangle −= ZᵀZ from zero, then negated: both exact), else OpenBLAS's dsyrk.
 void gram_lower(Mat Z, Mat G, int threads) {
@@ -120,8 +127,8 @@ void solve_block(LowerFactor L, bool transpose, Mat Z, blas_int off, blas_int m,
 
 void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
   cutoff = std::max<blas_int>(cutoff, 1);
-  if (L.n > cutoff && Z.cols >= kOwnSolveMinCols && f64_gemm_enabled()) {
-    const int threads = worker_threads();  // before SerialBlas: it follows the BLAS setting
+  const int threads = L.n > cutoff ? own_solve_threads(Z.cols) : 0;
+  if (threads > 0) {
     SerialBlas serial;
     solve_block(L, transpose, Z, 0, L.n, cutoff, threads);
     return;
@@ -131,7 +138,7 @@ void triangular_solve(LowerFactor L, bool transpose, Mat Z, blas_int cutoff) {
 
 PMResult pm_whitened(Mat Z, const double* mus, int n_mus, double max_cond, Mat G, Mat M) {
   const blas_int n = Z.cols;
-  const int own_threads = n >= kOwnSolveMinCols && f64_gemm_enabled() ? worker_threads() : 0;
+  const int own_threads = own_solve_threads(n);
   gram_lower(Z, G, own_threads);
   mirror_lower(G);  // an exactly symmetric G, positive semi-definite up to rounding in its entries
   const double anorm_g = one_norm_symmetric(G);
