@@ -8,7 +8,7 @@ one. This script edits every fact of the experiments' seeded sample in independe
 prompts, and reports the relative change of mean entropy with its paired standard error, next
 to the efficacy, paraphrase and neighbourhood scores of the same edits.
 
-    python bench/fluency_bench.py --batch 64 --facts 256 --prompts 1 --out bench/fluency-b64.json
+    python bench/fluency_bench.py --batch 64 --facts 256 --prompts 1 --out bench/results/fluency-b64.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON of bench/test_bench_solver.py into the tables of bench/RESULTS.md.
 
-    python bench/report.py bench/results.json [bench/RESULTS.md [TAG]]
+    python bench/report.py bench/results/solver.json [bench/RESULTS.md [TAG]]
 
 Only the text between the GENERATED markers (of TAG, when given: one file can hold
 several runs) is replaced; the prose around it is kept. Missing markers are appended.

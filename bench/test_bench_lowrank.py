@@ -7,7 +7,7 @@ factorize: the best a user holding C can do) and "rebuild from L" (C = LLᵀ reb
 cached factor, then refactored: what pmsolve did until session 10). All three then solve the
 same n = 64 keys; the ratio is per batch and layer, factor of C excluded (cached).
 
-    pytest bench/test_bench_lowrank.py --benchmark-json bench/lowrank.json
+    pytest bench/test_bench_lowrank.py --benchmark-json bench/results/lowrank.json
     PMSOLVE_BENCH_DIMS=6400 pytest bench/test_bench_lowrank.py ...   # one size
 """
 

@@ -2,8 +2,8 @@
 
 Run (full grid ≈ 10–15 min on 2 cores; PMSOLVE_BENCH_QUICK=1 for a ~1 min smoke run):
 
-    pytest bench/test_bench_solver.py --benchmark-json bench/results.json
-    python bench/report.py bench/results.json        # rewrites the tables in bench/RESULTS.md
+    pytest bench/test_bench_solver.py --benchmark-json bench/results/solver.json
+    python bench/report.py bench/results/solver.json        # rewrites the tables in bench/RESULTS.md
 
 How it measures (the machine is shared, so load varies over seconds):
 - Every round runs every implementation once, back to back (pytest-benchmark's

@@ -189,7 +189,7 @@ def main() -> None:
     if "--no-e2e" not in sys.argv:
         report["end_to_end"] = end_to_end()
         print(json.dumps(report["end_to_end"], indent=1), flush=True)
-    with open(os.environ.get("PMSOLVE_BENCH_OUT", "bench/stats_results.json"), "w") as fh:
+    with open(os.environ.get("PMSOLVE_BENCH_OUT", "bench/results/stats.json"), "w") as fh:
         json.dump(report, fh, indent=1)
 
 
