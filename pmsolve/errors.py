@@ -6,7 +6,8 @@ Hierarchy (catch the base class to handle everything pmsolve raises):
     ├── InputError (also ValueError)      bad shapes, dtypes, NaN/Inf, asymmetric C, ...
     ├── NumericalError (also ArithmeticError)
     │   ├── NotPositiveDefiniteError     C (or G) not PSD beyond what jitter may fix
-    │   └── ConflictingConstraintsError  equality constraints contradict each other
+    │   ├── ConflictingConstraintsError  equality constraints contradict each other
+    │   └── CapacityError                no room left: empty null space, retained keys past d
     ├── CacheError                        missing, corrupt or mismatched statistics/factor files
     └── BackendUnavailableError (also RuntimeError)
 """
@@ -45,6 +46,19 @@ class ConflictingConstraintsError(NumericalError):
     def __init__(self, message: str, *, columns: list[list[int]]) -> None:
         super().__init__(message)
         self.columns = columns
+
+
+class CapacityError(NumericalError):
+    """The edit has no room left in the key space: a null-space projector with no direction kept,
+    or more independent keys held exactly (retained plus new) than the key width d allows.
+
+    ``required`` and ``available`` are the counts compared (e.g. retained + new keys against d).
+    """
+
+    def __init__(self, message: str, *, required: int, available: int) -> None:
+        super().__init__(message)
+        self.required = required
+        self.available = available
 
 
 class CacheError(PMSolveError):

@@ -433,6 +433,8 @@ class SolveDiagnostics:
     preservation_cost: tr(Δ C Δᵀ) with the C the factor stands for (δ removed; a low-rank
         term added by Factor.extend is part of that C).
     mu: μ actually used; ridge_fallback: True when μ had to be raised above the requested value.
+    extra: what a variant of the solve adds (null-space projection, retained keys; see
+        pmsolve.lifelong), empty for the plain solve.
     """
 
     method: str
@@ -451,6 +453,7 @@ class SolveDiagnostics:
     preservation_cost: float
     seconds: float
     peak_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
