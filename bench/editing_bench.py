@@ -1,4 +1,4 @@
-"""Editing benchmarks on SmolLM2-135M-Instruct (DESIGN.md §2, issue #4 targets).
+"""Editing benchmarks on SmolLM2-135M-Instruct (docs/design.md §7; the targets of issue #4).
 
     python bench/editing_bench.py sweep      # choose layers: edit success per candidate layer set
     python bench/editing_bench.py targets    # 32 facts, EMMET and MEMIT (λ sweep), throughput

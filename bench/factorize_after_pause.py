@@ -2,7 +2,7 @@
 
     python bench/factorize_after_pause.py [d] [rounds]
 
-On machines that hand freed memory back to the host (the session-7 VM, bench/first_touch.py)
+On machines that hand freed memory back to the host (some VMs do; bench/first_touch.py measures it)
 the first touch of a fresh d × d output is part of every such call. Compares
 pmsolve.factorize (copying: the factor is a new tensor), pmsolve.factorize(overwrite_c=True)
 (in C's storage; the input copy it overwrites is made before the pause, like a C the user

@@ -2,7 +2,7 @@
 
     python bench/first_touch.py [MiB]
 
-On the session-7 VM (bench/RESULTS.md) memory the guest frees is handed back to the host
+On some VMs (docs/design.md §10) memory the guest frees is handed back to the host
 within seconds, and touching it again is ~20x slower than touching pages the guest still
 holds. Any call that allocates a large output (a d × d factor) pays that, so benchmarks that
 compare such calls must control it (bench/test_bench_solver.py: ``prefault``).

@@ -10,18 +10,16 @@ produced the same way each time. The measurements are the benches' own (bench/te
 bench/test_bench_stats.py), with their inputs; ratios are medians of interleaved rounds, so
 they come from the same minutes. --quick skips the 4M-token error runs (~5 min of the 10).
 
-Where the environment sets OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE (shared/DESIGN.md §4: this
-workplace's AMD machines set OPENBLAS_CORETYPE=Haswell, AVX2 kernels), everything is measured
+Where the environment sets OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE (docs/design.md §10: the
+AMD development machines set OPENBLAS_CORETYPE=Haswell, AVX2 kernels), everything is measured
 twice: as set, and in a child process without them, where OpenBLAS picks its kernels itself
-(SkylakeX, AVX-512, on the Zen 5 of session 16: dgemm 116 -> 194-208 GFLOP/s). Each table names
+(SkylakeX, AVX-512; on a Zen 5 that doubles OpenBLAS's dgemm, docs/benchmarks.md). Each table names
 the kernel set that ran (OpenBLAS's "core=...").
 
 `solve` is timed twice at d = 6400: alone (a loop of its own calls) and interleaved with the
 MEMIT reference (each call right after a reference call). The two placements have differed by
-up to 20 % (session 13: 8.0× interleaved, 9.6× alone at n = 256): right after torch's parallel
-work its idle OpenMP threads keep spinning on the cores ours want for a few milliseconds
-(session 14: one d = 1536 accumulator update took 58 ms after a pause and 67 ms right after
-the reference's GEMM). A user's pipeline sits somewhere between the two.
+up to 20 % (docs/history.md): right after torch's parallel work its idle OpenMP threads keep
+spinning for a few milliseconds on the cores ours want. A user's pipeline sits somewhere between the two.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ from solve_standalone import median_time  # noqa: E402
 
 D = 6400
 SOLVE_NS = (1, 16, 256)
-# Read by OpenBLAS once, when it loads: they pick its kernels and blocking (shared/DESIGN.md §4).
+# Read by OpenBLAS once, when it loads: they pick its kernels and blocking (docs/design.md §10).
 OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 

@@ -4,7 +4,7 @@ The case: an edit batch whose preservation term gets k extra keys (the batch's o
 tokens, `preserve_prompts`), C_e = C + w·PᵀP/k. Per batch and layer, ours extends the cached
 factor and solves; the alternatives refactor: "refactor from C" (C_e formed from C, then
 factorize: the best a user holding C can do) and "rebuild from L" (C = LLᵀ rebuilt from the
-cached factor, then refactored: what pmsolve did until session 10). All three then solve the
+cached factor, then refactored: what pmsolve did before `Factor.extend`). All three then solve the
 same n = 64 keys; the ratio is per batch and layer, factor of C excluded (cached).
 
     pytest bench/test_bench_lowrank.py --benchmark-json bench/results/lowrank.json

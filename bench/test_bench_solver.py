@@ -14,10 +14,10 @@ How it measures (the machine is shared, so load varies over seconds):
   peak increase, the result included. conftest.py makes glibc serve large
   allocations by mmap, so freed memory is not silently reused.
 - Fresh memory: every timed call (ours and each competitor's) runs right after touching and
-  freeing as much memory as the largest call allocates (``prefault``). On the session-7 VM the
-  host reclaims memory the guest has freed within ~1–2 s, and touching it again costs
-  ~2.5 ms/MB: 0.7–0.9 s for one d = 6400 fp64 matrix, more than half a factorisation. Without
-  this, whichever implementation allocated its output after a pause paid it (bench/RESULTS.md).
+  freeing as much memory as the largest call allocates (``prefault``). Some VMs
+  hand memory the guest has freed back to the host within seconds, and touching it again can
+  cost more than half a factorisation at d = 6400 (docs/design.md §10). Without this,
+  whichever implementation allocated its output after a pause paid it.
 - All implementations run with the same thread count (torch's, 2 here, or
   PMSOLVE_BENCH_THREADS, see conftest.py): MKL through torch, OpenBLAS 0.3.34
   (scipy-openblas32, our core's library) and SciPy's bundled OpenBLAS.
