@@ -41,7 +41,7 @@ from .errors import (
 
 Method = Literal["emmet", "memit", "rome"]
 METHODS = ("emmet", "memit", "rome")
-DEFAULT_MEMIT_LAMBDA = 15000.0  # the reference GPT-J setting; sweep it (DESIGN.md §2)
+DEFAULT_MEMIT_LAMBDA = 15000.0  # the reference GPT-J setting; sweep it (docs/design.md §2.5)
 _FACTOR_FORMAT = "pmsolve.factor/1"
 _FACTOR_FORMAT_LOWRANK = "pmsolve.factor/2"  # /1 plus the columns U of a low-rank term
 

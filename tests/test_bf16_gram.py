@@ -114,7 +114,7 @@ def test_kernel_rejects_nonfinite_rows_before_adding(kernel):
 
 def test_avx512_bf16_sums_more_accurately_than_one_fp32_run_per_fold(switches_restored):
     """VDPBF16PS rounds after every product, so summing each 512-token fold in one fp32 register
-    run erred 8-9e-7 per chunk (session 13); the kernel sums 64-token runs and adds those. Both
+    run erred 8-9e-7 per chunk (measured on a Zen 4); the kernel sums 64-token runs and adds those. Both
     are compared on the same rows against fp64: the kernel must be several times closer than
     the one-run scheme, simulated here as a sequential fp32 cumulative sum per fold."""
     if not _available("avx512_bf16"):

@@ -303,7 +303,7 @@ def batch_sweep(env: Env) -> dict[str, Any]:
 
 def _lambda_sweep(env: Env) -> list[dict[str, Any]]:
     """MEMIT's λ at one batch size: with C the mean second moment, diag G is of order d, so
-    small λ makes MEMIT an equality solve (DESIGN.md §2); ES on the batch, PS/NS on a quarter."""
+    small λ makes MEMIT an equality solve (docs/design.md §2.5); ES on the batch, PS/NS on a quarter."""
     cfg = env.config
     b = min(len(env.records), 64)
     rows = []

@@ -7,7 +7,7 @@ copies dominated its attention: profiled on SmolLM2 (3 key/value heads, 9 query 
 32 facts, the copies took 2.4 s of a 27 s optimisation. Folding each group's query heads
 into the query length instead lets one batched matmul serve the whole group from the
 shared key/value head, with the same dot products and the same fp32 softmax. SDPA avoids
-the copy too, but its CPU backward in bf16 was the slowest option measured (session 2).
+the copy too, but its CPU backward in bf16 was the slowest option measured (docs/history.md).
 
 Only for architectures whose own eager attention is exactly scores·scaling + mask, fp32
 softmax, weights·values (``GROUPED_EAGER_TYPES``); anything else keeps the model's own.

@@ -5,7 +5,7 @@ position 0, the attention-sink position, whose hidden states are unlike those of
 anywhere else. A fact whose prompt *starts* with the subject ("Paris is the capital of") then
 gets a key at the subject that differs from the key of the same subject after any context, and
 an edit computed from context-averaged keys reaches it only partly. Measured on SmolLM2-135M
-(bench/RESULTS.md, session 3): with <|endoftext|> prepended, EMMET at batch 32 went from
+(docs/history.md, "Editing quality"): with <|endoftext|> prepended, EMMET at batch 32 went from
 ES 87.5 / PS 71.9 to ES 100 / PS 90.6 on the same facts.
 
 Pretraining corpora of these models are documents joined by <|endoftext|>, so that token is

@@ -36,7 +36,7 @@ class _TorchEngine:
     On a GPU, cuBLAS's Ssyrk (half the flops, tried through _C) ran 1.44x faster at
     d = 6400 and no faster at 1536 on an H200, with 2-8x this GEMM's error against fp64
     (2.3e-7 vs 1.2e-7 at d = 6400, 3.4e-7 vs 5.2e-8 at d = 700): not worth it
-    (bench/RESULTS.md, session 8)."""
+    (docs/history.md, "GPU")."""
 
     name = "torch"
 
@@ -60,7 +60,7 @@ class _TorchEngine:
                                  "the fp32 range; values above ~1e19); use fp64 products")
         # bf16/fp16 rows are upcast before the product, on a GPU too: cuBLAS's bf16 GEMM
         # with an fp32 result (tensor cores) ran 8x faster on an H200 but its error against
-        # fp64 was 7e-6, against 3e-8 for this fp32 product (bench/RESULTS.md, session 8).
+        # fp64 was 7e-6, against 3e-8 for this fp32 product (docs/history.md, "GPU").
         x = x.to(self.mat.device, torch.float32)
         for i in range(0, x.shape[0], self.chunk_rows):
             self._chunk(x[i : i + self.chunk_rows])

@@ -477,7 +477,7 @@ def collect_stats(
         autocast: None (the model's own precision), "bf16" or "fp16": the forward runs under
             torch.autocast in that dtype, so the captured keys are bf16/fp16 and their products
             take a bf16 kernel (AMX or AVX512-BF16) where the CPU has one. Several times faster on CPUs with fast
-            bf16 (measured: bench/RESULTS.md, session 12) at a small change of C; recorded in
+            bf16 (measured: docs/benchmarks.md) at a small change of C; recorded in
             the cache's identity and file name, so the two kinds of statistics never mix.
             "auto": "bf16" where bf16 matmuls are fast (CPUs with AMX or AVX512-BF16, CUDA with
             bf16), else None.
