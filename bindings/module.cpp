@@ -32,13 +32,14 @@ PYBIND11_MODULE(_C, m) {
   pmsolve_bindings::def_switch(
       m, "openmp", &pmsolve::openmp_enabled, &pmsolve::set_openmp_enabled,
       "whether the kernels' parallel work runs in the process's OpenMP pool (torch's) rather than on "
-      "threads of their own; only possible when exactly one OpenMP runtime is loaded (PMSOLVE_OPENMP=0 starts "
-      "it off)");
+      "threads of their own; only possible when exactly one OpenMP runtime is loaded (pmsolve._native sets it "
+      "from PMSOLVE_OPENMP, pmsolve/switches.py)");
   m.def("openmp_runtimes", &pmsolve::openmp_runtimes, "paths of the OpenMP runtimes loaded in this process");
   pmsolve_bindings::def_switch(
       m, "mkl_potrf", &pmsolve::mkl_potrf_enabled, &pmsolve::set_mkl_potrf_enabled,
       "whether factorisations (cholesky_jittered*) run MKL's dpotrf from an MKL already loaded in the "
-      "process (torch's) instead of the recursion on OpenBLAS; stays off when there is none");
+      "process (torch's) instead of the recursion on OpenBLAS; stays off when there is none (pmsolve._native "
+      "sets it from PMSOLVE_MKL_POTRF, pmsolve/switches.py)");
   m.def("loaded_mkl_path", &pmsolve::loaded_mkl_path,
         "path of the loaded object whose MKL dpotrf mkl_potrf would use, or '' when there is none");
   register_solver(m);

@@ -263,8 +263,8 @@ void register_solver(py::module_& m) {
   pmsolve_bindings::def_switch(
       m, "f64_gemm", &pmsolve::f64_gemm_enabled, &pmsolve::set_f64_gemm_enabled,
       "whether the Cholesky recursion runs on the AVX-512 fp64 kernel instead of OpenBLAS's dgemmt/dtrsm "
-      "(switch it with enable; by default on only where OpenBLAS's selected kernels lack AVX-512; "
-      "PMSOLVE_F64_GEMM=0/1 decides)");
+      "(switch it with enable; pmsolve._native sets it from PMSOLVE_F64_GEMM, pmsolve/switches.py: by default "
+      "on only where OpenBLAS's selected kernels lack AVX-512)");
   m.def("f64_gemm_sub", &f64_gemm_sub, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("lower_only") = false,
         "C -= A Bᵀ in place on the AVX-512 fp64 kernel (only C's lower triangle with lower_only; its strict "
         "upper triangle is then neither read nor written). float64; A and B with contiguous rows or columns, C "

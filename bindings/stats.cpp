@@ -150,17 +150,19 @@ void register_stats(py::module_& m) {
   m.def("amx_bf16_available", &pmsolve::amx_bf16_available, "the CPU has AMX-BF16 and the OS granted the tile state");
   pmsolve_bindings::def_switch(
       m, "amx_bf16", &pmsolve::amx_enabled, &pmsolve::set_amx_enabled,
-      "whether bf16 chunks take the AMX Gram kernel (switch it with enable; PMSOLVE_AMX=0 starts it off)");
+      "whether bf16 chunks take the AMX Gram kernel (switch it with enable; pmsolve._native sets it from "
+      "PMSOLVE_AMX, pmsolve/switches.py)");
   m.def("dpbf16_available", &pmsolve::dpbf16_available, "the CPU has AVX512-F/BW/VL and AVX512-BF16");
   pmsolve_bindings::def_switch(
       m, "dpbf16_bf16", &pmsolve::dpbf16_enabled, &pmsolve::set_dpbf16_enabled,
       "whether bf16 chunks may take the AVX512-BF16 Gram kernel when AMX is off or absent (switch it with "
-      "enable; PMSOLVE_DPBF16=0 starts it off)");
+      "enable; pmsolve._native sets it from PMSOLVE_DPBF16, pmsolve/switches.py)");
   m.def("f32_gram_available", &pmsolve::f32_gram_available, "the CPU has AVX512-F");
   pmsolve_bindings::def_switch(
       m, "f32_gram", &pmsolve::f32_gram_enabled, &pmsolve::set_f32_gram_enabled,
       "whether fp32 chunks take the AVX-512 Gram kernel instead of OpenBLAS's ssyrk (switch it with enable; "
-      "by default on only where OpenBLAS's selected kernels lack AVX-512; PMSOLVE_F32_GRAM=0/1 decides)");
+      "pmsolve._native sets it from PMSOLVE_F32_GRAM, pmsolve/switches.py: by default on only where OpenBLAS's "
+      "selected kernels lack AVX-512)");
   m.def(
       "bf16_gram_kernel",
       [] {

@@ -23,7 +23,7 @@ constexpr int64_t kBlock = 32;             // C block edge: 2 × 2 tiles of 16 �
 constexpr int64_t kTileK = 32;             // bf16 values per tile row (64 bytes)
 // Block rows that share each B panel while it is in L2 (2 × 32 features × 4096 tokens of A
 // = 512 KiB, plus one 256 KiB B panel, in the 2 MiB L2 of the AMX Xeons, which the fp64
-// master's block updates also pass through). Session 12, 4096 rows, alternating processes:
+// master's block updates also pass through). Measured with 4096 rows, alternating processes:
 // groups of 2 took 155-166 ms at d = 6400 against 173-175 with 4 (1 MiB of A), the same at 1536.
 constexpr int64_t kGroup = 2;
 
@@ -85,7 +85,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void store_tiles(float* out) {
 }
 
 // Only AMX CPUs run this file's kernels, and they all have AVX-512: the fold below and the
-// packing vectorise with it (the build's baseline is generic x86-64). Measured in session 12:
+// packing vectorise with it (the build's baseline is generic x86-64). Measured on an AMX Xeon:
 // 4096 × 1536 bf16 rows 11–13 → 9–10.7 ms per update, d = 6400 4–9 % faster.
 #define PMSOLVE_AMX_VECTOR "avx512f,avx512bw,avx512vl"
 
@@ -146,10 +146,8 @@ __attribute__((target(PMSOLVE_AMX_VECTOR))) void pack(const uint16_t* x, int64_t
   }
 }
 
-bool g_enabled = [] {
-  const char* env = std::getenv("PMSOLVE_AMX");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}();
+// Set from pmsolve/switches.py (PMSOLVE_AMX) when pmsolve._native loads the module.
+bool g_enabled = true;
 
 }  // namespace
 

@@ -3,8 +3,7 @@
 // Why by hand: products of bf16 values are exact in fp32, so for bf16 activations an
 // fp32-accumulating bf16 GEMM gives the same accuracy as the fp32 path at several times
 // its speed on AMX CPUs. No BLAS available to this project offers one: torch's CPU mm
-// has no fp32-output bf16 GEMM and scipy-openblas32 exports no sbgemm (measured in
-// session 2; bench/RESULTS.md). This kernel is the one piece of that GEMM we need.
+// has no fp32-output bf16 GEMM and scipy-openblas32 exports no sbgemm. This kernel is the one piece of that GEMM we need.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +13,7 @@ namespace pmsolve {
 
 // True when the CPU has AMX-BF16 and the OS granted this process the tile state.
 bool amx_bf16_available();
-// Available and not switched off (PMSOLVE_AMX=0 in the environment, or set_amx_enabled(false)).
+// Available and not switched off (set_amx_enabled; pmsolve/switches.py's PMSOLVE_AMX decides).
 bool amx_enabled();
 void set_amx_enabled(bool on);
 

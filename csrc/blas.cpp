@@ -1,8 +1,6 @@
 #include "blas.h"
 
 #include <cctype>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 
 namespace pmsolve {
@@ -23,21 +21,9 @@ bool openblas_core_has_avx512() {
   return false;
 }
 
-Avx512KernelSwitch::Avx512KernelSwitch(const char* env_var) {
-  const char* env = std::getenv(env_var);
-  mode_ = env == nullptr || *env == '\0' ? -1 : std::strcmp(env, "0") != 0 ? 1 : 0;
-}
-
 bool Avx512KernelSwitch::available() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
-}
-
-bool Avx512KernelSwitch::enabled() const {
-  if (!available() || mode_ == 0) return false;
-  if (mode_ == 1) return true;
-  static const bool narrower_blas = !openblas_core_has_avx512();
-  return narrower_blas;
 }
 
 namespace {

@@ -22,18 +22,19 @@ inline constexpr const char* kOpenblasAvx512Cores[] = {"skylakex", "cooperlake",
 // kernels in f32_gram.h and f64_gemm.h run by default only where it does not.
 bool openblas_core_has_avx512();
 
-// The on/off rule those kernels share: available where the CPU (and the OS, for the zmm state)
-// has AVX512-F; on when the environment variable is set to anything but "0", off when "0", and,
-// unset, on only where openblas_core_has_avx512() is false. set() overrides the variable.
+// The on/off state those kernels share: available where the CPU (and the OS, for the zmm state)
+// has AVX512-F; enabled when available and switched on. The core reads no environment: the
+// decision (PMSOLVE_F32_GRAM / PMSOLVE_F64_GEMM, or their automatic rule) is made in
+// pmsolve/switches.py and set through the bindings when pmsolve._native loads the module, so
+// the off state here is only what a module used before that sees.
 class Avx512KernelSwitch {
  public:
-  explicit Avx512KernelSwitch(const char* env_var);
   static bool available();
-  bool enabled() const;
-  void set(bool on) { mode_ = on ? 1 : 0; }
+  bool enabled() const { return on_ && available(); }
+  void set(bool on) { on_ = on; }
 
  private:
-  int mode_;  // 1 on, 0 off, -1 automatic
+  bool on_ = false;
 };
 
 // OpenBLAS serial for a scope, for kernels that run their own threads and call OpenBLAS on each

@@ -85,10 +85,8 @@ __attribute__((target(PMSOLVE_DPBF16_TARGET))) void pack(const uint16_t* x, int6
   }
 }
 
-bool g_enabled = [] {
-  const char* env = std::getenv("PMSOLVE_DPBF16");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}();
+// Set from pmsolve/switches.py (PMSOLVE_DPBF16) when pmsolve._native loads the module.
+bool g_enabled = true;
 
 }  // namespace
 

@@ -2,7 +2,7 @@
 // fp64 master: the bf16 kernel for CPUs without AMX (AMD Zen 4 and later, Intel Cooper Lake).
 //
 // Why by hand: as for amx_gram.h, no BLAS available to this project has an fp32-output bf16
-// GEMM. VDPBF16PS does two bf16 multiply-adds per fp32 lane: measured on the session-13 Zen 4,
+// GEMM. VDPBF16PS does two bf16 multiply-adds per fp32 lane: measured on a Zen 4,
 // 115 G multiply-adds/s per core against 58 for fp32 FMAs, so bf16 activations need not be
 // widened to fp32 and multiplied at half the rate. Products of bf16 values are exact in fp32.
 #pragma once
@@ -14,7 +14,7 @@ namespace pmsolve {
 
 // True when the CPU (and the OS, for the zmm state) supports AVX512-F and AVX512-BF16.
 bool dpbf16_available();
-// Available and not switched off (PMSOLVE_DPBF16=0 in the environment, or set_dpbf16_enabled(false)).
+// Available and not switched off (set_dpbf16_enabled; pmsolve/switches.py's PMSOLVE_DPBF16 decides).
 bool dpbf16_enabled();
 void set_dpbf16_enabled(bool on);
 

@@ -62,7 +62,7 @@ __attribute__((target(PMSOLVE_F32_GRAM_TARGET))) void pack(const float* x, int64
   }
 }
 
-Avx512KernelSwitch g_switch("PMSOLVE_F32_GRAM");
+Avx512KernelSwitch g_switch;
 
 }  // namespace
 

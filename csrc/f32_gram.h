@@ -2,12 +2,12 @@
 // statistics kernel where the BLAS runs narrower kernels than the CPU has.
 //
 // Why by hand: OpenBLAS's ssyrk is the right tool when it runs its AVX-512 kernels, but an
-// environment may hold it to AVX2 ones (OPENBLAS_CORETYPE=Haswell, as this workplace's AMD
-// machines set it; shared/DESIGN.md §4), and an OpenBLAS older than the CPU picks a narrower
-// core by itself. On the session-16 Zen 5 that halved ssyrk's rate (fp32 statistics at d = 1536:
+// environment may hold it to AVX2 ones (OPENBLAS_CORETYPE=Haswell, as some environments set it on
+// AMD machines), and an OpenBLAS older than the CPU picks a narrower
+// core by itself. On a Zen 5 that halved ssyrk's rate (fp32 statistics at d = 1536:
 // 3.8× the reference with OpenBLAS's own kernels, 1.9-2.1× with Haswell's). This kernel runs
 // only then (f32_gram_enabled); elsewhere ssyrk stays (it was 1.1-1.2× faster than a kernel
-// like this on the session-15 Intel Xeon, bench/RESULTS.md).
+// like this on an Intel Xeon).
 #pragma once
 
 #include <cstdint>
@@ -17,9 +17,9 @@ namespace pmsolve {
 
 // True when the CPU (and the OS, for the zmm state) supports AVX512-F.
 bool f32_gram_available();
-// Whether fp32 statistics use this kernel: available, and PMSOLVE_F32_GRAM=1, or, unset,
-// OpenBLAS's selected kernels lack AVX-512 (PMSOLVE_F32_GRAM=0: never). set_f32_gram_enabled
-// overrides.
+// Whether fp32 statistics use this kernel: available and switched on (set_f32_gram_enabled;
+// pmsolve/switches.py's PMSOLVE_F32_GRAM decides, by default on where OpenBLAS's selected
+// kernels lack AVX-512).
 bool f32_gram_enabled();
 void set_f32_gram_enabled(bool on);
 

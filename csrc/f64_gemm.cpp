@@ -17,7 +17,7 @@ namespace {
 // Per step of k: 3 vector loads + 8 broadcasts for 24 FMAs. B's packed block (up to kColBlock
 // columns, kDepth steps) sits in L3/L2; a thread packs a row block of A (kRowBlock × kDepth, in
 // L2) and runs it past every B micro-panel. Depth and row block were tuned on the Cholesky at
-// d = 1536, 4096, 6400 on the session-17 Zen 5 (bench/RESULTS.md): deep steps (448-1024 alike)
+// d = 1536, 4096, 6400 on a Zen 5: deep steps (448-1024 alike)
 // beat 192-256 by 5-15 %: they cut the passes over C, whose rows lie far apart (ld = d), more
 // than they cost in L1 misses on B.
 constexpr int64_t kRows = 8;
@@ -150,7 +150,7 @@ __attribute__((target(PMSOLVE_F64_GEMM_TARGET))) void row_block(const Problem& P
   }
 }
 
-Avx512KernelSwitch g_switch("PMSOLVE_F64_GEMM");
+Avx512KernelSwitch g_switch;
 
 }  // namespace
 

@@ -3,8 +3,8 @@
 // the CPU has.
 //
 // Why by hand: OpenBLAS's dgemm is the right tool when it runs its AVX-512 kernels, but an
-// environment may hold it to AVX2 ones (OPENBLAS_CORETYPE=Haswell, as this workplace's AMD
-// machines set it; shared/DESIGN.md §4): on the session-16 Zen 5 its dgemm ran at 116 GFLOP/s
+// environment may hold it to AVX2 ones (OPENBLAS_CORETYPE=Haswell, as some environments set it on
+// AMD machines): on a Zen 5 its dgemm ran at 116 GFLOP/s
 // with Haswell's kernels against 194–208 with its own (SkylakeX), and the factorisation at
 // d = 6400 took 0.90 s against 0.58 s. Same policy as f32_gram.h: this kernel runs only then
 // (f64_gemm_enabled); elsewhere OpenBLAS (or MKL) stays.
@@ -16,9 +16,9 @@ namespace pmsolve {
 
 // True when the CPU (and the OS, for the zmm state) supports AVX512-F.
 bool f64_gemm_available();
-// Whether the Cholesky recursion uses this kernel: available, and PMSOLVE_F64_GEMM=1, or, unset,
-// OpenBLAS's selected kernels lack AVX-512 (PMSOLVE_F64_GEMM=0: never). set_f64_gemm_enabled
-// overrides.
+// Whether the Cholesky recursion uses this kernel: available and switched on
+// (set_f64_gemm_enabled; pmsolve/switches.py's PMSOLVE_F64_GEMM decides, by default on where
+// OpenBLAS's selected kernels lack AVX-512).
 bool f64_gemm_enabled();
 void set_f64_gemm_enabled(bool on);
 

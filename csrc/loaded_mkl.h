@@ -1,12 +1,11 @@
 // LAPACK's dpotrf from an MKL that is already loaded in the process, found by symbol.
 //
 // torch's x86-64 wheels link MKL statically into libtorch_cpu.so and export its Fortran
-// LAPACK symbols (dpotrf_, dgemm_, ...). On the Intel Xeon of session 15 that dpotrf factored
-// d = 6400 in 0.47 s on two threads (175 GFLOP/s, 92 % of MKL's dgemm rate), against 0.62 s
-// for our recursion on OpenBLAS. (torch.linalg.cholesky calls the same routine but then spends
-// another 0.4 s in a tril; bench/RESULTS.md, session 15.) Nothing is linked: the core builds
-// and runs without MKL, and this is off until switched on (pmsolve's CPU backend does so on
-// Intel CPUs, where MKL is tuned; PMSOLVE_MKL_POTRF=0 keeps it off).
+// LAPACK symbols (dpotrf_, dgemm_, ...). On an Intel Xeon that dpotrf factored d = 6400 about
+// 25 % faster than our recursion on OpenBLAS, at ~92 % of MKL's dgemm rate
+// (torch.linalg.cholesky calls the same routine but then spends about as long again in a tril).
+// Nothing is linked: the core builds and runs without MKL, and this is off until switched on
+// (pmsolve/switches.py's PMSOLVE_MKL_POTRF, by default on on Intel CPUs, where MKL is tuned).
 #pragma once
 
 #include <string>

@@ -35,10 +35,9 @@ bool pool_is_torchs() {
 #endif
 }
 
-void decide() {
-  const char* env = std::getenv("PMSOLVE_OPENMP");
-  g_openmp = (env == nullptr || std::strcmp(env, "0") != 0) && pool_is_torchs() ? 1 : 0;
-}
+// On where possible until set_openmp_enabled says otherwise (pmsolve._native sets it from
+// pmsolve/switches.py's PMSOLVE_OPENMP when it loads the module).
+void decide() { g_openmp = pool_is_torchs() ? 1 : 0; }
 
 }  // namespace
 

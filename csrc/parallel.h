@@ -3,10 +3,10 @@
 // Threads come from torch's OpenMP pool when the process has exactly one OpenMP runtime,
 // i.e. the extension's libgomp is torch's (same soname, loaded once): right after torch's
 // parallel work that pool's idle threads keep spinning for milliseconds on the cores, and
-// fresh threads of ours had to share a core with them (a d = 1536 statistics update: 61 ms
-// right after torch's GEMM against 52 ms in the pool; bench/RESULTS.md, session 14). With a
+// fresh threads of ours had to share a core with them (a d = 1536 statistics update ran about
+// 15 % slower on fresh threads right after torch's GEMM than in the pool). With a
 // second runtime (torch with its own renamed libgomp, or Intel's) the pool would be one more
-// set of spinning threads beside torch's and OpenBLAS's, so then, or with PMSOLVE_OPENMP=0,
+// set of spinning threads beside torch's and OpenBLAS's, so then, or with PMSOLVE_OPENMP=off,
 // plain std::threads run the work. Thread counts follow the BLAS setting, which pmsolve keeps
 // equal to torch.get_num_threads().
 #pragma once
@@ -23,7 +23,8 @@
 namespace pmsolve {
 
 // Whether run_on_threads uses the OpenMP pool: built with OpenMP, one OpenMP runtime in the
-// process (checked on first use), and not switched off (PMSOLVE_OPENMP=0 or set_openmp_enabled).
+// process (checked on first use), and not switched off (set_openmp_enabled; pmsolve/switches.py's
+// PMSOLVE_OPENMP decides).
 bool openmp_enabled();
 void set_openmp_enabled(bool on);
 // OpenMP runtimes loaded in the process (libgomp, libiomp5, libomp), by path.

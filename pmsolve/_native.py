@@ -11,6 +11,7 @@ import os
 import warnings
 from types import ModuleType
 
+from . import switches
 from .errors import BackendUnavailableError, NativeUnavailableWarning
 
 _module: ModuleType | None = None
@@ -20,8 +21,8 @@ _warned = False
 
 
 # After each call OpenBLAS's worker threads busy-wait for 2^28 cycles (~0.1 s) by default.
-# With few cores that starves whatever runs next: measured here, 20 small torch ops took
-# 107 ms right after a solve instead of 11 ms. 2^20 cycles (~0.4 ms) still keeps the threads
+# With few cores that starves whatever runs next: 20 small torch ops right after a solve took
+# about ten times as long as without one. 2^20 cycles (~0.4 ms) still keeps the threads
 # awake between the back-to-back BLAS calls inside one kernel. Read once, when the library
 # loads; a value the user set wins.
 _OPENBLAS_THREAD_TIMEOUT = "20"
@@ -29,6 +30,8 @@ _OPENBLAS_THREAD_TIMEOUT = "20"
 
 def _load() -> None:
     global _module, _reason, _loaded
+    # A bad PMSOLVE_* value is an InputError at every attempt, not a silent fallback to torch.
+    switches.check_environment()
     _loaded = True
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", _OPENBLAS_THREAD_TIMEOUT)
     try:
@@ -46,6 +49,8 @@ def _load() -> None:
             "(needs a C++17 compiler and CMake)"
         )
         return
+    # The core reads no environment: the switch table decides, once, here.
+    switches.apply_native(_C)
     _module = _C
 
 
@@ -55,9 +60,7 @@ def _import_C() -> ModuleType:
     The variable lets a developer test a build from their own build folder
     without installing it over the package's copy.
     """
-    import os
-
-    path = os.environ.get("PMSOLVE_NATIVE_LIB")
+    path = switches.native_lib()
     if not path:
         from . import _C  # type: ignore[attr-defined]
 

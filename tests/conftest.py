@@ -1,7 +1,24 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a summary of skipped tests by reason at the end of every run."""
+
+from collections import Counter
 
 import pytest
 import torch
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many tests skipped, per reason: a skip that hides a broken build (the native module
+    missing) shows up as one large line instead of a quiet "s" per test."""
+    reasons: Counter[str] = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.section(f"skipped: {sum(reasons.values())} tests, by reason")
+    for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        terminalreporter.write_line(f"{count:5d}  {reason}")
 
 
 @pytest.fixture
@@ -30,7 +47,6 @@ def cholesky_kernel(request):
     Tests taking this fixture run with each; "avx512" skips on CPUs without AVX512-F, "mkl"
     where torch brought no MKL, and both with the torch backend (one kernel)."""
     from pmsolve._native import native, unavailable_reason
-    from pmsolve.backends import get_backend
 
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "torch":
@@ -45,7 +61,6 @@ def cholesky_kernel(request):
         pytest.skip("no MKL loaded in this process (torch built without it)")
     if request.param == "avx512" and not mod.f64_gemm_available():
         pytest.skip("the CPU lacks AVX512-F")
-    get_backend("cpu", torch.device("cpu"))  # created first: creation sets the default
     before = mod.mkl_potrf(), mod.f64_gemm()
     assert mod.mkl_potrf(request.param == "mkl") == (request.param == "mkl")
     assert mod.f64_gemm(request.param == "avx512") == (request.param == "avx512")

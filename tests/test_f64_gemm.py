@@ -118,8 +118,9 @@ def test_switch_follows_the_environment_default_and_overrides():
         assert C.f64_gemm(False) is False
     finally:
         C.f64_gemm(before)
-    # Automatic: on exactly where OpenBLAS's selected core lacks AVX-512 (f32_gram's rule).
-    if os.environ.get("PMSOLVE_F64_GEMM", "") == "":
+    # Automatic (pmsolve/switches.py): on exactly where OpenBLAS's selected core lacks AVX-512
+    # (f32_gram's rule).
+    if os.environ.get("PMSOLVE_F64_GEMM", "").strip().lower() in ("", "auto"):
         core = C.blas_config().rsplit("core=", 1)[1].lower()
         assert C.openblas_core_has_avx512() == (core in C.OPENBLAS_AVX512_CORES)
         assert before == (not C.openblas_core_has_avx512())

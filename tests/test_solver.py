@@ -500,14 +500,14 @@ def test_the_cpu_cholesky_kernels_agree(d, cond, cutoff):
 
 
 def test_mkl_potrf_choice_follows_the_environment(monkeypatch):
-    from pmsolve.backends import cpu
+    from pmsolve import switches
 
     monkeypatch.setenv("PMSOLVE_MKL_POTRF", "0")
-    assert cpu._want_mkl_potrf() is False
+    assert switches.toggle("PMSOLVE_MKL_POTRF").value is False
     monkeypatch.setenv("PMSOLVE_MKL_POTRF", "1")
-    assert cpu._want_mkl_potrf() is True
+    assert switches.toggle("PMSOLVE_MKL_POTRF").value is True
     monkeypatch.delenv("PMSOLVE_MKL_POTRF")
-    assert cpu._want_mkl_potrf() == cpu._intel_cpu()
+    assert switches.toggle("PMSOLVE_MKL_POTRF").value == (switches.cpu_vendor() == "GenuineIntel")
     mod = native()
     if mod is not None and torch.backends.mkl.is_available():
         assert mod.loaded_mkl_path(), "torch reports MKL, but no loaded object exports MKL's dpotrf_"

@@ -1,14 +1,14 @@
 """The C++ CPU backend: pmsolve._C kernels on OpenBLAS (csrc/cholesky.cpp, csrc/pm_solve.cpp),
 except a solve with few keys (with any number on Intel CPUs), which runs through torch (see
 pm_solve), and, on Intel CPUs, the Cholesky factorisation itself, which runs torch's MKL dpotrf
-(csrc/loaded_mkl.h).
+(csrc/loaded_mkl.h). Which kernels run is decided by the switch table, pmsolve/switches.py.
 
 Tensors cross to the kernels as numpy views (``tensor.numpy()`` shares memory),
 so nothing is copied on the way in; outputs are numpy arrays allocated by the
 module and wrapped back with ``torch.from_numpy`` (again without a copy).
 
-Threads: OpenBLAS gets ``torch.get_num_threads()`` threads (or the
-``PMSOLVE_NUM_THREADS`` environment variable when set), re-read at every call so
+Threads: OpenBLAS gets ``torch.get_num_threads()`` threads (or ``PMSOLVE_NUM_THREADS``
+when set; pmsolve.switches.num_threads), re-read at every call so
 that ``torch.set_num_threads`` governs both libraries. The two thread pools
 never run at the same time: every kernel call is synchronous.
 """
@@ -16,14 +16,14 @@ never run at the same time: every kernel call is synchronous.
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 from types import ModuleType
 from typing import Sequence
 
 import torch
 
-from ..errors import BackendUnavailableError, InputError
+from .. import switches
+from ..errors import BackendUnavailableError
 from .base import CholeskyResult, InvSqrt, PMSolution, SymStats
 from .torch_backend import (TorchBackend, apply_inv_sqrt_, hager_cond_1norm, hager_norm1, reciprocal_cond,
                             symmetric_stats_torch)
@@ -31,51 +31,23 @@ from .torch_backend import (TorchBackend, apply_inv_sqrt_, hager_cond_1norm, hag
 _F64 = 8
 
 
-def _intel_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in fh)
-    except OSError:
-        return False
-
-
-def _torch_solves_are_mkl_on_intel() -> bool:
-    """Whether torch's triangular solves are MKL's on an Intel CPU, where they are the fastest."""
-    return torch.backends.mkl.is_available() and _intel_cpu()
-
-
-def _want_mkl_potrf() -> bool:
-    """Whether factorisations should run MKL's dpotrf (torch's copy, csrc/loaded_mkl.h): on Intel
-    CPUs, where it factored d = 6400 in 0.47 s against 0.62 s for our recursion on OpenBLAS
-    (session 15, bench/RESULTS.md). Elsewhere unmeasured, so off. PMSOLVE_MKL_POTRF=0/1 decides."""
-    env = os.environ.get("PMSOLVE_MKL_POTRF")
-    if env is not None:
-        return env.strip() != "0"
-    return _intel_cpu()
-
-
 # Keys from which pm_solve runs natively (below: through torch, whole; see CpuBackend.pm_solve); a
-# module attribute, so it can be changed. Measured (bench/trsm_standalone.py, d = 6400): on the
-# AMD EPYC of session 6 ours won from 4 keys on; on the Intel Xeon of sessions 2 and 12, MKL's
-# won at every n (session 12: ours 0.31x at n = 1, 0.55x at 16, 0.79x at 256, 0.91x at 1024).
-NATIVE_TRSM_MIN_N = sys.maxsize if _torch_solves_are_mkl_on_intel() else 4
+# module attribute, so it can be changed. Measured with bench/trsm_standalone.py at d = 6400: on
+# an AMD EPYC ours won from 4 keys on; on an Intel Xeon MKL's (torch's) won at every n, hence the
+# auto rule of PMSOLVE_NATIVE_SOLVE (pmsolve/switches.py).
+NATIVE_TRSM_MIN_N = 4 if switches.toggle("PMSOLVE_NATIVE_SOLVE").value else sys.maxsize
 
 
-# Whether the condition estimate's solves run natively (_C.spd_apply_inverse) or through torch:
-# natively except on Intel CPUs, where MKL's vector solves ran at 4.1-4.6 ms per d = 6400 triangle
-# (session 15) and the native kernel is not yet measured (bench: test_cond_estimate_vs_library_solves).
-NATIVE_COND_SOLVES = not _torch_solves_are_mkl_on_intel()
+# Whether the condition estimate's solves run natively (_C.spd_apply_inverse) or through torch
+# (PMSOLVE_NATIVE_COND_SOLVES): by default natively except on Intel CPUs with torch's MKL, whose
+# vector solves were fast there and where the native kernel is not yet measured
+# (bench: test_cond_estimate_vs_library_solves).
+NATIVE_COND_SOLVES = bool(switches.toggle("PMSOLVE_NATIVE_COND_SOLVES").value)
 
 
 def blas_threads() -> int:
     """Threads OpenBLAS should use now: PMSOLVE_NUM_THREADS, else torch's intra-op count."""
-    env = os.environ.get("PMSOLVE_NUM_THREADS")
-    if env:
-        n = int(env) if env.strip().isdigit() else 0
-        if n < 1:
-            raise InputError(f"PMSOLVE_NUM_THREADS must be a positive integer, got {env!r}")
-        return n
-    return torch.get_num_threads()
+    return int(switches.num_threads().value)
 
 
 def _zero_pages_matrix(d: int) -> torch.Tensor:
@@ -83,7 +55,7 @@ def _zero_pages_matrix(d: int) -> torch.Tensor:
     alive), transparent huge pages asked for.
 
     Fresh pages are zeros already, so the kernel never writes the factor's upper triangle. Why
-    these pages (session 16, Zen 5 VM, d = 6400, bench/RESULTS.md): first-touching the matrix cost
+    these pages (measured on a Zen 5 VM, d = 6400): first-touching the matrix cost
     237 ms on Python's default MAP_SHARED mapping (shmem: no huge pages), 133 ms on private 4 KiB
     pages and 21 ms on private 2 MiB pages: the factorisation 656 → 549 ms. The price: every huge
     page holds some of the lower triangle, so the whole d × d becomes resident (312 MiB at
@@ -114,7 +86,6 @@ class CpuBackend:
             )
         self._C = module
         self._torch = TorchBackend()  # the solve's route below NATIVE_TRSM_MIN_N keys
-        module.mkl_potrf(_want_mkl_potrf())  # stays off when no MKL is loaded
 
     def _sync_threads(self) -> None:
         # Asked every time rather than cached: other users of the same OpenBLAS may change it.
@@ -160,10 +131,9 @@ class CpuBackend:
     def cond_estimate(self, L: torch.Tensor, anorm: float) -> float:
         """DPOCON's estimate (DLACN2's iteration, hager_norm1). Its solves: ``_C.spd_apply_inverse``
         where NATIVE_COND_SOLVES (both triangular solves streamed at memory bandwidth, two vectors
-        per read of the factor; d = 6400 on Zen 5, session 16: one vector 10.6 ms against 15.7 ms
-        for torch's two solves, two vectors 12.4 ms, the estimate 57-89 → 43-60 ms), else torch's
-        (MKL's; 4.1-4.6 ms per solve on the Intel Xeon of session 15). A column-major factor takes
-        torch's. ``_C.cond_estimate`` keeps LAPACK's dpocon (85 ms on that Zen 5)."""
+        per read of the factor; on a Zen 5 at d = 6400, one vector cost about two thirds of
+        torch's two solves and the estimate a quarter less), else torch's (MKL's on Intel CPUs).
+        A column-major factor takes torch's. ``_C.cond_estimate`` keeps LAPACK's dpocon."""
         L = L.detach().to(device="cpu", dtype=torch.float64)
         if not NATIVE_COND_SOLVES or not L.is_contiguous() or anorm == 0 or L.shape[0] == 0:
             return hager_cond_1norm(L, float(anorm))
@@ -188,9 +158,8 @@ class CpuBackend:
         they run natively, recursively on GEMM, in place in one d × n buffer; below it (and at
         every n on Intel CPUs, where MKL's solves are faster), the whole solve runs through torch,
         the n × n work included: OpenBLAS's threads starting between two of MKL's calls, beside
-        torch's still-spinning OpenMP threads, made the solve 2-3× slower (session 15: d = 6400,
-        n = 1 32 → 10 ms, n = 16 65 → 26 ms, n = 256 244 → 196 ms). Measured in bench/RESULTS.md
-        (sessions 6, 12 and 15). Both read L in place, whichever its storage.
+        torch's still-spinning OpenMP threads, made the solve 1.2-3× slower on an Intel Xeon at
+        d = 6400 (most at small n). Both read L in place, whichever its storage.
         A low-rank term (``inv_sqrt``) is two d × k × n products around pm_whitened, through torch.
         """
         L = L.detach().to(device="cpu", dtype=torch.float64)
@@ -217,8 +186,8 @@ class CpuBackend:
 
     def _cross(self, B: torch.Tensor, K: torch.Tensor) -> torch.Tensor | None:
         """BᵀK on the AVX-512 fp64 kernel where the solve's GEMMs run on it (the same rule as
-        csrc/pm_solve.cpp's own_solve_threads); else None (torch forms it). d·n² flops: at
-        d = 6400, n = 1024, 170 ms through torch's MKL on the Zen 5, 85 ms here."""
+        csrc/pm_solve.cpp's own_solve_threads); else None (torch forms it). d·n² flops; about
+        twice as fast as torch's MKL product on an AVX-512 Zen 5 at d = 6400, n = 1024."""
         n = K.shape[1]
         if n < self._C.F64_GEMM_SOLVE_MIN_KEYS or not self._C.f64_gemm():
             return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ _object_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cache_dir() -> Path:
-    """The pmsolve cache root (``$PMSOLVE_CACHE``, as for converted models)."""
-    root = os.environ.get("PMSOLVE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "pmsolve"
+    """The pmsolve cache root (``$PMSOLVE_CACHE``, as for converted models; pmsolve.switches)."""
+    from ..switches import cache_dir as root
+
+    return root()
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

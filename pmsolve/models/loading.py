@@ -58,9 +58,9 @@ class LoadedModel:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("PMSOLVE_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "pmsolve"
-    return base / "models"
+    from ..switches import cache_dir
+
+    return cache_dir() / "models"
 
 
 def load_model(
