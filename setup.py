@@ -1,6 +1,6 @@
 """Builds the native core pmsolve._C with CMake.
 
-BLAS/LAPACK come from the PyPI package scipy-openblas32 (DESIGN.md section 4):
+BLAS/LAPACK come from the PyPI package scipy-openblas32 (docs/design.md §5):
 no system BLAS is needed and the library is the same on every machine.
 Set PMSOLVE_CUDA=1 to also compile the CUDA backend (needs nvcc and the
 nvidia-cublas / nvidia-cusolver wheels).

@@ -140,7 +140,7 @@ void CovAccumulator::update(const void* data, int64_t rows, RowFormat fmt) {
   // product goes to a scratch buffer is checked on that product instead of on the rows: a
   // NaN/Inf in column i makes the diagonal entry Σₜ xₜᵢ² NaN/Inf (its terms are ≥ 0, nothing
   // cancels), and the check happens before the fold. That saves a pass over the rows: 4-7 ms
-  // of ~70 for 4096 × 1536 fp32 rows on the session-9 machine (bench/RESULTS.md). Everything
+  // of ~70 for 4096 × 1536 fp32 rows on a 2-core Zen 3 (docs/history.md). Everything
   // else (several chunks, fp64 or centred products, the bf16 and AVX-512 fp32 kernels, which
   // add into the master directly) is checked up front, so a rejected update leaves the state untouched.
   const bool bf16_kernel = fmt == RowFormat::bf16 && bf16_gram_kernel() != Bf16Gram::fp32;

@@ -38,7 +38,7 @@ struct Strided {
 // out.lower = C.lower + shift·I, in tiles so that a column-major (transposed) C
 // is read with cache-friendly strides too; out's strict upper triangle is zeroed on the way
 // (the factor's, which the kernels never write): whole rows are written once, in parallel,
-// where a separate one-thread memset afterwards cost 57 ms at d = 6400 (session 15).
+// where a separate one-thread memset afterwards cost 57 ms at d = 6400 (Intel Xeon).
 template <class T>
 void copy_lower_shifted(const SymInput& C, Mat out, double shift, bool zero_upper) {
   constexpr int64_t tile = 64;
@@ -102,7 +102,7 @@ blas_int factor_lower(Mat a, blas_int cutoff) {
   return mkl_potrf_enabled() ? mkl_potrf_lower(a.data, a.rows, a.ld) : cholesky_lower(a.data, a.rows, a.ld, cutoff);
 }
 
-// Memory bound (57 ms at d = 6400 on one thread, session 15): split over the threads in tiles
+// Memory bound (57 ms at d = 6400 on one thread, Intel Xeon): split over the threads in tiles
 // of rows dealt round-robin (the upper triangle's rows shrink).
 void zero_strict_upper(Mat a) {
   parallel_row_tiles(a.rows, 64, [&](int64_t r0, int64_t r1) {

@@ -77,7 +77,7 @@ void load_ridged(Mat G, Mat M, double mu) {
 // that starts at (off, off), by recursive halving: the off-diagonal block becomes one GEMM,
 // so ~(1 - cutoff/d) of the 2·d²·n flops run at the GEMM rate. Why by hand: MKL's dtrsm
 // (through torch) ran at ~78 % of its dgemm rate at d = 6400, n = 256, less for fewer
-// columns, and OpenBLAS's dtrsm slower still (bench/RESULTS.md, session 6).
+// columns, and OpenBLAS's dtrsm slower still (measured on a Zen 3; docs/history.md).
 // Column-major L is the row-major U = Lᵀ, so its block L21 is U12 read transposed.
 // `threads` > 0: the GEMMs on f64_gemm.h's kernel with that many threads and the leaves'
 // dtrsm serial on column slices in parallel (inside a SerialBlas scope); 0: OpenBLAS's own.

@@ -1,4 +1,4 @@
-// The dense kernels of the preservation–memorization solve (DESIGN.md §2).
+// The dense kernels of the preservation–memorization solve (docs/design.md §3).
 //
 // Layout convention: every matrix is ROW-MAJOR (torch's default), and a
 // "lower" factor L is lower triangular in row-major terms, exactly as
@@ -24,7 +24,7 @@ namespace pmsolve {
 constexpr blas_int kCholeskyCutoff = 1024;
 // Leaves of the recursion on f64_gemm.h's kernel (the smaller of this and the cutoff): serial
 // OpenBLAS dpotrf below this size, and its dtrsm (on row slices in parallel) below as many
-// columns. At d = 6400 on the session-17 Zen 5, 128 and 512 were 2-7 % slower than 256.
+// columns. At d = 6400 on a 2-core Zen 5, 128 and 512 were 2-7 % slower than 256.
 constexpr blas_int kOwnLeaf = 256;
 
 enum class DType { f32, f64 };
@@ -111,7 +111,7 @@ void spd_apply_inverse(LowerFactor L, Mat X);
 // sub-blocks start on 64-byte boundaries when the buffer does.
 inline blas_int half_split(blas_int n) { return std::max<blas_int>(1, (n / 2) & ~blas_int{7}); }
 
-// Diagonal block size below which triangular_solve calls dtrsm (see bench/RESULTS.md, session 6).
+// Diagonal block size below which triangular_solve calls dtrsm (docs/design.md §5).
 constexpr blas_int kTrsmCutoff = 256;
 
 // Z := L⁻¹ Z (transpose = false) or L⁻ᵀ Z (transpose = true) in place; Z is d × n row-major.

@@ -2,7 +2,7 @@
 //
 // Why by hand: each solve reads the whole factor once for a handful of flops per element, so
 // it is bound by memory bandwidth, and neither BLAS streams it at that rate here. At d = 6400
-// (Zen 5, 2 threads, session 16) a 328 MB read runs at ~42 GB/s, but MKL's dtrsv (through
+// (Zen 5, 2 threads) a 328 MB read runs at ~42 GB/s, but MKL's dtrsv (through
 // torch) took 6.3-6.6 ms per 164 MB triangle (~25 GB/s) and OpenBLAS's 5-7 ms; the estimate
 // does ten of them. Here each pass streams the factor's rows in panels, the rectangle under
 // each panel split over the threads, and serves several vectors per read of the factor.

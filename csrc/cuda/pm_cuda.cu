@@ -102,8 +102,8 @@ Handles& handles_for(const Context& ctx) {
   return cache.emplace(key, h).first->second;
 }
 
-struct Session {
-  explicit Session(const Context& ctx)
+struct CallScope {
+  explicit CallScope(const Context& ctx)
       : guard(ctx.device), h(handles_for(ctx)), stream(static_cast<cudaStream_t>(ctx.stream)) {}
   DeviceGuard guard;
   Handles& h;
@@ -288,7 +288,7 @@ __global__ void update_signs(const double* x, double* sgn, int64_t n, int* chang
 
 // In-place Cholesky of the uplo triangle of A (n × n, column-major). True on
 // success; false when a leading minor is not positive definite.
-bool potrf(Session& s, double* A, int64_t n, cublasFillMode_t uplo, const Workspace& ws, std::vector<char>& host) {
+bool potrf(CallScope& s, double* A, int64_t n, cublasFillMode_t uplo, const Workspace& ws, std::vector<char>& host) {
   check(cusolverDnXpotrf(s.h.solver, s.h.params, uplo, n, CUDA_R_64F, A, n, CUDA_R_64F, ws.potrf,
                          ws.potrf_bytes, host.data(), host.size(), ws.info),
         "cusolverDnXpotrf");
@@ -302,8 +302,8 @@ bool potrf(Session& s, double* A, int64_t n, cublasFillMode_t uplo, const Worksp
 // Xc ← Xc op(U)⁻¹ for the n × d column-major Xc (ld n) and the d × d upper U.
 // A single row is a vector: x op(U)⁻¹ = (op(U)⁻ᵀ xᵀ)ᵀ, one trsv with the other op.
 // cuBLAS's right-sided trsm with one row took ~3 ms at d = 6400 on an H200, its
-// trsv ~0.5 ms (bench/RESULTS.md, session 8); both are latency-bound there.
-void solve_right(Session& s, const double* U, int64_t d, double* Xc, int64_t n, cublasOperation_t op,
+// trsv ~0.5 ms (docs/benchmarks.md, GPU); both are latency-bound there.
+void solve_right(CallScope& s, const double* U, int64_t d, double* Xc, int64_t n, cublasOperation_t op,
                  const char* what) {
   if (n == 1) {
     check(cublasDtrsv_64(s.h.blas, CUBLAS_FILL_MODE_UPPER, op == CUBLAS_OP_N ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -329,7 +329,7 @@ double reciprocal_cond(double ainv_norm, double anorm) {
 // hager_cond_1norm, so that every backend accepts and rejects the same ridges.
 // cuSOLVER has no pocon; this costs at most 11 pairs of O(n²) triangular
 // solves (trsv) on the device and a few scalars read back per step.
-double hager_cond(Session& s, const double* U, int64_t n, double anorm, const Workspace& ws) {
+double hager_cond(CallScope& s, const double* U, int64_t n, double anorm, const Workspace& ws) {
   constexpr int kMaxIter = 5;
   if (anorm == 0.0) return std::numeric_limits<double>::infinity();
   double* x = ws.v;
@@ -435,19 +435,19 @@ void check_device_pointer(const void* ptr, int device, size_t align, const char*
 }
 
 size_t cholesky_workspace_bytes(const Context& ctx, int64_t d) {
-  Session s(ctx);
+  CallScope s(ctx);
   return layout_bytes(potrf_sizes(s.h, d, CUBLAS_FILL_MODE_LOWER).device_bytes, 0);
 }
 
 size_t cond_workspace_bytes(int64_t n) { return layout_bytes(0, n); }
 
 size_t pm_workspace_bytes(const Context& ctx, int64_t d, int64_t n) {
-  Session s(ctx);
+  CallScope s(ctx);
   return layout_bytes(potrf_sizes(s.h, n, CUBLAS_FILL_MODE_UPPER).device_bytes, n);
 }
 
 int64_t cholesky_jittered(const CholeskyParams& p) {
-  Session s(p.ctx);
+  CallScope s(p.ctx);
   const PotrfSizes sz = potrf_sizes(s.h, p.d, CUBLAS_FILL_MODE_LOWER);
   const Workspace ws = carve(p.work, sz.device_bytes, 0);
   std::vector<char> host(sz.host_bytes);
@@ -473,13 +473,13 @@ int64_t cholesky_jittered(const CholeskyParams& p) {
 }
 
 double cond_estimate(const CondParams& p) {
-  Session s(p.ctx);
+  CallScope s(p.ctx);
   const Workspace ws = carve(p.work, 0, p.n);
   return hager_cond(s, p.L, p.n, p.anorm, ws);
 }
 
 PMResult pm_solve(const PMParams& p) {
-  Session s(p.ctx);
+  CallScope s(p.ctx);
   const int64_t d = p.d, n = p.n;
   const PotrfSizes sz = potrf_sizes(s.h, n, CUBLAS_FILL_MODE_UPPER);
   const Workspace ws = carve(p.work, sz.device_bytes, n);
