@@ -12,6 +12,7 @@ from .backends import available_backends
 from .errors import (
     BackendUnavailableError,
     CacheError,
+    CapacityError,
     ConflictingConstraintsError,
     InputError,
     NotPositiveDefiniteError,
@@ -20,6 +21,7 @@ from .errors import (
     PMSolveError,
 )
 from .solver import Factor, SolveDiagnostics, Update, factorize, solve
+from .lifelong import NullSpace, NullSpaceFactor, RetainedKeys, null_space  # after .solver: builds on it
 
 __version__ = "0.1.0"
 
@@ -37,15 +39,19 @@ def __getattr__(name: str):
 __all__ = [
     "BackendUnavailableError",
     "CacheError",
+    "CapacityError",
     "ConflictingConstraintsError",
     "EditRequest",
     "EditResult",
     "Factor",
     "InputError",
     "NotPositiveDefiniteError",
+    "NullSpace",
+    "NullSpaceFactor",
     "NumericalError",
     "NumericalWarning",
     "PMSolveError",
+    "RetainedKeys",
     "SolveDiagnostics",
     "Update",
     "available_backends",
@@ -53,6 +59,7 @@ __all__ = [
     "errors",
     "factorize",
     "native_unavailable_reason",
+    "null_space",
     "settings",
     "solve",
 ]

@@ -39,7 +39,7 @@ from .errors import (
     NumericalWarning,
 )
 
-Method = Literal["emmet", "memit", "rome"]
+Method = Literal["emmet", "memit", "rome", "alphaedit"]  # alphaedit: with a NullSpaceFactor
 METHODS = ("emmet", "memit", "rome")
 DEFAULT_MEMIT_LAMBDA = 15000.0  # the reference GPT-J setting; sweep it (docs/design.md §2.5)
 _FACTOR_FORMAT = "pmsolve.factor/1"
@@ -589,11 +589,20 @@ def solve(
         mu: ridge on G. Defaults: 0 for equality methods (raised to the smallest ridge that
             works if G is singular, and reported), λ = 15000 for MEMIT.
 
+    ``method="alphaedit"`` takes the :class:`pmsolve.NullSpaceFactor` of
+    ``pmsolve.null_space(C).factorize(alpha)`` in place of ``factor`` and solves AlphaEdit's
+    null-space projected update on this same core (μ defaults to 1; see pmsolve.lifelong).
+
     Raises:
         InputError: shapes, dtypes, devices, NaN/Inf, n > d for an equality method.
         ConflictingConstraintsError: dependent keys asked for different values under equality.
         NumericalError: no μ in the schedule gives a usable factorisation.
     """
+    if method == "alphaedit" or not isinstance(factor, Factor):
+        from .lifelong import NullSpaceFactor, solve_alphaedit  # lifelong builds on this module
+
+        if method == "alphaedit" or isinstance(factor, NullSpaceFactor):
+            return solve_alphaedit(factor, K, R, mu=mu, backend=backend, method=method)
     t0 = time.perf_counter()
     K, R = _prepare_keys(factor, K, R)
     n = K.shape[1]

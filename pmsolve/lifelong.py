@@ -1,0 +1,712 @@
+"""Lifelong (sequential) editing at the solver level: AlphaEdit's null-space projected update and
+hard retention of earlier edits, both on the factor-once core of :mod:`pmsolve.solver`.
+
+AlphaEdit (Fang et al., ICLR 2025) as a member of the PM family
+---------------------------------------------------------------
+
+U (d × r) spans the approximate null space of the preservation statistics C: the eigenvectors
+whose eigenvalues lie below a cut. P = UUᵀ. With the keys of earlier edits K_p (C_p = K_p K_pᵀ,
+accumulated per layer) and a ridge α > 0, the paper's update is
+
+    Δ = R Kᵀ P (K Kᵀ P + C_p P + α I)⁻¹.                                          (1)
+
+Write A = KKᵀ + C_p and X = Δ. From X (AP + αI) = R Kᵀ P, multiplying on the right by (I − P)
+(P(I − P) = 0) leaves α X (I − P) = R Kᵀ P (I − P) = 0, so X = X P: the update lives in the
+null space, X = Y Uᵀ with Y = X U (d_out × r). Multiplying (1)'s equation on the right by U
+(UᵀU = I) gives Y (Uᵀ A U + α I) = R (UᵀK)ᵀ, i.e. with K_r = UᵀK (r × n) and
+
+    A_r = α I + Uᵀ C_p U        (r × r, symmetric positive definite),
+
+    Y = R K_rᵀ (A_r + K_r K_rᵀ)⁻¹ = R (K_rᵀ A_r⁻¹ K_r + I)⁻¹ (A_r⁻¹ K_r)ᵀ
+
+(the push-through identity, as for MEMIT). That is the PM solve with preservation matrix A_r,
+keys K_r and μ = 1: one Cholesky of A_r (:func:`pmsolve.factorize` on αI), each batch
+O(r²n + d·r·n), earlier edits added to A_r by :meth:`pmsolve.Factor.extend` (a rank-n update,
+not a refactor). The result is Δ = Y Uᵀ = R (U B_r)ᵀ: an ordinary :class:`pmsolve.Update` with
+B = U B_r. A general μ ≥ 0 weighs the preservation against the memorization:
+min ‖ΔK − R‖² + μ(α‖Δ‖² + ‖ΔK_p‖²) over Δ = ΔP, i.e. Δ = R Kᵀ P (KKᵀP + μC_pP + μαI)⁻¹; μ = 1
+is the paper, μ = 0 makes the memorization an equality (EMMET inside the null space, n ≤ r).
+
+The threshold. The paper's code cuts eigenvalues of the *mean* second moment below an absolute
+1e-2 (2e-2 in its Llama3-8B configuration). An absolute cut is not scale free: the scale of MLP
+hidden activations differs by orders of magnitude between models and layers (GELU outputs vs
+SiLU-gated products), so the same number keeps all directions in one layer and none in another.
+pmsolve's default is relative: eigenvalues below ``threshold`` × (mean eigenvalue of C)
+= threshold · tr(C)/d, the same unit as the jitter on C (mean(diag C)). ``relative_to="max"``
+measures from the largest eigenvalue, ``"absolute"`` reproduces the paper's cut. The absolute
+cut, the dimension kept and the share of tr(C) in the kept directions are reported.
+
+Hard retention of earlier edits
+-------------------------------
+
+Each new batch keeps the outputs at every retained key exactly:
+
+    Δ = argmin tr(Δ C Δᵀ)  s.t.  Δ K_prev = 0,  (W0 + Δ) K = V  (Δ K = R).
+
+This is EMMET on the stacked keys [K_prev, K] with residuals [0, R]. With C = L Lᵀ (the cached
+factor, with its jitter and low-rank term: whitening S L⁻¹), in whitened coordinates
+Δ̃ = Δ L S⁻¹, Z = S L⁻¹ K, Z_p = S L⁻¹ K_prev, the problem is min ‖Δ̃‖_F² s.t. Δ̃ Z_p = 0,
+Δ̃ Z = R. Its minimiser has rows in span(Z_p, Z) orthogonal to Z_p, i.e. in span(Ẑ) with
+Ẑ = (I − QQᵀ) Z, Q an orthonormal basis of span(Z_p). Writing Δ̃ = Y Ẑᵀ, Δ̃ Z = Y ẐᵀZ = Y ẐᵀẐ,
+so Y = R (ẐᵀẐ)⁻¹ and
+
+    Δ = R (Ĝ + μI)⁻¹ (L⁻ᵀ S Ẑ)ᵀ,      Ĝ = ẐᵀẐ.
+
+Q is kept and grown per batch (an orthonormal basis of the new Ẑ, appended), so a batch of n
+keys against m retained ones costs O(d²n) for the two triangular solves plus O(d·m·n) for the
+projection: no refactor and no (m + n)² system. μ > 0 ("memit") minimises
+μ tr(ΔCΔᵀ) + ‖ΔK − R‖² under the same retention constraints, with the same formula. In every
+case Δ Z_p = 0 holds by construction (rows of Δ̃ ⟂ Q), also when a ridge relaxes the new
+constraints: the retained outputs do not move. Capacity: at most d independent equality
+constraints fit in a d-dimensional key space; m + n > d is refused before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import settings
+from ._io import atomic_write
+from .backends import get_backend
+from .backends.torch_backend import apply_inv_sqrt_, hager_cond_1norm
+from .errors import (
+    CacheError,
+    CapacityError,
+    ConflictingConstraintsError,
+    InputError,
+    NumericalError,
+    NumericalWarning,
+)
+from .solver import (
+    DEFAULT_MEMIT_LAMBDA,
+    Factor,
+    SolveDiagnostics,
+    Update,
+    _check_finite,
+    _check_float_matrix,
+    _preservation_cost,
+    _validate_C,
+    factorize,
+    solve,
+)
+
+F64 = torch.float64
+RELATIVE_TO = ("mean", "max", "absolute")
+DEFAULT_NULLSPACE_THRESHOLD = 1e-2
+DEFAULT_ALPHA = 1.0  # the ridge of the paper's closed form (its code's Llama3-8B setting: 10)
+_NULLSPACE_FORMAT = "pmsolve.nullspace/1"
+RETENTION_METHODS = ("emmet", "memit")
+
+
+def _check_number(name: str, x: Any, *, positive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise InputError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {x!r}")
+    return float(x)
+
+
+def _check_keys(name: str, K: Any, d: int, device: torch.device, what: str) -> torch.Tensor:
+    K = _check_float_matrix(name, K)
+    if K.shape[0] != d:
+        raise InputError(f"{name} has {K.shape[0]} rows but {what} is for keys of width d_in = {d}")
+    if K.device != device:
+        raise InputError(f"{name} ({K.device}) must be on {what}'s device {device}")
+    _check_finite(name, K)
+    return K
+
+
+def _check_batch(K: Any, R: Any, d: int, device: torch.device, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    K = _check_keys("K", K, d, device, what)
+    R = _check_float_matrix("R", R)
+    if R.shape[1] != K.shape[1]:
+        raise InputError(f"K has {K.shape[1]} columns (edits) but R has {R.shape[1]}; they must match")
+    if K.shape[1] == 0:
+        raise InputError("K has no columns: nothing to edit")
+    if R.device != device:
+        raise InputError(f"R ({R.device}) must be on {what}'s device {device}")
+    _check_finite("R", R)
+    return K.to(F64), R.to(F64)
+
+
+# ---------------------------------------------------------------------------
+# null space (AlphaEdit)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class NullSpace:
+    """Orthonormal basis U (d × r) of the approximate null space of C, computed once per layer.
+
+    Attributes:
+        U: d × r fp64, the eigenvectors of C whose eigenvalues lie below ``cut``.
+        eigenvalues: all d eigenvalues of C (fp64, ascending); the first r belong to U.
+        threshold, relative_to: as given to :func:`null_space`.
+        scale: the unit the threshold was measured in (tr(C)/d, λ_max or 1).
+        cut: the absolute eigenvalue cut, threshold · scale; kept: λ < cut.
+        meta: what the caller recorded (model, layer, statistics...), saved with the file.
+    """
+
+    U: torch.Tensor
+    eigenvalues: torch.Tensor
+    threshold: float
+    relative_to: str
+    scale: float
+    cut: float
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def r(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
+    @property
+    def kept_energy(self) -> float:
+        """Share of tr(C) in the kept directions: the preservation an edit there can disturb."""
+        lam = self.eigenvalues.clamp_min(0)
+        total = float(lam.sum())
+        return float(lam[: self.r].sum()) / total if total > 0 else 0.0
+
+    def project(self, K: torch.Tensor) -> torch.Tensor:
+        """Uᵀ K (r × n, fp64): keys in null-space coordinates."""
+        K = _check_keys("K", K, self.d, self.device, "the null space")
+        return self.U.mT @ K.to(F64)
+
+    def factorize(self, alpha: float = DEFAULT_ALPHA, *, keys: torch.Tensor | None = None, weight: float = 1.0,
+                  backend: str = "auto") -> NullSpaceFactor:
+        """The per-layer AlphaEdit factor: Cholesky of A_r = αI + weight·Uᵀ keys keysᵀ U (r × r).
+
+        ``keys`` (d × m) are earlier edits' keys, if any; more are added later with
+        :meth:`NullSpaceFactor.extend`.
+        """
+        alpha = _check_number("alpha", alpha, positive=True)
+        eye = torch.eye(self.r, dtype=F64, device=self.device).mul_(alpha)
+        f = NullSpaceFactor(self, factorize(eye, jitter=None, backend=backend), alpha, 0)
+        return f.extend(keys, weight) if keys is not None else f
+
+    def summary(self) -> dict[str, Any]:
+        lam = self.eigenvalues
+        return {
+            "d": self.d,
+            "r": self.r,
+            "threshold": self.threshold,
+            "relative_to": self.relative_to,
+            "scale": self.scale,
+            "cut": self.cut,
+            "kept_energy": self.kept_energy,
+            "eigenvalue_min": float(lam[0]),
+            "eigenvalue_max": float(lam[-1]),
+            "largest_kept": float(lam[self.r - 1]),
+            "smallest_cut_off": float(lam[self.r]) if self.r < self.d else None,
+            "seconds": self.seconds,
+            **self.meta,
+        }
+
+    def to(self, device: torch.device | str) -> NullSpace:
+        return replace(self, U=self.U.to(device), eigenvalues=self.eigenvalues.to(device))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomic safetensors file: U, the eigenvalues, the cut and ``meta`` (checked on load)."""
+        from safetensors.torch import save
+
+        tensors = {"U": self.U.detach().to("cpu", F64).contiguous(),
+                   "eigenvalues": self.eigenvalues.detach().to("cpu", F64).contiguous()}
+        info = {"d": self.d, "r": self.r, "threshold": self.threshold, "relative_to": self.relative_to,
+                "scale": self.scale, "cut": self.cut, "seconds": self.seconds}
+        metadata = {"format": _NULLSPACE_FORMAT, "info": json.dumps(info), "meta": json.dumps(self.meta),
+                    "sha256": _checksum(tensors)}
+        atomic_write(path, save(tensors, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
+             map_location: str | torch.device = "cpu") -> NullSpace:
+        """Read a file written by :meth:`save`. ``expect``: entries that ``meta`` must hold
+        (e.g. ``{"model": ..., "layer": 4}``); a mismatch is a CacheError naming the entry."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise CacheError(f"null-space file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
+        except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+            raise CacheError(f"null-space file {path} is truncated or not a safetensors file: {exc}") from exc
+        if metadata.get("format") != _NULLSPACE_FORMAT:
+            raise CacheError(f"{path} is not a pmsolve null-space file (format {metadata.get('format')!r}, "
+                             f"expected {_NULLSPACE_FORMAT!r})")
+        if set(tensors) != {"U", "eigenvalues"} or _checksum(tensors) != metadata.get("sha256"):
+            raise CacheError(f"null-space file {path} is corrupt: its tensors or their checksum do not match")
+        try:
+            info, meta = json.loads(metadata["info"]), json.loads(metadata["meta"])
+            d, r, cut = int(info["d"]), int(info["r"]), float(info["cut"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"null-space file {path} has malformed metadata: {exc}") from exc
+        U, lam = tensors["U"], tensors["eigenvalues"]
+        if (U.shape != (d, r) or lam.shape != (d,) or U.dtype != F64 or lam.dtype != F64
+                or int((lam < cut).sum()) != r):
+            raise CacheError(f"null-space file {path} is inconsistent: U {tuple(U.shape)}, {lam.numel()} eigenvalues, "
+                             f"d = {d}, r = {r}")
+        for k, v in (expect or {}).items():
+            if meta.get(k) != v:
+                raise CacheError(f"null-space file {path} was computed for {k} = {meta.get(k)!r}, expected {v!r}")
+        return cls(U=U.to(map_location), eigenvalues=lam.to(map_location), threshold=float(info["threshold"]),
+                   relative_to=str(info["relative_to"]), scale=float(info["scale"]), cut=cut,
+                   seconds=float(info.get("seconds", 0.0)), meta=meta)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        t = tensors[name].contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def null_space(
+    C: torch.Tensor,
+    *,
+    threshold: float = DEFAULT_NULLSPACE_THRESHOLD,
+    relative_to: str = "mean",
+    meta: dict[str, Any] | None = None,
+) -> NullSpace:
+    """The approximate null space of the preservation statistics C (d × d, symmetric PSD).
+
+    One fp64 eigendecomposition (O(d³), once per layer; cache it with :meth:`NullSpace.save`).
+    Kept: eigenvectors with eigenvalue < cut, cut = threshold × (tr(C)/d for ``"mean"``, the
+    largest eigenvalue for ``"max"``, 1 for ``"absolute"``: the paper's absolute cut on the mean
+    second moment, 1e-2 in the paper, 2e-2 in its Llama3-8B configuration). See the module
+    docstring for why the default is relative.
+
+    Raises:
+        InputError: C not a square, finite, symmetric float matrix; threshold not > 0;
+            relative_to unknown; C all zero with a relative cut.
+        NotPositiveDefiniteError: a negative diagonal entry (not a second moment).
+        CapacityError: no eigenvalue below the cut (empty null space), naming d, the eigenvalue
+            range and the cut.
+    """
+    t0 = time.perf_counter()
+    threshold = _check_number("threshold", threshold, positive=True)
+    if relative_to not in RELATIVE_TO:
+        raise InputError(f"relative_to must be one of {RELATIVE_TO}, got {relative_to!r}")
+    C = _check_float_matrix("C", C)
+    C, _, _ = _validate_C(C, get_backend("torch", C.device))
+    A = C.to(F64)
+    A = 0.5 * (A + A.mT)
+    lam, V = torch.linalg.eigh(A)
+    d = A.shape[0]
+    if relative_to == "mean":
+        scale = float(lam.sum()) / d
+    elif relative_to == "max":
+        scale = float(lam[-1])
+    else:
+        scale = 1.0
+    if scale <= 0:
+        raise InputError(f"C is zero (tr(C) = {float(lam.sum()):.3g}): a cut relative to its {relative_to} "
+                         "eigenvalue is meaningless; pass relative_to='absolute'")
+    cut = threshold * scale
+    r = int((lam < cut).sum())
+    if r == 0:
+        raise CapacityError(
+            f"the null space of C is empty: all d = {d} eigenvalues lie in [{float(lam[0]):.3g}, {float(lam[-1]):.3g}], "
+            f"none below the cut {cut:.3g} (threshold {threshold:g} x {relative_to} eigenvalue {scale:.3g}); "
+            "raise the threshold, or use a method without projection",
+            required=1,
+            available=0,
+        )
+    return NullSpace(U=V[:, :r].contiguous(), eigenvalues=lam, threshold=threshold, relative_to=relative_to,
+                     scale=scale, cut=cut, seconds=time.perf_counter() - t0, meta=dict(meta or {}))
+
+
+@dataclass
+class NullSpaceFactor:
+    """AlphaEdit's per-layer state: the null space U and the Cholesky factor of
+    A_r = αI + Uᵀ C_p U (r × r), C_p = Σ weight·k kᵀ over the earlier edits' keys.
+
+    Pass it to ``pmsolve.solve(nsf, K, R, method="alphaedit")``. Immutable like
+    :class:`pmsolve.Factor`: :meth:`extend` returns a new one.
+    """
+
+    null_space: NullSpace
+    factor: Factor
+    alpha: float
+    earlier_keys: int = 0
+
+    @property
+    def d(self) -> int:
+        return self.null_space.d
+
+    @property
+    def r(self) -> int:
+        return self.null_space.r
+
+    @property
+    def device(self) -> torch.device:
+        return self.null_space.device
+
+    def extend(self, keys: torch.Tensor | None, weight: float = 1.0) -> NullSpaceFactor:
+        """Add earlier edits' keys (d × m) to C_p: A_r + weight·(Uᵀkeys)(Uᵀkeys)ᵀ, a rank-m extension
+        of the r × r factor (:meth:`pmsolve.Factor.extend`; O(r²m + d·r·m), no refactor below
+        ``settings.max_lowrank_fraction``·r accumulated columns)."""
+        weight = _check_number("weight", weight)
+        if keys is None:
+            return self
+        keys = _check_keys("keys", keys, self.d, self.device, "the null space")
+        if keys.shape[1] == 0 or weight == 0:
+            return self
+        inner = self.factor.extend(self.null_space.U.mT @ keys.to(F64), weight)
+        return NullSpaceFactor(self.null_space, inner, self.alpha, self.earlier_keys + keys.shape[1])
+
+    def to(self, device: torch.device | str) -> NullSpaceFactor:
+        return NullSpaceFactor(self.null_space.to(device), self.factor.to(device), self.alpha, self.earlier_keys)
+
+    def summary(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "earlier_keys": self.earlier_keys, "null_space": self.null_space.summary(),
+                "factor": self.factor.summary()}
+
+
+def solve_alphaedit(
+    factor: NullSpaceFactor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    *,
+    mu: float | None = None,
+    backend: str = "auto",
+    method: str = "alphaedit",
+) -> Update:
+    """Δ = R Kᵀ P (K Kᵀ P + μ C_p P + μ α I)⁻¹ by the PM solve in null-space coordinates
+    (module docstring); μ defaults to 1 (the paper). What ``pmsolve.solve(..., method="alphaedit")``
+    calls.
+
+    Diagnostics: ``residual`` ‖ΔK − R‖/‖R‖; ``preservation_cost`` that of the projected problem,
+    tr(Y A_r Yᵀ) = α‖Δ‖² + ‖ΔK_p‖²; ``cond_C`` the condition estimate of A_r; ``extra`` the
+    null-space dimension r and cut, the share of tr(C) kept, the preservation cost on C itself
+    tr(ΔCΔᵀ) (what the projection leaves), the share ‖UᵀK‖/‖K‖ of the keys inside the null space,
+    α and the number of earlier keys.
+
+    Raises:
+        InputError: not a NullSpaceFactor, another method, keys of the wrong width, bad R or μ.
+        CapacityError: μ = 0 with more edits than null-space dimensions.
+        ConflictingConstraintsError, NumericalError: as :func:`pmsolve.solve` on the projected keys.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(factor, NullSpaceFactor):
+        raise InputError(
+            "method='alphaedit' solves in the null space of C: pass the NullSpaceFactor of "
+            f"pmsolve.null_space(C).factorize(alpha), not a {type(factor).__name__}"
+        )
+    if method != "alphaedit":
+        raise InputError(f"a NullSpaceFactor solves method='alphaedit' only, got method={method!r}")
+    K, R = _check_batch(K, R, factor.d, factor.device, "the null space")
+    mu = 1.0 if mu is None else _check_number("mu", mu)
+    ns, n = factor.null_space, K.shape[1]
+    if mu == 0 and n > ns.r:
+        raise CapacityError(
+            f"alphaedit with mu = 0 imposes n = {n} equality constraints inside a null space of dimension "
+            f"r = {ns.r} (d = {ns.d}): at most r can hold; use mu > 0 (the paper's mu = 1) or a larger threshold",
+            required=n,
+            available=ns.r,
+        )
+    Kr = ns.U.mT @ K
+    inner = solve(factor.factor, Kr, R, method="memit" if mu > 0 else "emmet", mu=mu, backend=backend)
+    Br = inner.B
+    B = ns.U @ Br
+    # tr(Δ C Δᵀ) with Δ = R Brᵀ Uᵀ and UᵀCU = diag(λ_kept): tr((Brᵀ Λ Br)(RᵀR)), n × n work.
+    lam = ns.eigenvalues[: ns.r].clamp_min(0).unsqueeze(1)
+    cost_c = float(((Br.mT @ (lam * Br)) * (R.mT @ R)).sum())
+    knorm = float(torch.linalg.matrix_norm(K))
+    extra = {
+        "null_space_dim": ns.r,
+        "eigenvalue_cut": ns.cut,
+        "threshold": ns.threshold,
+        "relative_to": ns.relative_to,
+        "kept_energy": ns.kept_energy,
+        "key_share_in_null_space": float(torch.linalg.matrix_norm(Kr)) / knorm if knorm > 0 else 0.0,
+        "preservation_cost_C": cost_c,
+        "alpha": factor.alpha,
+        "earlier_keys": factor.earlier_keys,
+    }
+    diag = replace(inner.diagnostics, method="alphaedit", d_in=ns.d, seconds=time.perf_counter() - t0, extra=extra)
+    return Update(U=inner.U, B=B, diagnostics=diag)
+
+
+# ---------------------------------------------------------------------------
+# hard retention
+# ---------------------------------------------------------------------------
+
+
+def _whiten(factor: Factor, K: torch.Tensor) -> torch.Tensor:
+    """S L⁻¹ K: keys in the coordinates where the preservation metric is the identity."""
+    return apply_inv_sqrt_(torch.linalg.solve_triangular(factor.L, K, upper=False), factor.inv_sqrt)
+
+
+def _unwhiten(factor: Factor, W: torch.Tensor) -> torch.Tensor:
+    """L⁻ᵀ S W (W is overwritten)."""
+    return torch.linalg.solve_triangular(factor.L.mT, apply_inv_sqrt_(W, factor.inv_sqrt), upper=True)
+
+
+def _project_out(Q: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """(I − QQᵀ) Z in place, classical Gram–Schmidt applied twice: one pass leaves components
+    along Q of order ε‖Z‖·κ, the second brings them to ε‖Z‖ ("twice is enough")."""
+    if Q.shape[1]:
+        for _ in range(2):
+            Z.sub_(Q @ (Q.mT @ Z))
+    return Z
+
+
+def _grow_basis(Q: torch.Tensor, Zh: torch.Tensor, zmax: float, rtol: float) -> torch.Tensor:
+    """Q with an orthonormal basis of span(Ẑ) appended (Ẑ already ⟂ Q).
+
+    Directions with singular value ≤ rtol·max‖z_j‖ are dropped: there Ẑ is rounding noise of the
+    projection (whitened keys carry relative errors up to ε·κ(L)), and constraining noise would
+    spend capacity on directions no retained key has. A dropped direction d of a key k leaves
+    |Δ̃ d| ≤ rtol·‖Δ̃‖·‖z‖ at that key: the retention error it allows.
+    """
+    if Zh.shape[1] == 0 or zmax == 0:
+        return Q
+    Uz, s, _ = torch.linalg.svd(Zh, full_matrices=False)
+    W = Uz[:, s > rtol * zmax]
+    if W.shape[1] == 0:
+        return Q
+    # Uz is orthogonal to Q only to ε‖Z‖/σ; one more projection and a QR restore it to ε.
+    W = _project_out(Q, W.clone()) if Q.shape[1] else W
+    Wq, Rq = torch.linalg.qr(W)
+    return torch.cat([Q, Wq[:, Rq.diagonal().abs() > 0.5]], 1)
+
+
+@dataclass
+class RetainedKeys:
+    """Keys whose outputs later batches keep exactly (hard retention), for one layer.
+
+    ``RetainedKeys(factor)`` starts empty, ``RetainedKeys(factor, keys)`` retains ``keys`` (d × m).
+    :meth:`solve` edits a new batch without moving the outputs at the retained keys;
+    :meth:`extend` adds keys (usually the batch just applied) and returns a new object. The
+    object holds the raw keys (d × count, fp64; :meth:`with_factor` rebuilds the basis for
+    another factor) and an orthonormal basis Q (d × rank) of the whitened keys S L⁻¹ keys.
+
+    Attributes:
+        factor: the factor of C (+ jitter, + any low-rank term) the basis belongs to.
+        keys: every retained key, d × count fp64.
+        Q: orthonormal basis of the whitened retained keys, d × rank fp64.
+        rank_rtol: relative singular-value cut below which a retained key adds no direction
+            (it is already in the span; see _grow_basis).
+    """
+
+    factor: Factor
+    keys: torch.Tensor | None = None
+    Q: torch.Tensor | None = None
+    rank_rtol: float = 1e-10
+    _last: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factor, Factor):
+            raise InputError(f"factor must be a pmsolve.Factor (from pmsolve.factorize), got {type(self.factor).__name__}")
+        self.rank_rtol = _check_number("rank_rtol", self.rank_rtol)
+        d, dev = self.factor.d, self.factor.device
+        if self.keys is None:
+            self.keys = torch.zeros(d, 0, dtype=F64, device=dev)
+        else:
+            self.keys = _check_keys("keys", self.keys, d, dev, "the factor").to(F64)
+        if self.Q is None:
+            Z, zmax = self._whitened_projected(self.keys, torch.zeros(d, 0, dtype=F64, device=dev))
+            self.Q = _grow_basis(torch.zeros(d, 0, dtype=F64, device=dev), Z, zmax, self.rank_rtol)
+
+    @property
+    def d(self) -> int:
+        return self.factor.d
+
+    @property
+    def count(self) -> int:
+        """Keys retained (with duplicates and dependent ones)."""
+        return self.keys.shape[1]
+
+    @property
+    def rank(self) -> int:
+        """Independent directions they constrain (≤ d)."""
+        return self.Q.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Equality constraints a new batch may still add: d − rank."""
+        return self.d - self.rank
+
+    def _whitened_projected(self, K: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, float]:
+        Z = _whiten(self.factor, K.to(F64))
+        zmax = float(Z.square().sum(0).max().sqrt()) if Z.shape[1] else 0.0
+        return _project_out(Q, Z), zmax
+
+    def with_factor(self, factor: Factor) -> RetainedKeys:
+        """The same keys on another factor (e.g. after Factor.extend): the basis is rebuilt, O(d²·count)."""
+        return RetainedKeys(factor, self.keys, rank_rtol=self.rank_rtol)
+
+    def extend(self, keys: torch.Tensor) -> RetainedKeys:
+        """Retain ``keys`` (d × m) as well. Right after :meth:`solve` with the same tensor (not
+        modified since), its projected keys are reused: O(d·m² + d·rank·m) instead of another
+        O(d²m) triangular solve."""
+        keys = _check_keys("keys", keys, self.d, self.factor.device, "the factor")
+        last = self._last
+        if last is not None and last[0] is keys and last[1] == keys._version:
+            Zh, zmax = last[2], last[3]
+        else:
+            Zh, zmax = self._whitened_projected(keys, self.Q)
+        Q = _grow_basis(self.Q, Zh, zmax, self.rank_rtol)
+        return RetainedKeys(self.factor, torch.cat([self.keys, keys.to(F64)], 1), Q, self.rank_rtol)
+
+    def summary(self) -> dict[str, Any]:
+        return {"d": self.d, "count": self.count, "rank": self.rank, "capacity": self.capacity,
+                "rank_rtol": self.rank_rtol}
+
+    def solve(self, K: torch.Tensor, R: torch.Tensor, *, method: str = "emmet", mu: float | None = None) -> Update:
+        """Δ = argmin tr(ΔCΔᵀ) s.t. Δ K_retained = 0, ΔK = R (``"emmet"``, μ = 0 or the smallest
+        ridge that works), or μ tr(ΔCΔᵀ) + ‖ΔK − R‖² under the same retention (``"memit"``,
+        μ = λ, default 15000). The retained outputs stay exact in both (module docstring).
+
+        Diagnostics as :func:`pmsolve.solve`, with ``cond_G`` the 1-norm condition estimate of
+        Ĝ + μI measured against the unprojected keys' scale max‖z_j‖² (a batch pushed into the
+        retained span counts as ill-conditioned), and ``extra``: retained keys and rank, capacity
+        left, ``retained_residual`` ‖ΔK_retained‖_F/‖R‖_F, and ``min_novelty``: the smallest
+        share ‖ẑ_j‖²/‖z_j‖² of a new key outside the retained span.
+
+        Raises:
+            InputError: keys of the wrong width, bad R, method or μ.
+            CapacityError: rank + n > d under equality (rank = d under least squares).
+            ConflictingConstraintsError: new keys (nearly) in the span of the retained keys, or of
+                each other, ask for different outputs than the retained ones keep.
+            NumericalError: no ridge in the schedule makes Ĝ + μI usable.
+        """
+        t0 = time.perf_counter()
+        factor, d = self.factor, self.d
+        K_given = K
+        K, R = _check_batch(K, R, d, factor.device, "the factor")
+        if method not in RETENTION_METHODS:
+            raise InputError(f"hard retention solves method 'emmet' or 'memit', got {method!r}")
+        mu0 = (DEFAULT_MEMIT_LAMBDA if method == "memit" else 0.0) if mu is None else _check_number("mu", mu)
+        n, m = K.shape[1], self.rank
+        if method == "emmet" and m + n > d:
+            raise CapacityError(
+                f"hard retention past capacity: {m} independent retained keys ({self.count} retained in all) + "
+                f"{n} new equality constraints = {m + n} > d_in = {d}; retain fewer keys at this layer, spread the "
+                "edit over more layers, or use method='memit'",
+                required=m + n,
+                available=d,
+            )
+        if m >= d:
+            raise CapacityError(f"hard retention leaves no direction to edit: the {self.count} retained keys span "
+                                f"all d_in = {d} dimensions", required=m + 1, available=d)
+        Z = _whiten(factor, K)
+        znorm2 = Z.square().sum(0)  # diag of the unprojected G = KᵀC⁻¹K
+        zmax = float(znorm2.max().sqrt())
+        Zh = _project_out(self.Q, Z)
+        Gh = Zh.mT @ Zh
+        Gh = 0.5 * (Gh + Gh.mT)
+        novelty = torch.diagonal(Gh) / znorm2.clamp_min(torch.finfo(F64).tiny)
+        g_scale = float(znorm2.mean()) or 1.0
+        ref = float(znorm2.max())
+        max_cond = settings.get("max_cond")
+        ridges = [mu0] + [mu0 + s * g_scale for s in settings.get("ridge_schedule")]
+        anorm = float(Gh.abs().sum(0).max())
+        eye = torch.eye(n, dtype=F64, device=K.device)
+        M, mu_used, cond = None, math.nan, math.inf
+        for mu_try in ridges:
+            Mt, info = torch.linalg.cholesky_ex(Gh + mu_try * eye)
+            if int(info) != 0:
+                continue
+            c = hager_cond_1norm(Mt, 1.0) * (max(anorm, ref) + mu_try)  # ‖(Ĝ+μI)⁻¹‖₁ · scale
+            if c <= max_cond:
+                M, mu_used, cond = Mt, mu_try, c
+                break
+        if M is None or (method == "emmet" and mu_used > mu0):
+            groups, worst = _conflicts(Gh, R, ref, max_cond)
+            if groups:
+                inside = sorted(j for g in groups for j in g if float(novelty[j]) < 1e-6)
+                where = (f"; edits {inside} lie (nearly) in the span of the {self.count} retained keys, whose "
+                         "outputs are held fixed" if inside else "")
+                raise ConflictingConstraintsError(
+                    f"equality constraints conflict under hard retention: the keys of edits {groups} are (nearly) "
+                    f"dependent on each other or on the retained keys but ask for different outputs (relative "
+                    f"inconsistency {worst:.3g}){where}",
+                    columns=groups,
+                )
+            if M is None:
+                raise NumericalError(
+                    f"Ĝ + μI (new keys projected against {m} retained directions) stayed singular or too "
+                    f"ill-conditioned (cond > {max_cond:g}) for every μ up to {ridges[-1]:.3g}"
+                )
+        if mu_used > mu0:
+            warnings.warn(
+                f"the new keys, projected against the retained ones, are (nearly) dependent: used ridge "
+                f"μ = {mu_used:.3g} instead of {mu0:g}; the retained outputs stay exact",
+                NumericalWarning,
+                stacklevel=2,
+            )
+        W = torch.linalg.solve_triangular(M.mT, Zh, upper=True, left=False)  # Ẑ M⁻ᵀ
+        W = torch.linalg.solve_triangular(M, W, upper=False, left=False)  # Ẑ (Ĝ + μI)⁻¹
+        B = _unwhiten(factor, W)
+        # For extend(K_given) right after this solve: the same projected keys, no second solve with L.
+        self._last = (K_given, K_given._version, Zh, zmax)
+        rnorm = max(float(torch.linalg.matrix_norm(R)), 1e-300)
+        residual = float(torch.linalg.matrix_norm(R @ (B.mT @ K) - R)) / rnorm
+        retained = float(torch.linalg.matrix_norm(R @ (B.mT @ self.keys))) / rnorm if self.count else 0.0
+        diag = SolveDiagnostics(
+            method=f"{method}-retain",
+            backend="torch",
+            n=n,
+            d_in=d,
+            d_out=R.shape[0],
+            mu_requested=mu0,
+            mu=mu_used,
+            mu_relative=mu_used / g_scale,
+            ridge_fallback=mu_used > mu0,
+            cond_G=cond,
+            jitter=factor.jitter,
+            cond_C=factor.cond,
+            residual=residual,
+            preservation_cost=_preservation_cost(B, Gh, M, R, factor.jitter),
+            seconds=time.perf_counter() - t0,
+            peak_bytes=sum(t.numel() * t.element_size() for t in (Zh, W, B, Gh, M)),
+            extra={
+                "retained_keys": self.count,
+                "retained_rank": m,
+                "capacity_left": d - m - n,
+                "retained_residual": retained,
+                "min_novelty": float(novelty.min()),
+            },
+        )
+        return Update(U=R.clone(), B=B, diagnostics=diag)
+
+
+def _conflicts(G: torch.Tensor, R: torch.Tensor, ref: float, max_cond: float) -> tuple[list[list[int]], float]:
+    """Null directions z of Ĝ (relative to the unprojected scale ``ref``) along which R z ≠ 0:
+    constraints no Δ keeping the retained outputs can meet."""
+    evals, evecs = torch.linalg.eigh(G)
+    null = evals <= ref * G.shape[0] / max_cond
+    groups: list[list[int]] = []
+    worst = 0.0
+    rnorm = float(torch.linalg.matrix_norm(R)) or 1.0
+    for j in null.nonzero().flatten().tolist():
+        z = evecs[:, j]
+        bad = float(torch.linalg.vector_norm(R @ z)) / rnorm
+        if bad > 1e-6:
+            worst = max(worst, bad)
+            cols = (z.abs() > 0.1 * z.abs().max()).nonzero().flatten().tolist()
+            if cols not in groups:
+                groups.append(cols)
+    return groups, worst
