@@ -13,6 +13,12 @@ def bf16_cpu_feature() -> str | None:
     """The CPU feature that makes torch's bf16 matmuls fast here: "AMX" (tiles), "AVX512-BF16"
     (VDPBF16PS dot products), or None. Measured with torch 2.13 on 2 cores: AMX Xeon bf16 mm
     2.0 TFLOP/s against fp32 0.29; Zen 4 (AVX512-BF16) 345-382 GFLOP/s against fp32 131."""
+    # Both features are AVX-512 extensions. torch's probes read CPUID and ignore
+    # ATEN_CPU_CAPABILITY; when torch was told to run below AVX-512 (e.g. "avx2", to behave as
+    # an AVX2 machine would), bf16 counts as slow too, so the whole process takes the AVX2 path.
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "AVX512")()
+    if not str(capability).upper().startswith("AVX512"):
+        return None
     for name, feature in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
         probe = getattr(torch.cpu, name, None)
         if probe is not None and probe():
