@@ -6,9 +6,12 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """How many tests skipped, per reason: a skip that hides a broken build (the native module
-    missing) shows up as one large line instead of a quiet "s" per test."""
+    missing) shows up as one large line instead of a quiet "s" per test. The outermost wrapper,
+    so it prints after pytest's own short summary, just above the final counts."""
+    yield
     reasons: Counter[str] = Counter()
     for rep in terminalreporter.stats.get("skipped", []):
         longrepr = rep.longrepr
