@@ -37,7 +37,7 @@ class Preset:
     name: str
     methods: dict[str, MethodSettings]
     values: ValueConfig
-    match: dict[str, list[str]]
+    match: dict[str, Any]  # name_contains, model_type (lists), config (field -> value)
     notes: str
 
     def for_method(self, method: str) -> MethodSettings:
@@ -54,7 +54,10 @@ def _parse(data: dict[str, Any], source: str) -> Preset:
                                      bool(s.get("start_key", False)), str(s.get("key_source", "average")),
                                      float(s.get("preserve_prompts", 0.0)), float(s.get("preserve_edits", DEFAULT_PRESERVE_EDITS)))
                    for m, s in data["methods"].items()}
-        return Preset(data["name"], methods, values, data.get("match", {}), data.get("notes", ""))
+        match = data.get("match", {})
+        if not isinstance(match.get("config", {}), dict):
+            raise TypeError("match.config must be an object of config fields and values")
+        return Preset(data["name"], methods, values, match, data.get("notes", ""))
     except (KeyError, TypeError) as exc:
         raise InputError(f"preset {source} is malformed: {exc}") from None
 
@@ -81,15 +84,27 @@ def mark_edited(model, model_id: str | None) -> None:
         config.pmsolve_base = model_id
 
 
+def _config_matches(config, wanted: dict[str, Any]) -> bool:
+    return bool(wanted) and config is not None and all(getattr(config, k, None) == v for k, v in wanted.items())
+
+
 def preset_for(model, model_id: str | None = None) -> Preset | None:
-    """The built-in preset whose name pattern matches ``model_id``, the model's path or the
-    model it was edited from (``config.pmsolve_base``, recorded by :func:`mark_edited`), else
-    whose model_type matches; the most specific (longest) name match wins."""
+    """The built-in preset for ``model``, decided in this order:
+
+    1. the preset whose ``match.config`` values (model_type, widths, depth, vocabulary) all equal
+       the model config's: the architecture itself, whatever the folder or file the model was
+       loaded from is called (a GGUF file, a renamed copy; the most keys wins);
+    2. the preset whose name pattern occurs in ``model_id``, the model's path or the model it was
+       edited from (``config.pmsolve_base``, recorded by :func:`mark_edited`); the longest wins;
+    3. the preset whose ``match.model_type`` lists the model's type (family defaults)."""
     config = getattr(model, "config", None)
     name = " ".join(str(x or "") for x in (model_id, getattr(config, "_name_or_path", ""),
                                            getattr(config, "pmsolve_base", ""))).lower()
     model_type = str(getattr(config, "model_type", "") or "")
     presets = [load_preset(p) for p in list_presets()]
+    by_config = [p for p in presets if _config_matches(config, p.match.get("config") or {})]
+    if by_config:
+        return max(by_config, key=lambda p: len(p.match["config"]))
     best, best_len = None, 0
     for p in presets:
         for pat in p.match.get("name_contains", []):

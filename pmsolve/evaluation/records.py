@@ -46,7 +46,7 @@ class EditRecord:
 
     @property
     def rewrite_prompt(self) -> str:
-        return self.prompt.format(self.subject)
+        return self.prompt.replace("{}", self.subject, 1)  # as the editor fills it in
 
     def as_request(self) -> dict:
         """The fields an editor needs: prompt (with "{}"), subject, target_new, target_true."""
@@ -91,15 +91,11 @@ def _texts(raw: dict, key: str) -> list[str]:
 
 
 def _template(prompt: str, subject: str) -> str:
-    """The prompt with "{}" for the subject (in a full prompt, its first occurrence)."""
-    if "{}" in prompt:
-        if prompt.count("{}") != 1:
-            raise ValueError(f"prompt {prompt!r} has more than one '{{}}'")
-        return prompt
-    if subject not in prompt:
-        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-    # Braces in the prompt itself would break str.format later.
-    return prompt.replace("{", "{{").replace("}", "}}").replace(subject, "{}", 1)
+    """The prompt with "{}" for the subject: the editor's own rule (one validator for edit,
+    eval and the commands), so a record is accepted here exactly when it would be as a request."""
+    from ..editing.requests import subject_template
+
+    return subject_template(prompt, subject)
 
 
 def _record(prompt, subject, target_new, target_true=None, **rest) -> EditRecord:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .._native import native, unavailable_reason
-from ..errors import BackendUnavailableError, InputError, NativeUnavailableWarning
+from ..errors import BackendUnavailableError, CacheError, InputError, NativeUnavailableWarning
 
 ProductDtype = Literal["fp32", "fp64"]
 _PRODUCT_DTYPES = ("fp32", "fp64")
@@ -355,16 +355,27 @@ class CovarianceAccumulator:
     def load(
         cls, path: Any, *, expect: dict[str, Any] | None = None, backend: str = "auto"
     ) -> CovarianceAccumulator:
-        """Read a file written by :meth:`save`; ``expect`` fields must match its metadata (else CacheError)."""
+        """Read a file written by :meth:`save`; ``expect`` fields must match its metadata (else CacheError).
+
+        A reference ``layer_stats`` ``.npz`` (recognised by its content, whatever its name) is
+        read as :meth:`from_npz` does; it records no metadata, so ``expect`` cannot be checked
+        against it and is refused (CacheError)."""
         return cls.load_with_metadata(path, expect=expect, backend=backend)[0]
 
     @classmethod
     def load_with_metadata(
         cls, path: Any, *, expect: dict[str, Any] | None = None, backend: str = "auto"
     ) -> tuple[CovarianceAccumulator, dict[str, str]]:
-        """As :meth:`load`, also returning the file's metadata (model, fingerprint, module, ...)."""
-        from .io import load_state
+        """As :meth:`load`, also returning the file's metadata (model, fingerprint, module, ...);
+        for a reference ``.npz``: its format, count and d."""
+        from .io import is_npz, load_state
 
+        if is_npz(path):
+            if expect:
+                raise CacheError(f"{path} is a reference .npz: it records no {sorted(expect)} to check; "
+                                 "load it without expect= (or with CovarianceAccumulator.from_npz)")
+            acc = cls.from_npz(path, backend=backend)
+            return acc, {"format": "reference-npz", "count": str(acc.count), "d": str(acc.d)}
         state, meta = load_state(path, expect=expect)
         acc = cls(state["d"], dtype_products=state["dtype_products"], centered=state["centered"], backend=backend)
         acc.load_state_dict(state)

@@ -66,6 +66,9 @@ def decode_states(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]
 
     if not path.exists():
         raise CacheError(f"statistics file {path} does not exist")
+    if is_npz(path):
+        raise CacheError(f"{path} is an .npz file (the ROME/MEMIT reference layout?), not a pmsolve statistics "
+                         "file: read it with CovarianceAccumulator.load or .from_npz, or pmsolve.stats.load_stats")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -113,6 +116,18 @@ def load_state(path: Any, *, expect: dict[str, Any] | None = None) -> tuple[dict
 
 
 # -- reference .npz -----------------------------------------------------------
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; a safetensors file starts with its header length
+
+
+def is_npz(path: Any) -> bool:
+    """Whether ``path`` is a zip archive (an .npz), judged by its first bytes, not its name."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == _ZIP_MAGIC
+    except OSError:
+        return False
 
 
 def write_reference_npz(path: Any, total: torch.Tensor, count: int, *, dtype: Any = np.float32, **extra: Any) -> None:
