@@ -4,7 +4,7 @@
 // panel updates; splitting the matrix in halves instead puts almost all the
 // flops (n³/3) into two large calls per level, a triangular solve and a
 // lower-triangle-only GEMM, which run close to the GEMM rate on two threads.
-// Measurements and the tuning of the cutoff are in bench/RESULTS.md.
+// The measurements behind the cutoff are in docs/history.md §2.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -147,7 +147,7 @@ blas_int cholesky_lower_blas(double* a, blas_int n, blas_int lda, blas_int cutof
                     lda);
   // GEMMT (lower triangle of a GEMM) rather than SYRK: same flops, and OpenBLAS 0.3.34
   // ran the whole factorisation 4–9 % faster with it at d = 6400 and ~30 % at d = 4096
-  // on two threads here (bench/cholesky_variants.cpp; bench/RESULTS.md, "Tuning").
+  // on two threads here (bench/cholesky_variants.cpp measures it).
   scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasTrans, n2, n1, -1.0, a21, lda, a21, lda, 1.0, a22,
                      lda);
   const blas_int info = cholesky_lower_blas(a22, n2, lda, cutoff);

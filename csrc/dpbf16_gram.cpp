@@ -29,7 +29,7 @@ constexpr int64_t kFoldPairs = 256;
 // levels: kInnerPairs pairs in registers, then into `out`. VDPBF16PS rounds after each product
 // (measured: it matches a sequential fp32 sum), so one register run over 512 tokens erred 8-9e-7
 // relative per chunk, three times torch's fp32 GEMM of the same rows; runs of 64 tokens
-// bring it to 2-5e-8, under that GEMM's error, at no measurable cost (bench/RESULTS.md).
+// bring it to 2-5e-8, under that GEMM's error, at no measurable cost (docs/history.md §3).
 constexpr int64_t kInnerPairs = 32;
 
 template <int NP>

@@ -16,11 +16,10 @@
 namespace pmsolve {
 
 // Diagonal block size below which the recursive Cholesky calls LAPACK dpotrf.
-// On the idle machine (06:58 UTC run, bench/RESULTS.md "quiet"), OpenBLAS's own
-// threaded dpotrf ran at 119 GFLOP/s at d = 6400 against 84 for the recursion cut
-// at 128; cut at 1024 the two tie at every d measured (1536, 4096, 6400). Under heavy
-// load the small cutoff had looked better (the "Tuning" table), but that load was
-// other engineers' jobs, not the users' situation.
+// On an idle Intel Xeon, OpenBLAS's own threaded dpotrf ran at 119 GFLOP/s at d = 6400
+// against 84 for the recursion cut at 128; cut at 1024 the two tie at every d measured
+// (1536, 4096, 6400). A smaller cutoff only looked better on a machine loaded by other
+// jobs, which is not the users' situation (docs/history.md §2).
 constexpr blas_int kCholeskyCutoff = 1024;
 // Leaves of the recursion on f64_gemm.h's kernel (the smaller of this and the cutoff): serial
 // OpenBLAS dpotrf below this size, and its dtrsm (on row slices in parallel) below as many

@@ -368,7 +368,7 @@ def factorize(
         overwrite_c: factor in C's own storage (C must be a contiguous float64 tensor); the
             returned ``factor.L`` *is* C afterwards. On the cpu backend no d × d buffer is
             allocated: half the peak memory, and none of the cost of fresh pages (up to 1 s per
-            d = 6400 matrix on some VMs, bench/RESULTS.md). Other backends factor as usual and
+            d = 6400 matrix on some VMs, docs/design.md §10). Other backends factor as usual and
             copy the factor into C. C is checked before it is touched: bad input leaves it as
             it was; if no δ works, C holds the symmetric matrix of its lower triangle (C itself
             when it was exactly symmetric).

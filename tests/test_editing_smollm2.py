@@ -19,7 +19,7 @@ REQUESTS = [
      "target_true": "Spanish"},
 ]
 # Other subjects, each contrasted with an edited target; the model must know them beforehand.
-# Not every neighbour survives (bench/RESULTS.md: NS 95 % at batch 32; here "The capital of
+# Not every neighbour survives (NS about 95 % at batch 32, docs/benchmarks.md; here "The capital of
 # Spain is" flips to London after France -> London), so these check that edits stay local
 # in the common case, not that there is no bleed at all.
 UNRELATED = [("The capital of Germany is", "Berlin", "Paris"),

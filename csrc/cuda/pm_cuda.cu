@@ -457,7 +457,7 @@ int64_t cholesky_jittered(const CholeskyParams& p) {
     // potrf overwrites its triangle, so each try starts again from C itself:
     // C is never written, so it is the restore copy and no d × d scratch is needed.
     // cuSOLVER factors the column-major lower triangle 1.7x faster than the upper one
-    // (H200, d = 6400: 5.5 vs 9.5 ms, bench/RESULTS.md), hence two tiled transposes.
+    // (H200, d = 6400: 5.5 vs 9.5 ms; docs/history.md §7), hence two tiled transposes.
     if (p.c_dtype == Dtype::f32)
       load_lower_transposed<<<tiles, threads, 0, s.stream>>>(static_cast<const float*>(p.C), p.L, p.d, p.shifts[i]);
     else

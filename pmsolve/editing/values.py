@@ -48,7 +48,7 @@ class ValueConfig:
     # "bf16"/"fp16": run the optimisation's forward/backward under torch.autocast (h, and so
     # z = h + δ, stay in the model's dtype). "auto": bf16 where bf16 matmuls are fast (CUDA
     # with bf16 support, CPUs with AMX or AVX512-BF16), else None. Same edit quality on SmolLM2,
-    # measured (bench/RESULTS.md, sessions 12 and 13).
+    # measured on an AMX Xeon and an AVX512-BF16 Zen 4 (docs/benchmarks.md).
     autocast: str | None = "auto"
     # Attention implementation during the optimisation. "auto": eager on CPU, where for these
     # short rows it beat SDPA (whose bf16 backward is slow there), in its grouped form for

@@ -138,7 +138,7 @@ class _NativeEngine:
 
     def state(self) -> tuple[int, torch.Tensor, torch.Tensor | None]:
         # Into torch's memory, not a new numpy array: torch asks for huge pages, which makes the
-        # first touch of a large d × d result several times cheaper on some VMs (bench/RESULTS.md).
+        # first touch of a large d × d result several times cheaper on some VMs (docs/design.md §10).
         mat = torch.empty((self.acc.d, self.acc.d), dtype=torch.float64)
         (self.acc.centered_m2 if self.centered else self.acc.second_moment_sum)(out=mat.numpy())
         mean = self.acc.mean_vector()

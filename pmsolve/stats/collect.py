@@ -143,7 +143,7 @@ def _batches(docs: Iterator[list[int]], batch_tokens: int, pool_tokens: int) -> 
     """(documents, texts consumed). Documents are read in pools of about ``pool_tokens`` tokens;
     each pool is sorted by length and cut into batches of at most ``batch_tokens`` tokens once
     padded, so batches carry little padding (in order, the offline corpus at seq_len 512 ran
-    2.3 padded tokens per real one through the model; bench/RESULTS.md). A pool's texts count
+    2.3 padded tokens per real one through the model; docs/history.md §3). A pool's texts count
     as consumed on its last batch (0 before): the resume position, and so every checkpoint,
     falls on a pool boundary, and a resumed run forms the same pools as an uninterrupted one.
     Texts that tokenise to nothing are consumed but not batched."""
