@@ -4,7 +4,7 @@
 
 Complements bench/test_bench_solver.py, whose harness runs the reference formulas right before
 each timed call; on this 2-core machine that placement alone changed our times by up to 10x
-(bench/RESULTS.md). Prints medians of 5 calls for the cpu and torch backends and the MEMIT
+(docs/history.md §2). Prints medians of 5 calls for the cpu and torch backends and the MEMIT
 reference formula (median of 3).
 """
 

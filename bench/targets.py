@@ -4,9 +4,9 @@
 
 Prints one markdown table, target by target: what was measured, how, and met / missed, with
 the machine (CPU model, family, the AVX-512 / AMX features the kernels dispatch on) on top.
-The targets were stated for "2 threads, this machine", and sessions have drawn three kinds of
-machine (an AMX Xeon, a Zen 3, a Zen 4): this is the table bench/RESULTS.md keeps per machine,
-produced the same way each time. The measurements are the benches' own (bench/test_bench_solver.py,
+The targets were stated for "2 threads, this machine", and the project has run on several kinds
+of machine (an AMX Xeon, a Zen 3, a Zen 4, a Zen 5): this is the per-machine table of
+docs/benchmarks.md, produced the same way each time. The measurements are the benches' own (bench/test_bench_solver.py,
 bench/test_bench_stats.py), with their inputs; ratios are medians of interleaved rounds, so
 they come from the same minutes. --quick skips the 4M-token error runs (~5 min of the 10).
 
