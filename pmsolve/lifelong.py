@@ -326,7 +326,8 @@ def null_space(
     r = int((lam < cut).sum())
     if r == 0:
         raise CapacityError(
-            f"the null space of C is empty: all d = {d} eigenvalues lie in [{float(lam[0]):.3g}, {float(lam[-1]):.3g}], "
+            f"the null space of C is empty: all d = {d} eigenvalues lie in "
+            f"[{float(lam[0]):.3g}, {float(lam[-1]):.3g}], "
             f"none below the cut {cut:.3g} (threshold {threshold:g} x {relative_to} eigenvalue {scale:.3g}); "
             "raise the threshold, or use a method without projection",
             required=1,
@@ -518,7 +519,8 @@ class RetainedKeys:
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor, Factor):
-            raise InputError(f"factor must be a pmsolve.Factor (from pmsolve.factorize), got {type(self.factor).__name__}")
+            raise InputError("factor must be a pmsolve.Factor (from pmsolve.factorize), "
+                             f"got {type(self.factor).__name__}")
         self.rank_rtol = _check_number("rank_rtol", self.rank_rtol)
         d, dev = self.factor.d, self.factor.device
         if self.keys is None:
@@ -636,7 +638,7 @@ class RetainedKeys:
         if M is None or (method == "emmet" and mu_used > mu0):
             groups, worst = _conflicts(Gh, R, ref, max_cond)
             if groups:
-                inside = sorted(j for g in groups for j in g if float(novelty[j]) < 1e-6)
+                inside = sorted({j for g in groups for j in g if float(novelty[j]) < 1e-6})
                 where = (f"; edits {inside} lie (nearly) in the span of the {self.count} retained keys, whose "
                          "outputs are held fixed" if inside else "")
                 raise ConflictingConstraintsError(

@@ -59,7 +59,7 @@ def keys(d: int, n: int, seed: int) -> torch.Tensor:
 
 
 def paper_delta(R, K, P, Kp, alpha, mu=1.0):
-    """The paper's closed form, transcribed: Δ = R Kᵀ P (K Kᵀ P + μ C_p P + μ α I)⁻¹ (μ = 1 in the paper)."""
+    """The paper's closed form, transcribed: Δ = R Kᵀ P (K Kᵀ P + μ C_p P + μ α I)⁻¹ (the paper: μ = 1)."""
     d = K.shape[0]
     Cp = Kp @ Kp.mT if Kp is not None else torch.zeros(d, d, dtype=F64)
     M = K @ K.mT @ P + mu * Cp @ P + mu * alpha * torch.eye(d, dtype=F64)
