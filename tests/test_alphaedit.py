@@ -83,7 +83,7 @@ def test_matches_paper_formula(d, r, n, m, small, backend):
     K, R = keys(d, n, 1), keys(11, n, 3)
     Kp = keys(d, m, 4) if m else None
     alpha = 1.0
-    ns = pmsolve.null_space(C)  # default: eigenvalues < 1e-2 · tr(C)/d
+    ns = pmsolve.null_space(C, threshold=1e-2)  # eigenvalues < 1e-2 · tr(C)/d
     assert ns.r == r and ns.d == d
     f = ns.factorize(alpha, keys=Kp, backend=backend)
     upd = pmsolve.solve(f, K, R, method="alphaedit", backend=backend)
@@ -105,7 +105,7 @@ def test_mu_and_alpha(mu, alpha):
     d, r = 48, 30
     C, U_ref = spectrum_C(d, r, seed=7)
     K, R, Kp = keys(d, 6, 8), keys(5, 6, 9), keys(d, 20, 10)
-    f = pmsolve.null_space(C).factorize(alpha, keys=Kp)
+    f = pmsolve.null_space(C, threshold=1e-2).factorize(alpha, keys=Kp)
     upd = pmsolve.solve(f, K, R, method="alphaedit", mu=mu)
     assert rel(upd.dense(), paper_delta(R, K, U_ref @ U_ref.mT, Kp, alpha, mu)) <= 1e-10
     assert upd.diagnostics.mu == mu
@@ -118,7 +118,7 @@ def test_mu_zero_is_equality_in_the_null_space():
     C, U = spectrum_C(d, r, seed=11)
     K, R, Kp = keys(d, n, 12), keys(6, n, 13), keys(d, 15, 14)
     alpha = 2.0
-    upd = pmsolve.solve(pmsolve.null_space(C).factorize(alpha, keys=Kp), K, R, method="alphaedit", mu=0.0)
+    upd = pmsolve.solve(pmsolve.null_space(C, threshold=1e-2).factorize(alpha, keys=Kp), K, R, method="alphaedit", mu=0.0)
     A = alpha * torch.eye(r, dtype=F64) + U.mT @ Kp @ Kp.mT @ U
     Kr = U.mT @ K
     kkt = torch.cat([torch.cat([A, Kr], 1), torch.cat([Kr.mT, torch.zeros(n, n, dtype=F64)], 1)], 0)
@@ -146,7 +146,7 @@ def test_sequential_batches_match_the_paper_each_batch():
     d, r, n = 80, 50, 10
     C, U = spectrum_C(d, r, seed=19)
     P = U @ U.mT
-    f = pmsolve.null_space(C).factorize(1.0)
+    f = pmsolve.null_space(C, threshold=1e-2).factorize(1.0)
     seen = []
     for b in range(6):  # 60 keys > 0.25·r: crosses the dense-refactor threshold of Factor.extend
         K, R = keys(d, n, 100 + b), keys(9, n, 200 + b)
@@ -161,7 +161,7 @@ def test_sequential_batches_match_the_paper_each_batch():
 def test_extend_is_a_low_rank_update_and_equals_building_at_once():
     d, r = 60, 40
     C, _ = spectrum_C(d, r, seed=21)
-    ns = pmsolve.null_space(C)
+    ns = pmsolve.null_space(C, threshold=1e-2)
     K1, K2 = keys(d, 4, 22), keys(d, 3, 23)
     inc = ns.factorize(1.0).extend(K1).extend(K2, weight=1.0)
     assert inc.factor.lowrank is not None and inc.factor.lowrank.rank == 7  # no refactor below 0.25·r
@@ -183,7 +183,7 @@ def test_wishart_singular_C_with_paper_threshold_rule(seed):
     lam, V = torch.linalg.eigh(C)
     cut = 1e-2 * float(lam.sum()) / d
     P = V[:, lam < cut] @ V[:, lam < cut].mT
-    ns = pmsolve.null_space(C)
+    ns = pmsolve.null_space(C, threshold=1e-2)
     assert ns.r == d - N and math.isclose(ns.cut, cut, rel_tol=1e-12)
     K, R, Kp = keys(d, 7, 310 + seed), keys(5, 7, 320 + seed), keys(d, 12, 330 + seed)
     upd = pmsolve.solve(ns.factorize(1.0, keys=Kp), K, R, method="alphaedit")
@@ -211,12 +211,36 @@ def test_threshold_units_and_report():
     assert math.isclose(s["kept_energy"], r * 1e-3 / float(lam.sum()), rel_tol=1e-9)
 
 
+def test_default_threshold_and_energy_cut():
+    """Default: eigenvalues < 0.5 × the mean eigenvalue. "energy": the longest run of smallest
+    eigenvalues summing to ≤ threshold·tr(C)."""
+    d = 40
+    g = torch.Generator().manual_seed(35)
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    lam = torch.linspace(0.01, 2.0, d, dtype=F64)  # mean ≈ 1.005: the default cut ≈ 0.5025
+    C = (V * lam) @ V.mT
+    C = 0.5 * (C + C.mT)
+    ns = pmsolve.null_space(C)
+    assert (ns.threshold, ns.relative_to) == (0.5, "mean")
+    assert ns.r == int((lam < 0.5 * float(lam.mean())).sum())
+    e = pmsolve.null_space(C, threshold=0.1, relative_to="energy")
+    cum = torch.cumsum(lam, 0) / lam.sum()
+    r = int((cum <= 0.1).sum())
+    assert e.r == r and math.isclose(e.cut, float(lam[r]), rel_tol=1e-10)
+    assert e.kept_energy <= 0.1 < float(cum[r])
+    assert pmsolve.null_space(C, threshold=1.0, relative_to="energy").r == d
+    with pytest.raises(InputError, match="at most 1"):
+        pmsolve.null_space(C, threshold=1.5, relative_to="energy")
+    with pytest.raises(CapacityError, match="smallest eigenvalue alone exceeds"):
+        pmsolve.null_space(C, threshold=1e-5, relative_to="energy")
+
+
 def test_diagnostics_against_dense_quantities():
     d, r, n = 40, 25, 6
     C, U = spectrum_C(d, r, seed=41, small=1e-4)
     K, R, Kp = keys(d, n, 42), keys(8, n, 43), keys(d, 9, 44)
     alpha = 3.0
-    upd = pmsolve.solve(pmsolve.null_space(C).factorize(alpha, keys=Kp), K, R, method="alphaedit")
+    upd = pmsolve.solve(pmsolve.null_space(C, threshold=1e-2).factorize(alpha, keys=Kp), K, R, method="alphaedit")
     D, dg = upd.dense(), upd.diagnostics
     assert math.isclose(dg.residual, rel(D @ K, R), rel_tol=1e-8)
     assert math.isclose(dg.preservation_cost, alpha * float((D * D).sum()) + float(((D @ Kp) ** 2).sum()),
@@ -236,14 +260,14 @@ def test_empty_null_space_is_a_capacity_error_naming_d_and_range():
     C, _ = spectrum_C(16, 0, seed=51)  # all eigenvalues in [0.2, 5]
     msg = r"empty: all d = 16 eigenvalues lie in \[0\.\d+, \d\.\d+\], none below the cut"
     with pytest.raises(CapacityError, match=msg) as e:
-        pmsolve.null_space(C)
+        pmsolve.null_space(C, threshold=1e-2)
     assert e.value.available == 0
 
 
 def test_bad_input_is_typed():
     d = 20
     C, _ = spectrum_C(d, 8, seed=52)
-    ns = pmsolve.null_space(C)
+    ns = pmsolve.null_space(C, threshold=1e-2)
     f = ns.factorize(1.0)
     K, R = keys(d, 3, 53), keys(4, 3, 54)
     with pytest.raises(InputError, match="K has 21 rows .* width d_in = 20"):
@@ -285,7 +309,7 @@ def test_bad_input_is_typed():
 
 def test_save_load_roundtrip_and_checks(tmp_path):
     C, _ = spectrum_C(36, 12, seed=61)
-    ns = pmsolve.null_space(C, meta={"model": "m", "layer": 4})
+    ns = pmsolve.null_space(C, threshold=1e-2, meta={"model": "m", "layer": 4})
     p = tmp_path / "ns" / "layer4.safetensors"
     ns.save(p)
     back = pmsolve.NullSpace.load(p, expect={"model": "m", "layer": 4})
@@ -316,7 +340,7 @@ def test_save_load_roundtrip_and_checks(tmp_path):
 
 def test_solve_via_settings_backend_and_reports_backend():
     C, _ = spectrum_C(24, 10, seed=71)
-    f = pmsolve.null_space(C).factorize()
+    f = pmsolve.null_space(C, threshold=1e-2).factorize()
     with settings.backend("torch"):
         upd = pmsolve.solve(f, keys(24, 3, 72), keys(4, 3, 73), method="alphaedit")
     assert upd.diagnostics.backend == "torch"
