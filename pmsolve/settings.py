@@ -6,6 +6,8 @@
 ``set_value`` changes a process-wide default (every thread sees it); a ``with`` block
 overrides it for the code it wraps, in its own thread only, so concurrent solves in other
 threads keep their settings. Explicit keyword arguments override both.
+
+Kernel choices made from the environment (``PMSOLVE_*`` variables) are in pmsolve.switches.
 """
 
 from __future__ import annotations

@@ -259,6 +259,36 @@ def test_native_solve_switch_routes_the_solve_through_torch(tmp_path):
         assert _rel(got["cpu"][1], got["torch"][1]) < 1e-9
 
 
+_NATIVE_STATE = textwrap.dedent(
+    """
+    import json
+    from pmsolve import switches
+    from pmsolve._native import native
+    mod = native()
+    print(json.dumps({s.name: getattr(mod, s.native)() for s in switches.SWITCHES if s.native}))
+    """
+)
+
+
+@pytest.mark.native
+def test_every_native_switch_reaches_the_module():
+    """All off in the environment: every kernel off in a fresh process. All on: on wherever the
+    module can run it (its own availability probes, independent of the table)."""
+    mod = native()
+    if mod is None:
+        pytest.skip("needs the native module")
+    possible = {"PMSOLVE_OPENMP": len(mod.openmp_runtimes()) == 1, "PMSOLVE_F64_GEMM": mod.f64_gemm_available(),
+                "PMSOLVE_F32_GRAM": mod.f32_gram_available(), "PMSOLVE_AMX": mod.amx_bf16_available(),
+                "PMSOLVE_DPBF16": mod.dpbf16_available(), "PMSOLVE_MKL_POTRF": bool(mod.loaded_mkl_path())}
+    assert set(possible) == {s.name for s in switches.SWITCHES if s.native}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PMSOLVE_")}
+    for word, want in (("off", dict.fromkeys(possible, False)), ("true", possible)):
+        out = subprocess.run([sys.executable, "-c", _NATIVE_STATE], env=base | dict.fromkeys(possible, word),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == want, word
+
+
 def test_bad_value_is_a_typed_error_where_the_native_module_loads(tmp_path):
     script = textwrap.dedent(
         """
