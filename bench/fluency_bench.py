@@ -28,7 +28,8 @@ from pmsolve.editing.keys import cache_dir
 from pmsolve.evaluation import generate_texts, ngram_entropy
 from pmsolve.evaluation.records import load_builtin_facts
 from pmsolve.experiments import runner
-from pmsolve.experiments.precompute import WeightSnapshot, solve_and_apply
+from pmsolve.editing.steps import WeightSnapshot
+from pmsolve.experiments.precompute import solve_and_apply
 from pmsolve.models import load_model
 
 warnings.simplefilter("ignore", pmsolve.NumericalWarning)
@@ -97,7 +98,7 @@ def main() -> None:
         if unknown:
             p.error(f"unknown series {sorted(unknown)}")
         series = {k: series.get(k) for k in args.series}
-    snap = WeightSnapshot(model, [env.layer])
+    snap = WeightSnapshot(model)
     spread_values: dict = {}  # v* per fact, shared by the preset series (same unedited model)
     for label, spec in series.items():
         post, post_texts, parts = [0.0] * len(prompts), [""] * len(prompts), []
@@ -110,7 +111,7 @@ def main() -> None:
                 restore = res.restore
             else:
                 method, mu, source, alpha = spec
-                solve_and_apply(model, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
+                solve_and_apply(snap, env.factors[env.layer], env.facts, chunk, method, mu, key_source=source,
                                 preserve_prompts=alpha, tokenizer=tok, seed=env.config.seed)
                 restore = snap.restore
             try:

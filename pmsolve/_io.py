@@ -1,12 +1,15 @@
-"""File writing that never leaves a half-written file behind."""
+"""Files: writing that never leaves a half-written file behind, JSON results and caches, and
+the content hashes that key them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
@@ -34,3 +37,25 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """A short hash of anything JSON-serialisable (records as dicts, settings), independent of
+    the order of dict keys; values JSON cannot hold count by their str()."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, json.dumps(obj, indent=1).encode())
+
+
+def cached_json(path: str | os.PathLike[str], compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """(value, hit): the JSON stored at ``path``, or ``compute()``, stored there. A file that
+    is missing or does not parse is recomputed."""
+    try:
+        return json.loads(Path(path).read_text()), True
+    except (OSError, ValueError):
+        value = compute()
+        write_json(path, value)
+        return value, False

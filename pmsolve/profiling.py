@@ -346,62 +346,68 @@ def profile_dims(target: Dims, *, method: str = "emmet", mu: float | None = None
 # ---------------------------------------------------------------------------
 
 
+class _StageMeter:
+    """A clock for pmsolve.editing.steps.edit_batch that also measures memory: per stage,
+    seconds added up over its calls and the largest peak of any call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.measured: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        with _measure(self.device) as m:
+            yield
+        acc = self.measured.setdefault(stage, {"seconds": 0.0, "peak_bytes": 0})
+        acc["seconds"] += m["seconds"]
+        acc["peak_bytes"] = max(acc["peak_bytes"], m["peak_bytes"])
+
+
 def profile_model(model, tokenizer, requests: Sequence[Any], layers: Sequence[int], *, method: str = "emmet",
                   mu: float | None = None, tokens: int = 20_000, corpus: str | None = None, seed: int = 0,
                   value_config=None) -> Profile:
-    """Run each stage of an edit of ``requests`` (one batch) at ``layers`` and measure it.
+    """Edit ``requests`` (one batch) into ``layers`` as :func:`pmsolve.edit` does (the same
+    steps; MEMIT's spread over several layers), measuring each stage, then restore the model.
 
-    Keys are measured once per layer (MEMIT's spread re-measures them per layer); the
-    residual is split evenly over the layers, without re-measuring after each layer,
-    which changes the numbers an edit produces but not the cost of the stages.
-    """
-    from . import factorize, solve
-    from .editing.keys import compute_keys_and_outputs, context_templates
+    Statistics and their factorisation are measured apart; keys, solve and apply add up over
+    the layers (their peak is the largest of any layer)."""
+    from .editing.distribution import get_distribution
+    from .editing.keys import context_templates
     from .editing.requests import load_requests
-    from .editing.values import ValueConfig, optimize_values
+    from .editing.steps import KeyOptions, WeightSnapshot, edit_batch, factor_stats
+    from .editing.values import ValueConfig
     from .models.adapters import adapter_for
     from .stats import collect_stats
 
     adapter = adapter_for(model)
     reqs = load_requests(requests)
     layers = sorted(adapter.check_layer(layer) for layer in layers)
+    dist = get_distribution("memit" if len(layers) > 1 else "single", layers)
     dev = adapter.weight(layers[-1]).device
-    measured: dict[str, dict[str, float]] = {}
-    with _measure(dev) as measured["statistics"]:
+    meter = _StageMeter(dev)
+    with meter("statistics"):
         stats = collect_stats(model, tokenizer, list(layers), corpus, max_tokens=tokens, progress=False)
-    with _measure(dev) as measured["factorisation"]:
-        factors = {layer: factorize(stats.stats[layer].mean()) for layer in layers}
+    with meter("factorisation"):
+        factors = factor_stats(stats, layers, adapter)
     ctx = context_templates(model, tokenizer, seed=seed)
-    with _measure(dev) as measured["keys"]:
-        keys = {layer: compute_keys_and_outputs(model, adapter, tokenizer, reqs, ctx, layer, None)[0]
-                for layer in layers}
-    with _measure(dev) as measured["values"]:
-        vr = optimize_values(model, adapter, tokenizer, reqs, ctx, layers[-1], value_config or ValueConfig(),
-                             seed=seed)
-    R = ((vr.z - vr.h) / len(layers)).T.to(torch.float64)
-    updates = {}
-    with _measure(dev) as measured["solve"]:
-        for layer in layers:
-            f = factors[layer]
-            updates[layer] = solve(f, keys[layer].T.to(f.device, torch.float64), R.to(f.device), method=method, mu=mu)
-    originals = {layer: adapter.weight(layer).detach().clone() for layer in layers}
+    snapshot = WeightSnapshot(model)
+    values: list[dict[str, Any]] = []
     try:
-        with _measure(dev) as measured["apply"]:
-            for layer in layers:
-                updates[layer].apply_(adapter.weight(layer).data, layout=adapter.layout)
+        edits = edit_batch(model, tokenizer, adapter, reqs, 0, layers, dist, factors, method, mu,
+                           value_config or ValueConfig(), ctx, seed, snapshot, meter, values,
+                           key_opts=KeyOptions(preserve_edits=0.0))
     finally:
-        with torch.no_grad():
-            for layer, w in originals.items():
-                adapter.weight(layer).copy_(w)
+        snapshot.restore()
+    measured = meter.measured
     stages = [Stage(name, measured[name]["seconds"], int(measured[name]["peak_bytes"]))
               for name in ("statistics", "factorisation", "keys", "values", "solve", "apply")]
     stages[0].note = f"{stats.tokens} tokens, {len(layers)} layer(s) in one pass"
-    stages[3].note = f"{vr.forward_passes} forward/backward passes, steps per fact max {max(vr.steps)}"
-    cond = {str(layer): {"cond_C": factors[layer].cond, "jitter_relative": factors[layer].jitter_relative,
-                         "cond_G": updates[layer].diagnostics.cond_G, "mu": updates[layer].diagnostics.mu,
-                         "mu_relative": updates[layer].diagnostics.mu_relative,
-                         "ridge_fallback": updates[layer].diagnostics.ridge_fallback,
-                         "residual": updates[layer].diagnostics.residual} for layer in layers}
+    stages[3].note = f"steps per fact max {max(v['steps'] for v in values)}"
+    cond = {str(e.layer): {"cond_C": factors[e.layer].cond, "jitter_relative": factors[e.layer].jitter_relative,
+                           "cond_G": e.update.diagnostics.cond_G, "mu": e.update.diagnostics.mu,
+                           "mu_relative": e.update.diagnostics.mu_relative,
+                           "ridge_fallback": e.update.diagnostics.ridge_fallback,
+                           "residual": e.update.diagnostics.residual} for e in edits}
     params = sum(p.numel() for p in model.parameters())
     return Profile(
         mode="model", device=str(dev), memory_method=memory_method(dev),

@@ -13,7 +13,8 @@ import pmsolve
 from editing_fixtures import ARCHS, LAYERS, REQUESTS, model, same_weights, snapshot, stats, tokenizer
 from pmsolve.editing import ValueConfig, apply_updates, load_requests
 from pmsolve.editing.distribution import CostBalanced, MemitSpread, SingleLayer, remaining_share
-from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
+from pmsolve.editing.keys import context_templates
+from pmsolve.editing.steps import measure_keys
 from pmsolve.editing.values import optimize_values
 from pmsolve.editing.presets import DEFAULT_PRESERVE_EDITS
 from pmsolve.errors import CacheError, InputError
@@ -58,12 +59,12 @@ def test_edit_then_restore_is_bit_exact(arch, tok):
 def test_user_statistics_are_left_intact_and_accumulators_factor_in_place(tok, monkeypatch):
     """A C the user passes is read, never overwritten; an accumulator's fresh mean() is factored
     in its own storage, with the same edit (bit for bit) as from the same C as a tensor."""
-    import pmsolve.editing.editor as editor
+    import pmsolve.editing.steps as steps
     from pmsolve.stats import CovarianceAccumulator
 
     calls = []
-    real = editor.factorize
-    monkeypatch.setattr(editor, "factorize", lambda C, **kw: calls.append(kw.get("overwrite_c")) or real(C, **kw))
+    real = steps.factorize
+    monkeypatch.setattr(steps, "factorize", lambda C, **kw: calls.append(kw.get("overwrite_c")) or real(C, **kw))
     m = model("llama", len(tok))
     C = stats(m, tok, layers=[2])
     before = C[2].clone()
@@ -93,7 +94,7 @@ def test_equality_edit_maps_keys_to_values(arch, tok):
     ad = adapter_for(m)
     ctx = context_templates(m, tok)
     reqs = load_requests(REQUESTS)
-    K, _ = compute_keys_and_outputs(m, ad, tok, reqs, ctx, key_layer=2, out_layer=None)
+    K = measure_keys(m, ad, tok, reqs, ctx, [2]).average[2]
     with torch.no_grad():
         before = ad.rewrite(2)(K).double()
     res = _edit(m, tok, C, requests=REQUESTS, method="emmet")
@@ -172,8 +173,7 @@ def test_balanced_gives_sensitive_layers_more(tok):
     reqs = load_requests(REQUESTS[:2])
     g = {}
     for layer in (1, 3):
-        K, _ = compute_keys_and_outputs(m, ad, tok, reqs, ctx, key_layer=layer, out_layer=None)
-        K = K.T.double()
+        K = measure_keys(m, ad, tok, reqs, ctx, [layer]).average[layer].T.double()
         g[layer] = float((K * torch.linalg.solve(C[layer], K)).sum(0).mean())
     res = _edit(m, tok, C, method="emmet", distribution="balanced", layers=[1, 3])
     assert res.edits[0].share == pytest.approx(g[1] / (g[1] + g[3]), rel=1e-3)
@@ -398,9 +398,9 @@ def test_failure_midway_restores(tok, monkeypatch):
     m = model("llama", len(tok))
     C = stats(m, tok)
     snap = snapshot(m)
-    import pmsolve.editing.editor as editor
+    import pmsolve.editing.steps as steps
 
-    real = editor.solve
+    real = steps.solve
     calls = []
 
     def flaky(*a, **k):
@@ -409,7 +409,7 @@ def test_failure_midway_restores(tok, monkeypatch):
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(editor, "solve", flaky)
+    monkeypatch.setattr(steps, "solve", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         _edit(m, tok, C, layers=[1, 2])
     assert len(calls) == 2
@@ -652,7 +652,7 @@ def test_prompt_keys_are_the_tokens_after_the_subject(tok):
 
 
 def test_prompt_preservation_factor_is_the_augmented_matrix():
-    from pmsolve.editing.editor import with_prompt_preservation
+    from pmsolve.editing.steps import with_prompt_preservation
 
     g = torch.Generator().manual_seed(3)
     A = torch.randn(200, 64, generator=g, dtype=torch.float64)

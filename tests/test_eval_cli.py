@@ -12,7 +12,7 @@ import torch
 
 import pmsolve
 from pmsolve.cli import main
-from pmsolve.commands import evaluate as ev
+from pmsolve.evaluation import pipeline
 
 
 def _rec(subject, true, new, neighbour, n_true):
@@ -111,23 +111,23 @@ def test_run_skip_malformed_then_baseline_cache_hit(files, tmp_path, capsys):
 
 def test_crash_keeps_partial_results_and_rerun_resumes(files, tmp_path, monkeypatch):
     out = tmp_path / "crash"
-    real = ev._edit_and_score
+    real = pipeline.edit_and_score
     calls = []
 
-    def dies_on_second_batch(lm, args, batch, layers, factors):
+    def dies_on_second_batch(model, tok, batch, factors, settings):
         calls.append([i for i, _ in batch])
         if len(calls) == 2:
             raise KeyboardInterrupt  # what a killed long run looks like from inside
-        return real(lm, args, batch, layers, factors)
+        return real(model, tok, batch, factors, settings)
 
-    monkeypatch.setattr(ev, "_edit_and_score", dies_on_second_batch)
+    monkeypatch.setattr(pipeline, "edit_and_score", dies_on_second_batch)
     assert main(_args(files, out, "--on-error", "skip")) == 130  # Ctrl-C: status 130, no traceback
     assert [ln["index"] for ln in _lines(out)] == [0, 1]
     partial = json.loads((out / "summary.json").read_text())
     assert partial["complete"] is False and partial["n_records"] == 2
 
     calls.clear()
-    monkeypatch.setattr(ev, "_edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(pipeline, "edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
     assert main(_args(files, out, "--on-error", "skip")) == 0
     assert len(calls) == 1  # only the unfinished batch ran
     assert [ln["index"] for ln in _lines(out)] == [0, 1, 3, 5]
@@ -136,9 +136,9 @@ def test_crash_keeps_partial_results_and_rerun_resumes(files, tmp_path, monkeypa
 
 def test_rerun_with_another_prompt_protocol_does_not_resume(files, tmp_path, monkeypatch):
     out = tmp_path / "proto"
-    real = ev._edit_and_score
+    real = pipeline.edit_and_score
     calls = []
-    monkeypatch.setattr(ev, "_edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(pipeline, "edit_and_score", lambda *a: (calls.append(1), real(*a))[1])
     assert main(_args(files, out, "--on-error", "skip")) == 0
     first = len(calls)
     assert main(_args(files, out, "--on-error", "skip")) == 0
@@ -149,14 +149,14 @@ def test_rerun_with_another_prompt_protocol_does_not_resume(files, tmp_path, mon
 
 
 def test_failing_batch_skipped_and_reported(files, tmp_path, monkeypatch):
-    real = ev._edit_and_score
+    real = pipeline.edit_and_score
 
-    def conflict_in_first(lm, args, batch, layers, factors):
+    def conflict_in_first(model, tok, batch, factors, settings):
         if batch[0][0] == 0:
             raise pmsolve.ConflictingConstraintsError("made-up conflict", columns=[[0, 1]])
-        return real(lm, args, batch, layers, factors)
+        return real(model, tok, batch, factors, settings)
 
-    monkeypatch.setattr(ev, "_edit_and_score", conflict_in_first)
+    monkeypatch.setattr(pipeline, "edit_and_score", conflict_in_first)
     out = tmp_path / "f"
     assert main(_args(files, out, "--on-error", "skip")) == 1
     failed = json.loads((out / "errors.json").read_text())["failed_batches"]

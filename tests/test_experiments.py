@@ -1,19 +1,23 @@
-"""Experiments plumbing on tiny random models: the precomputed single-layer path equals
-pmsolve.edit, caches are used, sequential residuals are exact; `pmsolve profile` output."""
+"""The edit steps (pmsolve.editing.steps) against independent references on tiny random models,
+the experiments' per-fact cache over them, `pmsolve profile` and `pmsolve experiments --quick`."""
 
 from __future__ import annotations
 
+import ast
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from editing_fixtures import REQUESTS, model, stats, tokenizer
 
 import pmsolve
+from pmsolve.editing import steps
+from pmsolve.editing.keys import subject_prompt_ids
 from pmsolve.editing.requests import load_requests
 from pmsolve.editing.values import ValueConfig
-from pmsolve.experiments.precompute import WeightSnapshot, fact_tensors, solve_and_apply
+from pmsolve.experiments.precompute import fact_tensors, solve_and_apply
 from pmsolve.models.adapters import adapter_for
 
 FAST = ValueConfig(steps=4)
@@ -34,28 +38,83 @@ def tiny():
     return m, tok, stats(m, tok, [LAYER])[LAYER]
 
 
-@pytest.mark.parametrize("method", ["emmet", "memit"])
-@pytest.mark.parametrize("keys", [("average", 0.0), ("prompt", 10.0), ("both", 0.0)])
-def test_precomputed_single_layer_edit_equals_pmsolve_edit(tiny, method, keys):
+@torch.no_grad()
+def _reference_keys(m, tok, reqs, templates, layer):
+    """One prompt at a time, unpadded, with plain forward hooks: per request the rewrite-module
+    input at the subject's last token averaged over the templates and in the bare prompt, the
+    layer's output there (bare prompt), and the inputs at every token after the subject (all
+    templates, all requests)."""
+    ad = adapter_for(m)
+    avg, bare, out, after = [], [], [], []
+    for r in reqs:
+        per_template = []
+        for t, tmpl in enumerate(templates):
+            ids, idx = subject_prompt_ids(tok, tmpl.replace("{}", r.prompt, 1), r.subject)
+            seen = {}
+            hooks = [ad.rewrite(layer).register_forward_hook(lambda mod, i, o: seen.update(k=i[0][0].double())),
+                     ad.layer(layer).register_forward_hook(
+                         lambda mod, i, o: seen.update(h=(o[0] if isinstance(o, tuple) else o)[0].double()))]
+            try:
+                m(torch.tensor([ids]))
+            finally:
+                for h in hooks:
+                    h.remove()
+            per_template.append(seen["k"][idx])
+            after.append(seen["k"][idx + 1:])
+            if t == 0:
+                bare.append(seen["k"][idx])
+                out.append(seen["h"][idx])
+        avg.append(torch.stack(per_template).mean(0))
+    return torch.stack(avg), torch.stack(bare), torch.stack(out), torch.cat(after)
+
+
+def _closed_form(C, K, R, mu):
+    """Δ = R (KᵀC⁻¹K + μI)⁻¹ (C⁻¹K)ᵀ in fp64, from C itself (no factor, no backend)."""
+    CiK = torch.linalg.solve(C, K)
+    G = K.T @ CiK + mu * torch.eye(K.shape[1], dtype=torch.float64)
+    return R @ torch.linalg.solve(G, CiK.T)
+
+
+@pytest.mark.parametrize("method, mu", [("emmet", None), ("memit", 50.0)])
+@pytest.mark.parametrize("source, alpha", [("average", 0.0), ("prompt", 10.0), ("both", 0.0)])
+def test_edit_update_is_the_closed_form_on_reference_keys(tiny, method, mu, source, alpha):
+    """pmsolve.edit on one layer: its update equals the closed form on keys and outputs measured
+    independently (one unpadded prompt at a time, plain hooks) and the v* the values step
+    gives; the preservation matrix is C + δI (+ α·PᵀP/m with the prompt tokens P); and the
+    experiments' per-fact cache hands the solver the same K and R."""
     m, tok, C = tiny
-    source, alpha = keys
     reqs = load_requests(REQUESTS)
-    w0 = adapter_for(m).weight(LAYER).detach().clone()
+    ad = adapter_for(m)
+    w0 = ad.weight(LAYER).detach().clone()
     res = pmsolve.edit(m, tok, reqs, method=method, layers=[LAYER], stats={LAYER: C}, preset=None,
-                       value_config=FAST, seed=3, mu=50.0 if method == "memit" else None, key_source=source,
-                       preserve_prompts=alpha)
-    w_edit = adapter_for(m).weight(LAYER).detach().clone()
+                       value_config=FAST, seed=3, mu=mu, key_source=source, preserve_prompts=alpha)
+    (e,) = res.edits
+    w1 = ad.weight(LAYER).detach().clone()
     res.restore()
+    assert torch.equal(ad.weight(LAYER), w0)
+    d = e.update.diagnostics
+
+    avg, bare, h, P = _reference_keys(m, tok, reqs, res.context_templates, LAYER)
+    z = steps.compute_values(m, ad, tok, reqs, res.context_templates, LAYER, FAST, 3).z.double()
+    keys = {"average": [avg], "prompt": [bare], "both": [avg, bare]}[source]
+    K = torch.cat(keys).T
+    R = torch.cat([z - h] * len(keys)).T
+    C_used = C.double() + d.jitter * torch.eye(C.shape[0], dtype=torch.float64)
+    if alpha:
+        C_used += alpha * P.T @ P / P.shape[0]
+    want = _closed_form(C_used, K, R, d.mu)
+    got = e.update.dense()
+    # K and h come from fp32 forwards (batched and padded in the steps, one by one here): they
+    # agree to ~1e-6 relative, which the solve amplifies by at most about cond(G).
+    tol = 1e-6 * max(d.cond_G, 1.0)
+    assert float((got - want).norm() / want.norm()) < tol
+    # the weight changed by exactly that update, up to fp32 rounding of the weight
+    assert float((w1.double() - w0.double() - got).norm()) <= 1e-6 * float(w1.double().norm())
+
     facts = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST, seed=3)
-    snap = WeightSnapshot(m, [LAYER])
-    solve_and_apply(m, pmsolve.factorize(C), facts, range(len(reqs)), method, 50.0 if method == "memit" else None,
-                    key_source=source, preserve_prompts=alpha, tokenizer=tok, seed=3)
-    w_pre = adapter_for(m).weight(LAYER).detach().clone()
-    snap.restore()
-    assert torch.equal(adapter_for(m).weight(LAYER), w0)
-    change = (w_edit - w0).norm()
-    assert change > 0
-    assert (w_pre - w_edit).norm() <= 1e-4 * change
+    K_cache, R_cache = facts.select(range(len(reqs)), source)
+    torch.testing.assert_close(K_cache, K, rtol=1e-5, atol=1e-5 * float(K.abs().max()))
+    torch.testing.assert_close(R_cache, R, rtol=1e-4, atol=1e-5 * float(R.abs().max()))
 
 
 def test_fact_tensors_cached_and_independent_of_batching(tiny, tmp_path):
@@ -79,24 +138,49 @@ def test_fact_tensors_cached_and_independent_of_batching(tiny, tmp_path):
 
 def test_sequential_residual_matches_remeasured_output(tiny):
     """R − (W − W0)K_bare, used by the sequential experiment, equals z minus the edited model's output."""
-    from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
+    from pmsolve.editing.keys import context_templates
 
     m, tok, C = tiny
     reqs = load_requests(REQUESTS)
     facts = fact_tensors(m, tok, reqs, LAYER, fingerprint="tiny", value_config=FAST)
     ad = adapter_for(m)
     w0 = ad.weight(LAYER).detach().to(torch.float64).clone()
-    snap = WeightSnapshot(m, [LAYER])
+    snap = steps.WeightSnapshot(m)
     try:
-        solve_and_apply(m, pmsolve.factorize(C), facts, [0, 1], "emmet", None)
+        solve_and_apply(snap, pmsolve.factorize(C), facts, [0, 1], "emmet", None)
+        assert list(snap) == [ad.rewrite_name(LAYER)]
         _, R = facts.select([2])
         predicted = R - (ad.weight(LAYER).detach().to(torch.float64) - w0) @ facts.k_bare[2:].T.to(torch.float64)
         ctx = context_templates(m, tok, seed=0)
-        _, h_now = compute_keys_and_outputs(m, ad, tok, reqs[2:], ctx, LAYER, LAYER)
+        h_now = steps.measure_keys(m, ad, tok, reqs[2:], ctx, [LAYER], output_layer=LAYER).outputs
         measured = (facts.z[2:] - h_now.cpu()).T.to(torch.float64)
         assert torch.allclose(predicted, measured, atol=1e-4 * float(measured.norm()))
     finally:
         snap.restore()
+    assert torch.equal(ad.weight(LAYER).detach().to(torch.float64), w0)
+
+
+def test_no_product_module_imports_the_command_line():
+    """The library (everything but pmsolve/cli.py and pmsolve/commands/) does not import the CLI."""
+    root = Path(pmsolve.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "commands" or rel.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against the module's package
+                    pkg = ["pmsolve", *rel.parts[:-1]][: len(rel.parts) - node.level + 1]
+                    base = ".".join(pkg + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            offenders += [f"{rel}: {n}" for n in names
+                          if n in ("pmsolve.cli", "pmsolve.commands") or n.startswith("pmsolve.commands.")]
+    assert offenders == []
 
 
 def test_profile_dims_json(tmp_path, capsys):
@@ -135,12 +219,10 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_edit_value_cache_reuses_v_star(tiny, monkeypatch):
     """pmsolve.edit(value_cache=...) optimises each fact's v* once and gives the same edit."""
-    import pmsolve.editing.editor as editor
-
     m, tok, C = tiny
     calls = []
-    real = editor.optimize_values
-    monkeypatch.setattr(editor, "optimize_values", lambda *a, **k: (calls.append(len(a[3])), real(*a, **k))[1])
+    real = steps.optimize_values
+    monkeypatch.setattr(steps, "optimize_values", lambda *a, **k: (calls.append(len(a[3])), real(*a, **k))[1])
     kw = dict(layers=[1, LAYER], distribution="memit", stats={1: stats(m, tok, [1])[1], LAYER: C}, preset=None,
               value_config=FAST)
     plain = pmsolve.edit(m, tok, REQUESTS, method="emmet", **kw)
@@ -218,11 +300,12 @@ def test_quick_experiments_write_results_and_figures(tmp_path):
 
 
 def test_fluency_change_standard_error():
-    from pmsolve.experiments.runner import _paired_relative_se, summarise
+    from pmsolve.evaluation import paired_relative_se
+    from pmsolve.experiments.runner import summarise
 
     pre, post = [2.0, 2.0, 2.0, 2.0], [2.2, 1.8, 2.2, 1.8]
     # diffs ±0.2: sample sd 0.2309, / sqrt(4) / mean pre 2 = 0.0577
-    assert _paired_relative_se(pre, post) == pytest.approx(0.2 * (4 / 3) ** 0.5 / 2 / 2)
-    assert _paired_relative_se([2.0], [2.1]) is None
+    assert paired_relative_se(pre, post) == pytest.approx(0.2 * (4 / 3) ** 0.5 / 2 / 2)
+    assert paired_relative_se([2.0], [2.1]) is None
     s = summarise([{"es": [1.0], "ps": [], "ns": [], "fluency": post, "fluency_pre": pre}])
     assert s["fluency_change"] == pytest.approx(0.0) and s["fluency_change_se"] > 0

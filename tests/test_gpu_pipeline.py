@@ -16,7 +16,8 @@ import torch
 import pmsolve
 from editing_fixtures import ARCHS, CORPUS, REQUESTS, model, same_weights, snapshot, stats, tokenizer
 from pmsolve.editing import ValueConfig, load_requests
-from pmsolve.editing.keys import compute_keys_and_outputs, context_templates
+from pmsolve.editing.keys import context_templates
+from pmsolve.editing.steps import measure_keys
 from pmsolve.models.adapters import adapter_for
 from pmsolve.stats import CovarianceAccumulator, collect_stats
 
@@ -73,8 +74,7 @@ def test_equality_edit_on_cuda_maps_keys_to_values(tok, gpu_only):
     C = {k: v.to(gpu_only) for k, v in stats(cpu_model, tok).items()}
     m = cpu_model.to(gpu_only)
     ad = adapter_for(m)
-    K, _ = compute_keys_and_outputs(m, ad, tok, load_requests(REQUESTS), context_templates(m, tok),
-                                    key_layer=2, out_layer=None)
+    K = measure_keys(m, ad, tok, load_requests(REQUESTS), context_templates(m, tok), [2]).average[2]
     assert K.device == gpu_only
     with torch.no_grad():
         before = ad.rewrite(2)(K).double()

@@ -11,9 +11,8 @@ after a crash redoes only the experiments.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ._args import nonneg_int, parse_layers, positive_int
@@ -62,15 +61,6 @@ def _config(args):
     return replace(cfg, seed=args.seed, **{k: v for k, v in over.items() if v is not None})
 
 
-def _previous(path: Path, config: dict) -> dict:
-    """Results of an earlier run with the same configuration (kept when --only reruns a part)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return old if old.get("config") == json.loads(json.dumps(config)) else {}  # tuples were stored as lists
-
-
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (options that change results only)."""
     opts = [("model", args.model), ("data", args.data), ("corpus", args.corpus), ("facts", args.facts),
@@ -86,8 +76,7 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..editing.keys import cache_dir
     from ..evaluation.records import load_builtin_facts, load_records
-    from ..experiments import report, runner
-    from ..experiments.common import write_json
+    from ..experiments import runner
     from ..models import load_model
 
     which = args.only.split(",") if args.only else list(EXPERIMENTS)
@@ -97,19 +86,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     cfg = _config(args)
-    docs = Path(args.docs)
     lm = load_model(args.model, document_start=document_start(args))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     records = load_records(args.data) if args.data else load_builtin_facts()
     env = runner.setup(lm.model, lm.tokenizer, lm.model_id, records, cfg,
                        Path(args.cache_dir) if args.cache_dir else cache_dir(), corpus=args.corpus, log=log)
-    res = _previous(docs / "results.json", asdict(cfg))
-    old_timings = res.get("timings", {})
-    command = _command(args)
-    for name in which:  # results and the report are rewritten after each experiment: a crash keeps the rest
-        res.update(runner.run_all(env, [name]))
-        res["timings"] = {**old_timings, **env.timings}
-        write_json(docs / "results.json", res)
-        files = report.write(res, docs, command)
+    files = runner.run_and_report(env, Path(args.docs), which, _command(args))
     print("wrote " + ", ".join(map(str, files)))
     return 0

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, content_hash
 from ..errors import CacheError
 from ..solver import Factor, SolveDiagnostics, Update
 
@@ -49,7 +49,7 @@ def config_key(model, requests: Sequence[Any], settings: dict[str, Any], factors
 
     parts = {"weights": weights_fingerprint(model), "requests": [r.as_dict() for r in requests],
              "settings": settings, "factors": {str(l): factor_id(f) for l, f in sorted(factors.items())}}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return content_hash(parts, 32)
 
 
 def _batch_files(folder: Path) -> list[Path]:
@@ -125,12 +125,11 @@ def _read(path: Path, device: torch.device) -> tuple[dict[str, Any], list]:
     return header, edits
 
 
-def reapply(model, edits: Sequence[Any], originals: dict[str, torch.Tensor]) -> None:
-    """Apply saved LayerEdits in their order, as edit() applied them (same arithmetic)."""
+def reapply(model, edits: Sequence[Any], originals) -> None:
+    """Apply saved LayerEdits in their order, as edit() applied them (same arithmetic);
+    ``originals`` (a steps.WeightSnapshot) keeps the weights they change."""
     for e in edits:
-        weight = model.get_submodule(e.module).weight
-        originals.setdefault(e.module, weight.detach().clone())
-        e.update.apply_(weight.data, layout=e.layout)
+        e.update.apply_(originals.keep(e.module).data, layout=e.layout)
 
 
 def settings_of(method: str, layers: Sequence[int], distribution: str, mu: float | None, batch_size: int | None,

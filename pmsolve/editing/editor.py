@@ -8,11 +8,8 @@ after the first weight change restores all touched weights bit-exactly.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -23,42 +20,20 @@ import torch
 from ..errors import CacheError, InputError
 from ..models.adapters import Adapter, Templates, adapter_for
 from ..models.document_start import with_document_start
-from ..solver import METHODS, Factor, Update, factorize, solve
+from ..solver import METHODS, Update
 from . import checkpoint as resume
-from .distribution import Distribution, get_distribution, remaining_share
-from .keys import average_by_owner, cache_dir, capture, context_templates, key_prompts, pad_id
+from .distribution import Distribution, get_distribution
+from .keys import cache_dir, context_templates
 from .presets import DEFAULT_PRESERVE_EDITS, Preset, load_preset, preset_for
 from .requests import EditRequest, load_requests
-from .values import ValueConfig, ValueResult, optimize_values
+from .steps import KEY_SOURCES, KeyOptions, LayerEdit, StageClock, WeightSnapshot, factor_stats
+from .steps import edit_batch as _edit_batch  # a module global: tests interrupt an edit between batches
+from .steps import preserve_edited_keys, restore_weights, weight_fingerprint
+from .values import ValueConfig
 
 # /2 adds the fingerprints of each touched weight before and after the edit ("weights").
 _UPDATES_FORMAT = "pmsolve.updates/2"
 _UPDATES_FORMATS_READ = ("pmsolve.updates/1", _UPDATES_FORMAT)
-STAGES = ("stats", "keys", "values", "solve", "apply")
-
-
-@dataclass
-class LayerEdit:
-    """One solve applied to one layer for one batch of requests."""
-
-    batch: int
-    layer: int
-    module: str
-    layout: str
-    share: float
-    update: Update
-    residual_rounded: float  # ‖(W_after − W_before) K − R‖ / ‖R‖ with the weights as stored
-    keys: torch.Tensor | None = None  # the solve's K (d_in × n), kept only for preserve_edits
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "layer": self.layer,
-            "module": self.module,
-            "share": self.share,
-            "residual_rounded": self.residual_rounded,
-            **{f"solve_{k}": v for k, v in self.update.diagnostics.as_dict().items()},
-        }
 
 
 @dataclass
@@ -84,7 +59,7 @@ class EditResult:
 
     def restore(self) -> None:
         """Put back the original weights, bit for bit."""
-        _restore(self.model, self._originals)
+        restore_weights(self.model, self._originals)
 
     def save_updates(self, path: str | os.PathLike[str]) -> None:
         """Write the updates alone (factored U, B per layer and batch): re-apply with
@@ -119,34 +94,6 @@ class EditResult:
 # ---------------------------------------------------------------------------
 
 
-def _as_matrix(obj: Any) -> torch.Tensor | Factor:
-    if isinstance(obj, (torch.Tensor, Factor)):
-        return obj
-    mean = getattr(obj, "mean", None)
-    if callable(mean):  # a CovarianceAccumulator
-        return mean()
-    raise InputError(f"statistics must be a tensor C, a pmsolve.Factor or an accumulator with .mean(), "
-                     f"got {type(obj).__name__}")
-
-
-def _check_stats_meta(obj: Any, layer: int, adapter: Adapter, model_id: str | None) -> None:
-    """Statistics that carry metadata (accumulators, cached files) must match model and layer."""
-    meta = getattr(obj, "meta", None) or getattr(obj, "metadata", None)
-    if not isinstance(meta, Mapping):
-        return
-    their_layer = meta.get("layer")
-    if their_layer is not None and int(their_layer) != layer:
-        raise CacheError(f"statistics given for layer {layer} were collected at layer {their_layer}")
-    module = meta.get("module")
-    if module is not None and module != adapter.rewrite_name(layer):
-        raise CacheError(f"statistics for layer {layer} are for module {module!r}, "
-                         f"not {adapter.rewrite_name(layer)!r}")
-    their_model = meta.get("model") or meta.get("model_id")
-    if their_model and model_id and str(their_model) != str(model_id):
-        raise CacheError(f"statistics for layer {layer} were collected on model {their_model!r}, "
-                         f"this is {model_id!r}")
-
-
 def auto_stats(model, tokenizer, layers: Sequence[int], model_id: str | None, *, max_tokens: int = 100_000,
                corpus: Any = None, progress: bool = False):
     """Statistics from pmsolve.stats.collect_stats on ``corpus`` (None: the offline default),
@@ -159,89 +106,9 @@ def auto_stats(model, tokenizer, layers: Sequence[int], model_id: str | None, *,
                          cache_dir=cache_dir() / "stats", model_id=model_id, progress=progress, autocast="auto")
 
 
-def _factors(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str | None) -> dict[int, Factor]:
-    if stats is None:
-        raise InputError("no statistics given: pass stats={layer: C} (or accumulators / factors), "
-                         "stats='auto', or a pmsolve.stats.collect_stats result")
-    modules = getattr(stats, "modules", None)
-    if isinstance(modules, Mapping) and hasattr(stats, "stats"):  # a CollectResult
-        for layer in layers:
-            if layer in modules and modules[layer] != adapter.rewrite_name(layer):
-                raise CacheError(f"statistics for layer {layer} were collected at module {modules[layer]!r}, "
-                                 f"the edit needs {adapter.rewrite_name(layer)!r}")
-        stats = stats.stats
-    out = {}
-    for layer in layers:
-        if callable(stats) and not isinstance(stats, Mapping):
-            obj = stats(layer)
-        elif isinstance(stats, Mapping) and layer in stats:
-            obj = stats[layer]
-        else:
-            have = sorted(stats) if isinstance(stats, Mapping) else "?"
-            raise InputError(f"no statistics for layer {layer} (have layers {have})")
-        _check_stats_meta(obj, layer, adapter, model_id)
-        m = _as_matrix(obj)
-        d = m.d if isinstance(m, Factor) else m.shape[0]
-        if d != adapter.d_in:
-            raise CacheError(f"statistics for layer {layer} are {d}-dimensional but the rewrite module "
-                             f"{adapter.rewrite_name(layer)} takes {adapter.d_in}-dimensional keys: "
-                             "they belong to another model")
-        if isinstance(m, Factor):
-            out[layer] = m
-        else:  # an accumulator's mean() is a fresh tensor of ours: factor it in place
-            ours = m is not obj and m.dtype == torch.float64 and m.is_contiguous()
-            out[layer] = factorize(m, overwrite_c=ours)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# weights
-# ---------------------------------------------------------------------------
-
-
-def _restore(model, originals: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, w0 in originals.items():
-            model.get_submodule(name).weight.copy_(w0)
-
-
-def _wk(weight: torch.Tensor, K: torch.Tensor, layout: str) -> torch.Tensor:
-    """W K in fp64 for a weight stored out_in (d_out × d_in) or in_out; K is d_in × n."""
-    w = weight.detach().to(torch.float64)
-    k = K.to(weight.device, torch.float64)
-    return w @ k if layout == "out_in" else w.mT @ k
-
-
-def _apply(adapter: Adapter, layer: int, upd: Update, K: torch.Tensor, R: torch.Tensor,
-           originals: dict[str, torch.Tensor]) -> float:
-    """Apply the update in place; return the memorisation residual measured on the stored weights."""
-    name = adapter.rewrite_name(layer)
-    weight = adapter.weight(layer)
-    if name not in originals:
-        originals[name] = weight.detach().clone()
-    before = _wk(weight, K, adapter.layout)
-    upd.apply_(weight.data, layout=adapter.layout)
-    after = _wk(weight, K, adapter.layout)
-    r = R.to(after.device, torch.float64)
-    return float(torch.linalg.matrix_norm(after - before - r) / torch.linalg.matrix_norm(r).clamp_min(1e-300))
-
-
 # ---------------------------------------------------------------------------
 # edit
 # ---------------------------------------------------------------------------
-
-
-KEY_SOURCES = ("average", "prompt", "both")
-
-
-@dataclass(frozen=True)
-class KeyOptions:
-    """Which key columns constrain each fact, and how much its own prompts weigh in C."""
-
-    source: str = "average"
-    start_key: bool = False
-    preserve_prompts: float = 0.0
-    preserve_edits: float = DEFAULT_PRESERVE_EDITS
 
 
 def _weight(value: Any, name: str) -> float:
@@ -307,19 +174,6 @@ def _batches(reqs: list[EditRequest], size: int | None) -> list[list[EditRequest
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InputError(f"batch_size must be a positive int or None, got {size!r}")
     return [reqs[i : i + size] for i in range(0, len(reqs), size)]
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.t = dict.fromkeys(STAGES, 0.0)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[stage] += time.perf_counter() - t0
 
 
 def edit(
@@ -423,7 +277,7 @@ def edit(
     Raises:
         InputError, CacheError: bad requests, layers, statistics (before any weight changes).
     """
-    clock = _Clock()
+    clock = StageClock()
     adapter = adapter_for(model, templates)
     reqs = load_requests(requests)
     tokenizer, start = with_document_start(tokenizer, document_start)  # a copy when it must change
@@ -437,7 +291,7 @@ def edit(
     with clock("stats"):
         if isinstance(stats, str) and stats == "auto":
             stats = auto_stats(model, tokenizer, layers, model_id)
-        factors = _factors(stats, layers, adapter, model_id)
+        factors = factor_stats(stats, layers, adapter, model_id)
     prior, key = None, None
     if checkpoint is not None:
         key = resume.config_key(model, reqs, resume.settings_of(method, layers, dist.name, mu, batch_size, seed,
@@ -445,7 +299,7 @@ def edit(
         prior = resume.load(checkpoint, key, adapter.weight(layers[0]).device)
     with clock("keys"):
         ctx = prior.context_templates if prior else context_templates(model, tokenizer, seed=seed)
-    originals: dict[str, torch.Tensor] = {}
+    originals = WeightSnapshot(model)
     edits: list[LayerEdit] = []
     values: list[dict[str, Any]] = []
     was_training = model.training
@@ -456,7 +310,7 @@ def edit(
             resume.reapply(model, prior.edits, originals)
             edits, values = list(prior.edits), list(prior.values)
             for b in range(prior.batches_done):  # batch by batch, as the run that saved them did
-                _preserve_edited_keys(preserved, [e for e in edits if e.batch == b], key_opts.preserve_edits)
+                preserve_edited_keys(preserved, [e for e in edits if e.batch == b], key_opts.preserve_edits)
             if progress:
                 progress("resumed", prior.batches_done, len(batches))
         for b, batch in enumerate(batches):
@@ -470,11 +324,11 @@ def edit(
             edits += done
             if b + 1 < len(batches):
                 with clock("solve"):
-                    _preserve_edited_keys(preserved, done, key_opts.preserve_edits)
+                    preserve_edited_keys(preserved, done, key_opts.preserve_edits)
             if checkpoint is not None:
                 resume.save_batch(checkpoint, key, b, done, values[n_values:], ctx)
     except BaseException:
-        _restore(model, originals)
+        originals.restore()
         raise
     finally:
         model.train(was_training)
@@ -489,126 +343,9 @@ def edit(
                       document_start=start)
 
 
-def _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, factors, method, mu, vcfg, ctx, seed,
-                originals, clock, values, progress, value_cache=None, key_opts=KeyOptions()) -> list[LayerEdit]:
-    last = layers[-1]
-    kp = key_prompts(tokenizer, batch, ctx)
-    bare = [i for i, t in enumerate(kp.template) if t == 0]
-    pad = pad_id(tokenizer)
-
-    # Facts whose prompt starts with the subject get a second key column: the bare prompt's
-    # own key. There the subject sits at the start of the sequence, where early-layer keys
-    # differ strongly from the same subject after a context prefix, so the template average
-    # is far from the very prompt being edited (measured: about 0.1-0.5 of the residual
-    # reached it for such facts at SmolLM2 layer 2, about 1.0 for all others).
-    # Key columns: the template average per fact (unless key_source is "prompt"), then the
-    # bare prompt's own key for the facts in `extra`; residual columns follow the same order.
-    average = key_opts.source != "prompt"
-    if key_opts.source == "average":
-        extra = [i for i, r in enumerate(batch) if key_opts.start_key and r.prompt.lstrip().startswith("{}")]
-    else:
-        extra = list(range(len(batch)))
-    bare_extra = [bare[i] for i in extra]
-
-    def measure(key_layers: list[int], with_output: bool, with_prompt_keys: bool = False):
-        # with_prompt_keys: the prompts' tokens after the subject too (preserve_prompts), same pass.
-        cap = capture(model, adapter, kp.rows, kp.lookup, pad, key_layers=key_layers,
-                      output_layers=[last] if with_output else [],
-                      suffix_layers=key_layers if with_prompt_keys else [])
-        keys = {layer: torch.cat(([average_by_owner(cap.keys[layer], kp.owner, len(batch))] if average else [])
-                                 + [cap.keys[layer][bare_extra]]) for layer in key_layers}
-        cur = cap.outputs[last][bare] if with_output else None
-        return keys, cur, cap.suffix
-
-    with clock("values"):
-        vr = _batch_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed, value_cache)
-    values += [{"batch": b, "subject": r.subject, "steps": s, "converged": c, "nll": nll}
-               for r, s, c, nll in zip(batch, vr.steps, vr.converged, vr.nll)]
-    weights = [1.0]
-    if dist.needs_sensitivity:
-        with clock("keys"):
-            keys0, _, _ = measure(layers, False)
-        with clock("solve"):
-            weights = dist.weights(layers, lambda layer: _sensitivity(factors[layer], keys0[layer]))
-    else:
-        weights = dist.weights(layers)
-    out = []
-    for i, layer in enumerate(layers):
-        with clock("keys"):
-            keys, cur, prompt_tokens = measure([layer], True, key_opts.preserve_prompts > 0)
-        share = remaining_share(weights, i)
-        f = factors[layer]
-        if key_opts.preserve_prompts > 0:
-            with clock("solve"):
-                f = with_prompt_preservation(f, prompt_tokens[layer], key_opts.preserve_prompts)
-        K = keys[layer].T.to(f.device, torch.float64)
-        resid = vr.z.to(cur.device) - cur
-        R = (share * torch.cat(([resid] if average else []) + [resid[extra]])).T.to(f.device, torch.float64)
-        with clock("solve"):
-            # ROME is EMMET with one column; a fact with a start key has two.
-            upd = solve(f, K, R, method="emmet" if method == "rome" and K.shape[1] > 1 else method, mu=mu)
-        with clock("apply"):
-            res = _apply(adapter, layer, upd, K, R, originals)
-        out.append(LayerEdit(b, layer, adapter.rewrite_name(layer), adapter.layout, share, upd, res,
-                             K if key_opts.preserve_edits > 0 else None))
-        if progress:
-            progress("layer", i + 1, len(layers))
-    return out
-
-
-def _preserve_edited_keys(factors: dict[int, Factor], edits: Sequence[LayerEdit], beta: float) -> None:
-    """factors[layer] := its factor extended by β·KKᵀ for each edit's keys K (preserve_edits)."""
-    if beta > 0:
-        for e in edits:
-            factors[e.layer] = factors[e.layer].extend(e.keys, beta)
-
-
-def _batch_values(model, adapter, tokenizer, batch, ctx, layer, vcfg, seed, cache) -> ValueResult:
-    """v* for the batch, optimising only the facts not already in ``cache`` (see edit())."""
-    if cache is None:
-        return optimize_values(model, adapter, tokenizer, batch, ctx, layer, vcfg, seed=seed)
-
-    def key(r: EditRequest) -> tuple:
-        return (layer, seed, vcfg, tuple(ctx), r.prompt, r.subject, r.target_new)
-
-    todo = list({key(r): r for r in batch if key(r) not in cache}.values())
-    if todo:
-        vr = optimize_values(model, adapter, tokenizer, todo, ctx, layer, vcfg, seed=seed)
-        for i, r in enumerate(todo):
-            cache[key(r)] = (vr.z[i], vr.delta[i], vr.h[i], vr.steps[i], vr.converged[i], vr.nll[i])
-    z, delta, h, steps, converged, nll = zip(*(cache[key(r)] for r in batch))
-    return ValueResult(z=torch.stack(z), delta=torch.stack(delta), h=torch.stack(h), steps=list(steps),
-                       converged=list(converged), nll=list(nll))
-
-
-def with_prompt_preservation(factor: Factor, P: torch.Tensor, alpha: float) -> Factor:
-    """The factor of C + α·PᵀP/m (P: m × d keys of the batch's own prompt tokens), from the
-    factor of C by a low-rank extension: O(d²m) per batch and layer instead of the O(d³)
-    rebuild-and-refactor this used to be (Factor.extend; it refactors only when m is a large
-    fraction of d, where that is cheaper)."""
-    if P.shape[0] == 0:
-        return factor
-    return factor.extend(P.to(factor.device, torch.float64).T, alpha / P.shape[0])
-
-
-def _sensitivity(factor: Factor, keys: torch.Tensor) -> float:
-    """mean_j k_jᵀ C⁻¹ k_j: how cheaply this layer can move the edit keys (see distribution.py)."""
-    K = keys.T.to(factor.device, torch.float64)
-    return float((K * factor.solve(K)).sum(0).mean())
-
-
 # ---------------------------------------------------------------------------
 # updates on disk
 # ---------------------------------------------------------------------------
-
-
-def weight_fingerprint(weight: torch.Tensor) -> str:
-    """Hash of a weight's dtype, shape and every byte: tells the weights an update file was
-    made on from any other (another checkpoint or dtype, or the same weights already edited)."""
-    t = weight.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:24]
 
 
 def encode_edits(edits: Sequence[LayerEdit], header: dict[str, Any], *, full: bool = False) -> bytes:
@@ -684,14 +421,14 @@ def apply_updates(model, path: str | os.PathLike[str], *, check: bool = True) ->
         targets.append((w, e))
     if check:
         _check_base_weights(model, header, path)
-    originals: dict[str, torch.Tensor] = {}
+    originals = WeightSnapshot(model)
     try:
         for w, e in targets:
-            originals.setdefault(e["module"], w.detach().clone())
+            originals.keep(e["module"])
             upd = Update(e["U"], e["B"], diagnostics=None)  # type: ignore[arg-type]
             upd.apply_(w.data, layout=e["layout"])
     except BaseException:
-        _restore(model, originals)
+        originals.restore()
         raise
     return originals
 

@@ -262,22 +262,6 @@ def average_by_owner(x: torch.Tensor, owner: Sequence[int], n: int) -> torch.Ten
     return total / count[:, None]
 
 
-def compute_keys_and_outputs(
-    model, adapter: Adapter, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
-    key_layer: int, out_layer: int | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """k* at ``key_layer`` (n × d_in, averaged over templates) and, if asked, the current
-    output of ``out_layer`` at the subject's last token of the bare prompt (n × d)."""
-    kp = key_prompts(tokenizer, requests, templates)
-    cap = capture(model, adapter, kp.rows, kp.lookup, pad_id(tokenizer),
-                  key_layers=[key_layer], output_layers=[] if out_layer is None else [out_layer])
-    keys = average_by_owner(cap.keys[key_layer], kp.owner, len(requests))
-    if out_layer is None:
-        return keys, None
-    bare = torch.tensor([t == 0 for t in kp.template])
-    return keys, cap.outputs[out_layer][bare.to(cap.outputs[out_layer].device)]
-
-
 @torch.no_grad()
 def prompt_keys(model, adapter: Adapter, rows: Sequence[Sequence[int]], lookup: Sequence[int], pad: int,
                 layer: int, *, chunk: int = 64) -> torch.Tensor:

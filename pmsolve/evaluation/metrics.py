@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -154,7 +155,8 @@ def _needed_pairs(rec: EditRecord) -> list[tuple[str, str]]:
     return pairs
 
 
-def _mean_or_none(values: list) -> float | None:
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
     return float(mean(values)) if values else None
 
@@ -176,15 +178,15 @@ def _score_record(rec: EditRecord, s: dict) -> dict:
         "target_new": new, "target_true": true,
         "efficacy": wins(rec.rewrite_prompt) if has_true else None,
         "efficacy_magnitude": gap(rec.rewrite_prompt) if has_true else None,
-        "paraphrase_success": _mean_or_none([wins(p) for p in paraphrases]) if has_true else None,
-        "paraphrase_magnitude": _mean_or_none([gap(p) for p in paraphrases]) if has_true else None,
-        "neighborhood_success": _mean_or_none(
+        "paraphrase_success": mean_or_none([wins(p) for p in paraphrases]) if has_true else None,
+        "paraphrase_magnitude": mean_or_none([gap(p) for p in paraphrases]) if has_true else None,
+        "neighborhood_success": mean_or_none(
             [float(s[(n.prompt, n.target)].nll < s[(n.prompt, new)].nll) for n in neighbours]),
-        "neighborhood_magnitude": _mean_or_none(
+        "neighborhood_magnitude": mean_or_none(
             [s[(n.prompt, n.target)].prob - s[(n.prompt, new)].prob for n in neighbours]),
         "rewrite_acc": s[(rec.rewrite_prompt, new)].top1,
-        "paraphrase_acc": _mean_or_none([s[(p, new)].top1 for p in paraphrases]),
-        "neighborhood_acc": _mean_or_none([s[(n.prompt, n.target)].top1 for n in neighbours]),
+        "paraphrase_acc": mean_or_none([s[(p, new)].top1 for p in paraphrases]),
+        "neighborhood_acc": mean_or_none([s[(n.prompt, n.target)].top1 for n in neighbours]),
     }
 
 
@@ -199,7 +201,7 @@ def harmonic_score(es: float | None, ps: float | None, ns: float | None) -> floa
 
 def aggregate(per_record: list[dict]) -> dict:
     def avg(key):
-        return _mean_or_none([r[key] for r in per_record])
+        return mean_or_none([r[key] for r in per_record])
 
     agg = {"n_records": len(per_record),
            "es": avg("efficacy"), "ps": avg("paraphrase_success"),
@@ -333,9 +335,49 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return generate_sampled(model, tokenizer, prompts, max_new_tokens, top_k, seed, batch_size)
 
 
+def generation_entropies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
+                         batch_size: int = 16, top_k: int | None = None, seed: int = 0) -> list[float]:
+    """The n-gram entropy of each prompt's generation (prompt included, as in the reference
+    metric): greedy with top_k=None, else sampled from the top_k tokens (the reference samples,
+    k = 5) with per-prompt random numbers, so that one prompt before and after an edit is a
+    paired comparison."""
+    if not prompts:
+        return []
+    texts = generate_texts(model, tokenizer, list(prompts), max_new_tokens, batch_size, top_k, seed)
+    return [ngram_entropy(t) for t in texts]
+
+
 def generation_entropy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                        batch_size: int = 16, top_k: int | None = None, seed: int = 0) -> float:
-    """Mean n-gram entropy of generations (prompt included, as in the reference metric):
-    greedy with top_k=None, else sampled from the top_k tokens (the reference samples, k = 5)."""
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, top_k, seed)
-    return float(mean(ngram_entropy(t) for t in texts)) if texts else 0.0
+    """Mean of :func:`generation_entropies` (0 for no prompts)."""
+    ents = generation_entropies(model, tokenizer, prompts, max_new_tokens, batch_size, top_k, seed)
+    return float(mean(ents)) if ents else 0.0
+
+
+def record_fluency(model, tokenizer, records: Sequence[EditRecord], *, generations: int = 1,
+                   max_new_tokens: int = 100, top_k: int | None = None, seed: int = 0) -> list[float | None]:
+    """Per record: the mean generation entropy of its first ``generations`` generation prompts
+    (None for a record without any), all records' prompts generated in shared batches."""
+    owners = [i for i, r in enumerate(records) for _ in r.generation_prompts[:generations]]
+    ents = generation_entropies(model, tokenizer, [p for r in records for p in r.generation_prompts[:generations]],
+                                max_new_tokens, top_k=top_k, seed=seed)
+    per: list[list[float]] = [[] for _ in records]
+    for owner, e in zip(owners, ents):
+        per[owner].append(e)
+    return [mean_or_none(x) for x in per]
+
+
+def relative_change(pre: float | None, post: float | None) -> float | None:
+    """(post − pre) / pre; None when either is missing or pre is 0."""
+    return None if not pre or post is None else (post - pre) / pre
+
+
+def paired_relative_se(pre: Sequence[float], post: Sequence[float]) -> float | None:
+    """Standard error of (mean post − mean pre) / mean pre over paired measurements (the
+    same generation prompt before and after an edit). Per-generation entropy changes are
+    large (one repetition loop more or less), so a change of a few % over tens of
+    generations can be within one standard error: report it next to the change."""
+    if len(pre) < 2 or len(pre) != len(post):
+        return None
+    diffs = [b - a for a, b in zip(pre, post)]
+    return statistics.stdev(diffs) / math.sqrt(len(diffs)) / statistics.fmean(pre)

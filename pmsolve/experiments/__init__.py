@@ -1,4 +1,4 @@
-"""Experiments behind docs/RESULTS.md: `python -m pmsolve.experiments` (or `pmsolve experiments`).
+"""Experiments behind docs/RESULTS.md (`pmsolve experiments`).
 
 See :mod:`.runner` for what each experiment does and :mod:`.precompute` for why keys and
 values are computed once per fact and shared by every single-layer solve.

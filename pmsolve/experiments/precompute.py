@@ -1,4 +1,5 @@
-"""Per-fact keys and values on the unedited model, computed once and reused by every solver.
+"""Per-fact keys and values on the unedited model, computed once (and cached on disk) and
+reused by every single-layer solve of the experiments.
 
 For a single-layer edit of layer L applied to the *unedited* model, everything the solver
 needs about fact f is independent of the solver and of the other facts in its batch:
@@ -10,11 +11,11 @@ needs about fact f is independent of the solver and of the other facts in its ba
           in pmsolve.editing.values is per-fact by construction).
 
 So an experiment that compares ROME, EMMET and MEMIT across batch sizes and ridges
-computes (k, h, z) once per fact and then only solves: Δ = solve(C, K, Z − H). This is
-exactly what :func:`pmsolve.edit` does for one layer and one batch on an unedited model
-(tests/test_experiments.py checks the two agree). It does *not* hold for MEMIT's spread
-over several layers (keys are re-measured after each layer) or for sequential editing (the
-model has changed): those go through :func:`pmsolve.edit`.
+computes (k, h, z) once per fact and then only solves: Δ = solve(C, K, Z − H). Keys, values,
+the solve and the update are pmsolve.editing.steps, the functions pmsolve.edit runs; this
+module only caches their per-fact results. It does *not* cover MEMIT's spread over several
+layers (keys are re-measured after each layer) or sequential editing with fresh v* (the model
+has changed): those go through :func:`pmsolve.edit`.
 
 The tensors are cached on disk, keyed by model fingerprint, layer, seed, value settings and
 the fact itself, and saved after every chunk: an interrupted run keeps what it computed.
@@ -22,7 +23,6 @@ the fact itself, and saved after every chunk: an interrupted run keeps what it c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
-from ..editing.editor import with_prompt_preservation
-from ..editing.keys import average_by_owner, capture, context_templates, key_prompts, pad_id, prompt_keys
+from .._io import atomic_write, content_hash
+from ..editing import steps
+from ..editing.keys import context_templates
 from ..editing.requests import EditRequest
-from ..editing.values import ValueConfig, optimize_values
+from ..editing.values import ValueConfig
 from ..models.adapters import adapter_for
 from ..models.document_start import document_start_tag
-from ..solver import Factor, Update, solve
+from ..solver import Factor, Update
 
 _FORMAT = 3  # in the cache file name: bump when the stored fields change
 
@@ -66,17 +66,17 @@ class FactTensors:
     seconds_per_fact: float          # keys + values per fact when they were computed (cached or not)
 
     def select(self, idx: Sequence[int], key_source: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
-        """K (d_in × b) and R = Z − H (d_out × b) in fp64 for the facts ``idx``; the keys are
-        the template averages, the bare prompts' own keys ("prompt"), or both (2b columns)."""
+        """K (d_in × columns) and R = Z − H (d_out × columns) in fp64 for the facts ``idx``, with
+        the key columns of pmsolve.edit's ``key_source`` (template averages, the bare prompts'
+        own keys, or both)."""
         i = torch.as_tensor(list(idx), dtype=torch.long)
-        R = (self.z[i] - self.h[i]).T.to(torch.float64)
-        keys = {"average": [self.k[i]], "prompt": [self.k_bare[i]], "both": [self.k[i], self.k_bare[i]]}[key_source]
-        return torch.cat(keys).T.to(torch.float64), torch.cat([R] * len(keys), 1)
+        cols = steps.KeyColumns.choose(key_source, False, [self.requests[j] for j in i.tolist()])
+        return cols.keys(self.k[i], self.k_bare[i]), cols.residuals(self.z[i] - self.h[i])
 
 
 def _cache_file(cache_dir: Path, fingerprint: str, layer: int, seed: int, vcfg: ValueConfig, start: str) -> Path:
     settings = {k: v for k, v in asdict(vcfg).items() if k != "max_batch"}  # grouping changes memory, not v*
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    tag = content_hash(settings, 10)
     return cache_dir / f"facts{_FORMAT}-{fingerprint}{'-' + start if start else ''}-L{layer}-s{seed}-v{tag}.pt"
 
 
@@ -120,9 +120,10 @@ def fact_tensors(
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         t0 = time.perf_counter()
-        k, k_bare = _keys(model, adapter, tokenizer, part, ctx, layer)
+        keys = steps.measure_keys(model, adapter, tokenizer, part, ctx, [layer])
+        k, k_bare = keys.average[layer], keys.bare[layer]
         t1 = time.perf_counter()
-        vr = optimize_values(model, adapter, tokenizer, part, ctx, layer, value_config, seed=seed)
+        vr = steps.compute_values(model, adapter, tokenizer, part, ctx, layer, value_config, seed)
         t2 = time.perf_counter()
         t_keys, t_values = t_keys + t1 - t0, t_values + t2 - t1
         for i, r in enumerate(part):
@@ -149,48 +150,29 @@ def fact_tensors(
     )
 
 
-def _keys(model, adapter, tokenizer, requests, templates, layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """k* (averaged over the templates, as the editor computes it) and the bare-prompt key."""
-    kp = key_prompts(tokenizer, requests, templates)
-    cap = capture(model, adapter, kp.rows, kp.lookup, pad_id(tokenizer), key_layers=[layer])
-    keys = cap.keys[layer]
-    bare = torch.tensor([t == 0 for t in kp.template], device=keys.device)
-    return average_by_owner(keys, kp.owner, len(requests)), keys[bare]
-
-
-def apply_solve(model, layer: int, factor: Factor, K: torch.Tensor, R: torch.Tensor, method: str,
-                mu: float | None) -> Update:
-    """Solve Δ = R (KᵀC⁻¹K + μI)⁻¹ (C⁻¹K)ᵀ and add it to ``layer``'s rewrite weight in place."""
-    adapter = adapter_for(model)
-    upd = solve(factor, K.to(factor.device), R.to(factor.device), method=method, mu=mu)
-    upd.apply_(adapter.weight(layer).data, layout=adapter.layout)
+def apply_solve(snapshot: steps.WeightSnapshot, layer: int, factor: Factor, K: torch.Tensor, R: torch.Tensor,
+                method: str, mu: float | None, *, prompt_keys: torch.Tensor | None = None,
+                preserve_prompts: float = 0.0) -> Update:
+    """Solve and add the update to ``layer``'s rewrite weight of ``snapshot.model`` in place
+    (the original kept in ``snapshot``, which the caller restores)."""
+    upd = steps.solve_layer(factor, K, R, method, mu, prompt_keys=prompt_keys, preserve_prompts=preserve_prompts)
+    steps.apply_update(adapter_for(snapshot.model), layer, upd, K, R, snapshot)
     return upd
 
 
-def solve_and_apply(model, factor: Factor, facts: FactTensors, idx: Sequence[int], method: str,
-                    mu: float | None, *, key_source: str = "average", preserve_prompts: float = 0.0,
+def solve_and_apply(snapshot: steps.WeightSnapshot, factor: Factor, facts: FactTensors, idx: Sequence[int],
+                    method: str, mu: float | None, *, key_source: str = "average", preserve_prompts: float = 0.0,
                     tokenizer=None, seed: int = 0) -> Update:
-    """Edit the facts ``idx`` in one batch; the caller restores the weight (:class:`WeightSnapshot`).
+    """Edit the facts ``idx`` in one batch into ``snapshot.model``; the caller restores it.
 
     ``key_source`` and ``preserve_prompts`` as in :func:`pmsolve.edit` (the latter needs the
-    tokenizer: the batch's prompt-token keys are measured on the unedited model here)."""
+    tokenizer: the batch's prompt-token keys are measured on the model as it is, unedited)."""
     K, R = facts.select(idx, key_source)
+    P = None
     if preserve_prompts > 0:
-        adapter = adapter_for(model)
-        kp = key_prompts(tokenizer, [facts.requests[i] for i in idx], context_templates(model, tokenizer, seed=seed))
-        P = prompt_keys(model, adapter, kp.rows, kp.lookup, pad_id(tokenizer), facts.layer)
-        factor = with_prompt_preservation(factor, P, preserve_prompts)
-    return apply_solve(model, facts.layer, factor, K, R, method, mu)
-
-
-class WeightSnapshot:
-    """Copies of the rewrite weights of some layers, to put back bit-exactly."""
-
-    def __init__(self, model, layers: Sequence[int]) -> None:
-        self._adapter = adapter_for(model)
-        self._saved = {layer: self._adapter.weight(layer).detach().clone() for layer in layers}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for layer, w in self._saved.items():
-                self._adapter.weight(layer).copy_(w)
+        model = snapshot.model
+        reqs = [facts.requests[i] for i in idx]
+        P = steps.measure_keys(model, adapter_for(model), tokenizer, reqs, context_templates(model, tokenizer, seed=seed),
+                               [facts.layer], prompt_tokens=True).prompt_tokens[facts.layer]
+    return apply_solve(snapshot, facts.layer, factor, K, R, method, mu, prompt_keys=P,
+                       preserve_prompts=preserve_prompts)

@@ -13,9 +13,9 @@ single edit layer (:mod:`.precompute`), and the unedited model's scores (cached)
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,9 +25,12 @@ from typing import Any
 import torch
 
 from .. import settings
+from .._io import cached_json, content_hash
+from ..editing.steps import WeightSnapshot, factor_stats
 from ..errors import PMSolveError
-from .common import factors_for, fluency, mean_or_none
-from .precompute import FactTensors, WeightSnapshot, apply_solve, fact_tensors, solve_and_apply
+from ..evaluation import harmonic_score, mean_or_none, paired_relative_se, record_fluency, relative_change
+from ..models.adapters import adapter_for
+from .precompute import FactTensors, apply_solve, fact_tensors, solve_and_apply
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,6 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     from ..editing.presets import preset_for
     from ..editing.requests import load_requests
     from ..stats import collect_stats, weights_fingerprint
-    from .common import cached_json, content_hash
 
     # A seeded shuffle, then a prefix: a smaller n_facts gives the first facts of a larger one,
     # so cached keys/values and baselines carry over between run sizes.
@@ -116,7 +118,7 @@ def setup(model, tokenizer, model_id: str, records: Sequence, config: Config, ca
     t0 = time.perf_counter()
     stats = collect_stats(model, tokenizer, sorted({layer, *spread}), corpus, max_tokens=config.stats_tokens,
                           cache_dir=cache_dir / "stats", model_id=model_id, progress=False)
-    factors = factors_for(stats, sorted({layer, *spread}))
+    factors = factor_stats(stats, sorted({layer, *spread}), adapter_for(model), model_id)
     timings["statistics_and_factors"] = time.perf_counter() - t0
     log(f"statistics: {stats_corpus_id(stats, corpus)}, layers {sorted(factors)}, "
         f"{'cached' if stats.from_cache else 'computed'}")
@@ -155,13 +157,8 @@ def _baseline(model, tokenizer, records, config: Config) -> dict[str, Any]:
 
 def _fluency_of(model, tokenizer, records, config: Config) -> list[float | None]:
     """Entropy of the continuation of each record's first generation prompt (None: none)."""
-    have = [i for i, r in enumerate(records) if r.generation_prompts]
-    ent = fluency(model, tokenizer, [records[i].generation_prompts[0] for i in have],
-                  max_new_tokens=config.max_new_tokens, top_k=config.fluency_top_k, seed=config.seed)
-    out: list[float | None] = [None] * len(records)
-    for i, e in zip(have, ent):
-        out[i] = e
-    return out
+    return record_fluency(model, tokenizer, records, generations=1, max_new_tokens=config.max_new_tokens,
+                          top_k=config.fluency_top_k, seed=config.seed)
 
 
 # ---------------------------------------------------------------------------
@@ -195,30 +192,15 @@ def score(env: Env, idx: Sequence[int], *, full: Sequence[int] = (), with_fluenc
 
 def summarise(parts: Sequence[dict[str, list]]) -> dict[str, Any]:
     """Pool per-chunk score lists into means, Score and counts (facts per number)."""
-    from ..evaluation import harmonic_score
-
     pooled = {k: [x for p in parts for x in p[k] if x is not None] for k in parts[0]} if parts else {}
     m = {k: mean_or_none(v) for k, v in pooled.items()}
     out = {"es": m.get("es"), "ps": m.get("ps"), "ns": m.get("ns"),
            "n_es": len(pooled.get("es", [])), "n_full": len(pooled.get("ps", [])),
            "fluency": m.get("fluency"), "fluency_pre": m.get("fluency_pre"), "n_fluency": len(pooled.get("fluency", []))}
     out["score"] = harmonic_score(out["es"], out["ps"], out["ns"])
-    pre_f, post_f = out["fluency_pre"], out["fluency"]
-    out["fluency_change"] = None if not pre_f or post_f is None else (post_f - pre_f) / pre_f
-    out["fluency_change_se"] = _paired_relative_se(pooled.get("fluency_pre", []), pooled.get("fluency", []))
+    out["fluency_change"] = relative_change(out["fluency_pre"], out["fluency"])
+    out["fluency_change_se"] = paired_relative_se(pooled.get("fluency_pre", []), pooled.get("fluency", []))
     return out
-
-
-def _paired_relative_se(pre: Sequence[float], post: Sequence[float]) -> float | None:
-    """Standard error of (mean post − mean pre) / mean pre over paired generations.
-
-    Per-generation entropy changes are large (on SmolLM2 at batch 64 they ranged from −46 %
-    to +74 %, one greedy loop more or less), so a change of a few % over 64 generations is
-    within about one standard error: report it next to the change."""
-    if len(pre) < 2 or len(pre) != len(post):
-        return None
-    diffs = [b - a for a, b in zip(pre, post)]
-    return statistics.stdev(diffs) / math.sqrt(len(diffs)) / statistics.fmean(pre)
 
 
 def pre_scores(env: Env, idx: Sequence[int]) -> dict[str, Any]:
@@ -248,11 +230,11 @@ def _edit_chunks(env: Env, method: str, mu: float | None, b: int, n_point: int, 
     full = set(facts[:full_cap])
     flu = set(facts[: min(fluency_cap, b)])  # first chunk only: one batched generation per point
     parts, diags, errors = [], [], []
-    snap = WeightSnapshot(env.model, [env.layer])
+    snap = WeightSnapshot(env.model)
     for s in range(0, n_point, b):
         chunk = facts[s : s + b]
         try:
-            upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu,
+            upd = solve_and_apply(snap, env.factors[env.layer], env.facts, chunk, method, mu,
                                   key_source=key_source, preserve_prompts=preserve_prompts,
                                   tokenizer=env.tokenizer, seed=env.config.seed)
         except PMSolveError as exc:  # e.g. contradictory equality constraints: reported, not scored
@@ -337,8 +319,8 @@ def distribution(env: Env) -> dict[str, Any]:
             parts, diags = [], []
             for chunk in chunks:
                 if dist == "single":
-                    snap = WeightSnapshot(env.model, [env.layer])
-                    upd = solve_and_apply(env.model, env.factors[env.layer], env.facts, chunk, method, mu)
+                    snap = WeightSnapshot(env.model)
+                    upd = solve_and_apply(snap, env.factors[env.layer], env.facts, chunk, method, mu)
                     diags.append(_diag(upd))
                     restore = snap.restore
                 else:
@@ -372,15 +354,14 @@ def _solve_only(env: Env, K: torch.Tensor, R: torch.Tensor, method: str, mu: flo
                 ridge: bool) -> dict[str, Any]:
     """One solve with the default ridge fallback, or with none at all (μ as given, no
     condition limit); returns diagnostics and ‖Δ‖_F, or the error raised."""
-    from ..solver import solve
+    from ..editing.steps import solve_layer
 
-    f = env.factors[env.layer]
     try:
         with contextlib.ExitStack() as stack:
             if not ridge:
                 stack.enter_context(settings.ridge_schedule(()))
                 stack.enter_context(settings.max_cond(math.inf))
-            upd = solve(f, K.to(f.device), R.to(f.device), method=method, mu=mu)
+            upd = solve_layer(env.factors[env.layer], K, R, method, mu)
     except (PMSolveError, torch.linalg.LinAlgError) as exc:
         return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
     # ‖Δ‖_F = ‖U Bᵀ‖_F via the n × n Gram matrices (no d_out × d_in product).
@@ -432,16 +413,16 @@ def sequential(env: Env) -> dict[str, Any]:
     cfg = env.config
     n = min(cfg.seq_facts, len(env.records))
     batches = [list(range(s, min(s + cfg.seq_batch, n))) for s in range(0, n, cfg.seq_batch)]
-    weight = _weight(env)
+    weight = adapter_for(env.model).weight(env.layer)
     w0 = weight.detach().to(torch.float64).clone()
-    snap = WeightSnapshot(env.model, [env.layer])
+    snap = WeightSnapshot(env.model)
     steps = []
     try:
         for j, chunk in enumerate(batches, 1):
             K, R = env.facts.select(chunk)
             # Earlier edits moved this batch's current outputs by ΔW k_bare (bare-prompt keys).
             R = R - _delta_w(env, weight, w0) @ env.facts.k_bare[chunk].T.to(torch.float64)
-            upd = apply_solve(env.model, env.layer, env.factors[env.layer], K, R, "emmet", None)
+            upd = apply_solve(snap, env.layer, env.factors[env.layer], K, R, "emmet", None)
             if j in cfg.seq_checkpoints or j == len(batches):
                 done = [i for c in batches[:j] for i in c]
                 sample = done[: cfg.seq_eval_cap]
@@ -456,16 +437,8 @@ def sequential(env: Env) -> dict[str, Any]:
     return {"batch_size": cfg.seq_batch, "steps": steps, "v_drift": drift, "pre": pre_scores(env, range(n))}
 
 
-def _weight(env: Env) -> torch.Tensor:
-    from ..models.adapters import adapter_for
-
-    return adapter_for(env.model).weight(env.layer)
-
-
 def _delta_w(env: Env, weight: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     """W − W₀ in the out_in layout, fp64."""
-    from ..models.adapters import adapter_for
-
     d = weight.detach().to(torch.float64) - w0
     return d if adapter_for(env.model).layout == "out_in" else d.mT
 
@@ -475,12 +448,11 @@ def _v_drift(env: Env, chunk: list[int]) -> dict[str, Any]:
     be the exact sequential algorithm): how far the cached v* is from it."""
     from ..editing.keys import context_templates
     from ..editing.requests import load_requests
-    from ..editing.values import optimize_values
-    from ..models.adapters import adapter_for
+    from ..editing.steps import compute_values
 
     ctx = context_templates(env.model, env.tokenizer, seed=env.config.seed)
-    vr = optimize_values(env.model, adapter_for(env.model), env.tokenizer, load_requests(env.requests(chunk)), ctx,
-                         env.layer, env.value_config, seed=env.config.seed)
+    vr = compute_values(env.model, adapter_for(env.model), env.tokenizer, load_requests(env.requests(chunk)), ctx,
+                        env.layer, env.value_config, env.config.seed)
     z_cached = env.facts.z[chunk]
     delta_cached = z_cached - env.facts.h[chunk]
     rel = ((vr.z.cpu() - z_cached).norm(dim=1) / delta_cached.norm(dim=1)).tolist()
@@ -510,3 +482,30 @@ def run_all(env: Env, which: Sequence[str] = ("sweep", "distribution", "stabilit
             "factors": {str(k): {"cond_C": f.cond, "jitter_relative": f.jitter_relative}
                         for k, f in env.factors.items()},
             "v_steps_mean": mean_or_none(env.facts.steps), "v_converged": sum(env.facts.converged), **out}
+
+
+def previous_results(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Results of an earlier run with the same configuration (kept when a part is rerun)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old if old.get("config") == json.loads(json.dumps(config)) else {}  # tuples were stored as lists
+
+
+def run_and_report(env: Env, docs: Path, which: Sequence[str], command: str) -> list[Path]:
+    """Run the experiments ``which`` and write docs/results.json, RESULTS.md and the figures;
+    results of the other experiments from an earlier run of the same configuration are kept.
+    Results and report are rewritten after each experiment: a crash keeps the rest."""
+    from .._io import write_json
+    from . import report
+
+    res = previous_results(docs / "results.json", asdict(env.config))
+    old_timings = res.get("timings", {})
+    files: list[Path] = []
+    for name in which:
+        res.update(run_all(env, [name]))
+        res["timings"] = {**old_timings, **env.timings}
+        write_json(docs / "results.json", res)
+        files = report.write(res, docs, command)
+    return files
