@@ -8,6 +8,7 @@ nvidia-cublas / nvidia-cusolver wheels).
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -21,7 +22,37 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def openblas_rpath(dest: Path) -> list[str]:
+    """Where the built extension looks for libscipy_openblas.so, so that ``import pmsolve._C``
+    works on its own (without pmsolve/_native.py loading the library first).
+
+    The build runs in pip's isolated environment, whose scipy_openblas32 is deleted afterwards:
+    its folder is no use at run time. The library the extension will load is the one of the
+    environment pmsolve is installed into (``sysconfig``'s platlib/purelib: the running
+    interpreter's prefix, also under build isolation). In order:
+    - ``$ORIGIN/../scipy_openblas32/lib``: a regular install (pmsolve/ beside scipy_openblas32/);
+    - the same folder relative to ``$ORIGIN`` when the extension lives in the source tree
+      (``dest``: an editable or in-place build): it survives moving the checkout together with
+      its virtual environment;
+    - that folder as an absolute path.
+    """
+    paths = ["$ORIGIN/../scipy_openblas32/lib"]
+    for key in ("platlib", "purelib"):
+        lib = Path(sysconfig.get_path(key)) / "scipy_openblas32" / "lib"
+        if dest.is_relative_to(ROOT):
+            paths.append("$ORIGIN/" + os.path.relpath(lib, dest))
+        paths.append(str(lib))
+    return list(dict.fromkeys(paths))
+
+
 class CMakeBuild(build_ext):
+    def _final_dir(self, out_dir: Path) -> Path:
+        """Where the extension will live: an editable install builds it elsewhere and then
+        copies it into the source package."""
+        if getattr(self, "editable_mode", False) or self.inplace:
+            return ROOT / "pmsolve"
+        return out_dir
+
     def build_extension(self, ext: Extension) -> None:
         import pybind11
         import scipy_openblas32
@@ -38,6 +69,7 @@ class CMakeBuild(build_ext):
             f"-DOPENBLAS_INCLUDE_DIR={scipy_openblas32.get_include_dir()}",
             f"-DOPENBLAS_LIB_DIR={scipy_openblas32.get_lib_dir()}",
             f"-DOPENBLAS_LIB_NAME={scipy_openblas32.get_library()}",
+            f"-DPMSOLVE_OPENBLAS_RPATH={';'.join(openblas_rpath(self._final_dir(out_dir)))}",
             f"-DPMSOLVE_CUDA={'ON' if os.environ.get('PMSOLVE_CUDA') == '1' else 'OFF'}",
         ]
         try:
