@@ -203,7 +203,8 @@ def toggle(name: str, mod: ModuleType | None = None) -> Resolved:
     ask it (the kernels OpenBLAS selected); defaults to pmsolve's loaded one."""
     sw = BY_NAME.get(name)
     if sw is None or sw.values != TOGGLE_VALUES:
-        raise KeyError(f"{name} is not an on/off switch; those are {[s.name for s in SWITCHES if s.values == TOGGLE_VALUES]}")
+        toggles = [s.name for s in SWITCHES if s.values == TOGGLE_VALUES]
+        raise KeyError(f"{name} is not an on/off switch; those are {toggles}")
     explicit = parse_toggle(name, _raw(name))
     if explicit is not None:
         return Resolved(explicit, "environment")
@@ -271,7 +272,8 @@ def report(mod: ModuleType | None = None) -> dict[str, dict[str, Any]]:
             if r.why:
                 row["detected"] = r.why
             if sw.native is not None:
-                row["in_effect"] = bool(getattr(mod, sw.native)()) if mod is not None and hasattr(mod, sw.native) else None
+                ask = getattr(mod, sw.native, None) if mod is not None else None
+                row["in_effect"] = bool(ask()) if ask is not None else None
         elif sw.name == "PMSOLVE_NUM_THREADS":
             r = num_threads()
             row = {"value": r.value, "source": r.source}
