@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from pmsolve.errors import InputError
 from pmsolve.models import document_start, set_document_start
-from pmsolve.models.document_start import document_start_tag
+from pmsolve.models.document_start import document_start_tag, with_document_start
 
 WORDS = ["Paris", "is", "the", "capital", "of", "France"]
 
@@ -80,6 +80,35 @@ def test_bad_tokens_and_tokenizers_are_refused():
     assert document_start(NotFast()) is None
     with pytest.raises(InputError, match="fast"):
         set_document_start(NotFast(), "<|endoftext|>")
+
+
+def test_with_document_start_leaves_the_callers_tokenizer_alone():
+    tok = word_tokenizer(specials=("<s>", "<|endoftext|>"), bos="<s>")
+    before = ids(tok)
+    own, start = with_document_start(tok)
+    assert start == "<|endoftext|>" and own is not tok
+    assert ids(own) == [2] + before and ids(tok) == before and document_start(tok) is None
+    assert with_document_start(tok, None) == (tok, None)
+    assert with_document_start(own) == (own, "<|endoftext|>")  # already starts that way: no copy
+    other, start = with_document_start(own, "<s>")  # an explicit token replaces the start, on a copy
+    assert start == "<s>" and ids(other)[0] == 1 and ids(own)[0] == 2
+
+
+def test_with_document_start_on_a_tokenizer_that_cannot_take_one():
+    class NotFast:
+        bos_token = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def get_vocab(self):
+            return {"<|endoftext|>": 0}
+
+    slow = NotFast()
+    with pytest.warns(UserWarning, match="without a document-start token"):
+        assert with_document_start(slow) == (slow, None)
+    with pytest.raises(InputError, match="fast"):
+        with_document_start(slow, "<|endoftext|>")
 
 
 def test_statistics_cache_keeps_protocols_apart(tmp_path):
