@@ -1,6 +1,6 @@
 """`pmsolve experiments`: regenerate docs/RESULTS.md and docs/figures/ (seeded, one command).
 
-    pmsolve experiments                      # the full run (~40 min on 2 CPU cores)
+    pmsolve experiments                      # the full run (long: its timings are in docs/RESULTS.md)
     pmsolve experiments --quick --docs /tmp/x   # a few facts, minutes; for tests
     pmsolve experiments --only sequential    # rerun one experiment, keep the others' results
 

@@ -98,8 +98,8 @@ def auto_stats(model, tokenizer, layers: Sequence[int], model_id: str | None, *,
                corpus: Any = None, progress: bool = False):
     """Statistics from pmsolve.stats.collect_stats on ``corpus`` (None: the offline default),
     cached under the pmsolve cache folder. Must run on the unedited model. The forward runs in
-    bf16 where bf16 is fast (autocast="auto"): 2.3x faster on an AMX CPU (C within 0.5 %), 2x on
-    an AVX512-BF16 Zen 4, the same edit scores (bench/RESULTS.md, sessions 12 and 13)."""
+    bf16 where bf16 is fast (autocast="auto"): about twice as fast on CPUs with AMX or
+    AVX512-BF16, with C close to the fp32 one and the same edit scores (docs/benchmarks.md)."""
     from ..stats import collect_stats
 
     return collect_stats(model, tokenizer, list(layers), corpus, max_tokens=max_tokens,
@@ -230,10 +230,9 @@ def edit(
         start_key: for requests whose prompt starts with the subject, constrain the bare
             prompt's own key as well as the template average (two columns for that fact,
             same residual). None: the preset's choice for the method, else False (the
-            reference implementations' single averaged key). Measured on SmolLM2 (32 facts,
-            bench/RESULTS.md): it helps MEMIT; with equality solves over several layers it
-            can wreck neighbours, because start-of-sequence keys of different subjects are
-            nearly dependent there.
+            reference implementations' single averaged key). It helps MEMIT; with equality
+            solves over several layers it can wreck neighbours, because start-of-sequence
+            keys of different subjects are nearly dependent there (docs/benchmarks.md).
         key_source: which keys constrain each fact: "average" (the rewrite-module input at
             the subject's last token averaged over the context templates, as the reference
             implementations do), "prompt" (the rewrite prompt's own key) or "both" (two
@@ -243,16 +242,14 @@ def edit(
             becomes C + α·mean(k kᵀ) over the rewrite-module inputs at every token after the
             subject in every key prompt of the batch (the relation words), factored per batch
             and layer. An update that satisfies many facts also moves those tokens' outputs,
-            which the v* optimisation never saw; measured on SmolLM2 (256 facts, EMMET, layer
-            4, docs/RESULTS.md): α = 1 raised ES from 86.7 % to 97.7 % with prompt keys.
-            None: the preset's choice, else 0 (off).
+            which the v* optimisation never saw; with prompt keys, α = 1 keeps large batches
+            effective (docs/RESULTS.md, series emmet-pp). None: the preset's choice, else 0 (off).
         preserve_edits: β ≥ 0. With several batches, later batches preserve the keys earlier
             batches constrained: each layer's C becomes C + β·Σ k kᵀ over the keys already
             edited there (β = 1: moving one edited key's output costs as much as the mean
             change over the statistics' tokens). Earlier edits are then less overwritten by
-            later ones: on SmolLM2 (256 facts in 16 batches, bench/RESULTS.md) β = 0.1 raised
-            ES from 85.9 to 96.5 % (EMMET) and from 91.4 to 98.4 % (MEMIT), PS by 4-6 points,
-            with no consistent fluency cost (±2 points either way over three runs). The factor is extended (Factor.extend), not recomputed; a
+            later ones, with no consistent fluency cost (docs/benchmarks.md, sequential
+            edits). The factor is extended (Factor.extend), not recomputed; a
             single batch is unaffected. None: the preset's choice, else
             ``DEFAULT_PRESERVE_EDITS`` (0.1); 0 turns it off.
         checkpoint: a folder where each batch's work is saved when it is done (one file per

@@ -202,7 +202,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
 
 
 def _decoding(config: dict[str, Any]) -> str:
-    """How the fluency generations were decoded (results from before session 8 name none: greedy)."""
+    """How the fluency generations were decoded (results that name no top k were greedy)."""
     k = config.get("fluency_top_k")
     return "greedy generations" if k is None else (
         f"generations sampled from the top {k} tokens (as the reference metric; each prompt draws the same "

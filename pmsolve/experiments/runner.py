@@ -39,13 +39,14 @@ class Config:
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
     min_facts_per_point: int = 16    # small batches are repeated over this many facts
     eval_cap: int = 64               # full ES/PS/NS on at most this many facts per point (ES on all)
-    # Generation prompts per point (one per fact). 16 left the fluency change at batch 64 within
-    # a few % of noise (session 3: EMMET +2.6 %, MEMIT -4.8 %); 64 costs ~1 min more per run.
+    # Generation prompts per point (one per fact). Per-generation entropy changes are large, so
+    # the change of the mean needs tens of generations to resolve a few %; its standard error
+    # is reported beside it.
     fluency_prompts: int = 64
     max_new_tokens: int = 100
     # Fluency generations sample from the top k tokens, as the reference metric does (k = 5);
-    # None: greedy. Greedy continuations of a 135M model fall into loops or out of them at
-    # random, so greedy fluency is dominated by a few generations (bench/RESULTS.md, session 8).
+    # None: greedy. Greedy continuations of a small model fall into loops or out of them at
+    # random, so greedy fluency is dominated by a few generations (docs/benchmarks.md).
     fluency_top_k: int | None = 5
     dist_facts: int = 16             # facts in experiment 2
     seq_facts: int = 256             # facts edited one batch after another in experiment 4
