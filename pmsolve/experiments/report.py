@@ -42,6 +42,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, folder: Path, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(res: dict[str, Any], folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     made = []
@@ -52,14 +58,18 @@ def plot_all(res: dict[str, Any], folder: Path) -> list[str]:
     return made
 
 
+def _series(sw: dict[str, Any]):
+    """(label, line style, points, their batch sizes) of each series of the sweep that has points."""
+    for method, style in SERIES_STYLES:
+        pts = [p for p in sw["points"] if p["method"] == method]
+        if pts:
+            yield method, style, pts, [p["batch_size"] for p in pts]
+
+
 def _plot_sweep(sw: dict[str, Any], folder: Path) -> list[str]:
     plt = _plt()
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.6))
-    for method, style in SERIES_STYLES:
-        pts = [p for p in sw["points"] if p["method"] == method]
-        if not pts:
-            continue
-        b = [p["batch_size"] for p in pts]
+    for method, style, pts, b in _series(sw):
         for ax, key, title in zip(axes, ("es", "ps", "ns", "score", "fluency_change"),
                                   ("efficacy (ES)", "paraphrase (PS)", "neighbourhood (NS)", "Score",
                                    "fluency change vs unedited")):
@@ -74,15 +84,9 @@ def _plot_sweep(sw: dict[str, Any], folder: Path) -> list[str]:
         ax.set_ylabel("%")
     axes[4].axhspan(-2, 2, color="0.9")
     fig.suptitle("EMMET vs MEMIT, single layer (facts per point in RESULTS.md)")
-    fig.tight_layout()
-    fig.savefig(folder / "sweep_scores.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, folder, "sweep_scores.png")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, style in SERIES_STYLES:
-        pts = [p for p in sw["points"] if p["method"] == method]
-        if not pts:
-            continue
-        b = [p["batch_size"] for p in pts]
+    for method, style, pts, b in _series(sw):
         axes[0].plot(b, [p["cond_G_max"] for p in pts], style, label=method)
         axes[1].plot(b, [p["solve_seconds_per_batch"] for p in pts], style, label=method)
     axes[0].set_title("cond(G + μI), largest over batches")
@@ -92,9 +96,7 @@ def _plot_sweep(sw: dict[str, Any], folder: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "sweep_solver.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, folder, "sweep_solver.png")
     return ["sweep_scores.png", "sweep_solver.png"]
 
 
@@ -111,9 +113,7 @@ def _plot_distribution(dist: dict[str, Any], folder: Path) -> list[str]:
     ax.set_ylim(0, 105)
     ax.legend(ncol=4, loc="lower right")
     ax.set_title(f"solver × edit distribution ({rows[0]['n_facts']} facts each)")
-    fig.tight_layout()
-    fig.savefig(folder / "distribution.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, folder, "distribution.png")
     return ["distribution.png"]
 
 
@@ -129,9 +129,7 @@ def _plot_stability(st: dict[str, Any], folder: Path) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
-    fig.tight_layout()
-    fig.savefig(folder / "stability.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, folder, "stability.png")
     return ["stability.png"]
 
 
@@ -151,9 +149,7 @@ def _plot_sequential(sq: dict[str, Any], folder: Path) -> list[str]:
     for ax in axes:
         ax.set_xlabel("facts edited so far")
     fig.suptitle(f"sequential EMMET batches of {sq['batch_size']}")
-    fig.tight_layout()
-    fig.savefig(folder / "sequential.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, folder, "sequential.png")
     return ["sequential.png"]
 
 
