@@ -191,7 +191,8 @@ def test_batched_values_equal_per_fact(tok):
     ad = adapter_for(m)
     ctx = context_templates(m, tok)
     reqs = load_requests(REQUESTS)
-    cfg = ValueConfig(steps=6, early_stop=False, autocast=None)  # fp32 whatever the CPU
+    # fp32 whatever the CPU; all facts in one batch
+    cfg = ValueConfig(steps=6, early_stop=False, autocast=None, width_groups=False)
     both = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
     assert both.forward_passes == cfg.steps + 1
     for i, r in enumerate(reqs):
@@ -208,7 +209,7 @@ def test_values_in_groups_equal_values_all_at_once(tok):
     ad = adapter_for(m)
     ctx = context_templates(m, tok)
     reqs = load_requests(REQUESTS)
-    cfg = ValueConfig(steps=6, early_stop=False, autocast=None)
+    cfg = ValueConfig(steps=6, early_stop=False, autocast=None, width_groups=False)
     whole = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
     grouped = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, max_batch=2))
     assert grouped.forward_passes == 2 * whole.forward_passes  # groups of 2 and 1
@@ -219,6 +220,30 @@ def test_values_in_groups_equal_values_all_at_once(tok):
         assert torch.allclose(grouped.h[i], whole.h[i], rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="max_batch"):
         optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, max_batch=0))
+
+
+def test_values_grouped_by_row_width(tok):
+    """Facts whose rows differ in width go to separate groups (less padding); each fact's δ is
+    what it gets in one batch (tolerance as above) and results come back in request order."""
+    from pmsolve.editing.values import _width_groups
+
+    m = model("llama", len(tok))
+    ad = adapter_for(m)
+    ctx = context_templates(m, tok)
+    short = {"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}
+    long = {"prompt": "{} is a city that many people say lies in the country of", "subject": "Lyon",
+            "target_new": "Japan"}
+    reqs = load_requests([short, long, dict(short, subject="Berlin"), dict(long, subject="Oslo")])
+    cfg = ValueConfig(steps=4, early_stop=False, autocast=None)
+    assert _width_groups(tok, reqs, ctx, cfg) == [[0, 2], [1, 3]]
+    assert _width_groups(tok, reqs, ctx, replace(cfg, width_groups=False)) == [[0, 1, 2, 3]]
+    grouped = optimize_values(m, ad, tok, reqs, ctx, 2, cfg)
+    whole = optimize_values(m, ad, tok, reqs, ctx, 2, replace(cfg, width_groups=False))
+    assert grouped.forward_passes == 2 * whole.forward_passes
+    for i in range(len(reqs)):
+        err = float((grouped.delta[i] - whole.delta[i]).norm() / whole.delta[i].norm())
+        assert err < 1e-3, (i, err)
+        assert torch.allclose(grouped.h[i], whole.h[i], rtol=1e-5, atol=1e-5)
 
 
 def test_values_are_deterministic_and_clamped(tok):
