@@ -248,3 +248,52 @@ def test_info_warns_when_openblas_is_held_below_the_cpu(monkeypatch, forced, con
     assert (note is not None) == warned
     if warned:
         assert f"OPENBLAS_CORETYPE={forced}" in note and "unset it" in note
+
+
+def test_aggregate_means_score_and_fluency_change():
+    """pipeline.aggregate against a hand computation: means skip missing values, Score is the
+    harmonic mean ×100, the fluency change is relative to the pre-edit mean."""
+    def line(pre_es, post_es, post_ns, flu_pre, flu_post):
+        return {"pre": {"efficacy": pre_es, "paraphrase_success": 0.5, "neighborhood_success": 1.0,
+                        "fluency": flu_pre},
+                "post": {"efficacy": post_es, "paraphrase_success": 0.5, "neighborhood_success": post_ns,
+                         "fluency": flu_post}}
+
+    agg = pipeline.aggregate([line(0.0, 1.0, 1.0, 4.0, 3.0), line(0.0, 1.0, None, 6.0, 6.0)])
+    assert agg["n_records"] == 2
+    post = agg["post"]
+    assert post["efficacy"] == 1.0 and post["neighborhood_success"] == 1.0  # None left out, not counted as 0
+    assert post["score"] == pytest.approx(100 * 3 / (1 / 1.0 + 1 / 0.5 + 1 / 1.0))
+    assert agg["pre"]["score"] == 0.0  # an efficacy of 0 makes the harmonic mean 0
+    assert agg["fluency_change_relative"] == pytest.approx((4.5 - 5.0) / 5.0)
+
+
+@pytest.mark.parametrize("bad, what", [({"batch_size": 0}, "batch_size"), ({"method": "rome", "batch_size": 2}, "ROME"),
+                                       ({"on_error": "ignore"}, "on_error"), ({"fluency_top_k": 0}, "fluency_top_k")])
+def test_eval_settings_are_checked(bad, what):
+    with pytest.raises(pmsolve.InputError, match=what):
+        pipeline.EvalSettings(layers=[1], **bad).check()
+
+
+def test_pipeline_from_python_edits_scores_and_restores(files, tmp_path):
+    """The library pipeline without the command line: statistics as a {layer: C} dict, results
+    in the folder, the model unchanged afterwards, records with an index each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmsolve.stats import collect_stats
+
+    model = AutoModelForCausalLM.from_pretrained(files / "model")
+    tok = AutoTokenizer.from_pretrained(files / "model")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    indexed, malformed = pipeline.load_indexed(files / "data.jsonl")
+    assert [i for i, _ in indexed] == [0, 1, 3, 5] and [m["index"] for m in malformed] == [2, 4]
+    C = collect_stats(model, tok, [1], str(files / "corpus.txt"), max_tokens=500, progress=False).stats[1].mean()
+    settings = pipeline.EvalSettings(layers=[1], batch_size=2, max_new_tokens=4, edit_options={"preset": None})
+    summary = pipeline.evaluate_edits(model, tok, indexed, {1: C}, settings, tmp_path / "run", malformed=malformed,
+                                      cache_dir=tmp_path / "cache", progress=False, log=lambda msg: None)
+    assert summary["complete"] and summary["n_records"] == 4 and summary["n_malformed"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    lines = _lines(tmp_path / "run")
+    assert [ln["index"] for ln in lines] == [0, 1, 3, 5]
+    assert summary["post"]["efficacy"] == pytest.approx(sum(ln["post"]["efficacy"] for ln in lines) / 4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
