@@ -4,6 +4,10 @@ Order of work, chosen so that every check that can fail on bad input runs before
 first weight changes: parse requests, resolve layers and distribution, check and
 factor the statistics; only then optimise values and apply updates. Any exception
 after the first weight change restores all touched weights bit-exactly.
+
+The steps themselves (keys, values, solve, apply, one batch over the layers) are in
+:mod:`.steps`, shared with the experiments and the profiler; this module resolves the
+settings, runs the batches (with checkpoints) and saves, loads and re-applies updates.
 """
 
 from __future__ import annotations
