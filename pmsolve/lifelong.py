@@ -475,25 +475,33 @@ def solve_alphaedit(
 # ---------------------------------------------------------------------------
 
 
+def _native_solver(L: torch.Tensor, n: int) -> Any | None:
+    """The cpu backend when it runs triangular solves of n columns natively (the recursive solve
+    on GEMM that pmsolve.solve uses; MKL's dtrsm through torch runs at about half that rate on
+    AMD CPUs), else None (torch solves)."""
+    if L.device.type != "cpu" or L.requires_grad:
+        return None
+    try:
+        from .backends import cpu as cpu_backend
+    except ImportError:  # no native module
+        return None
+    if n < cpu_backend.NATIVE_TRSM_MIN_N:
+        return None
+    be = get_backend("auto", L.device)
+    mod = getattr(be, "_C", None)
+    return be if be.name == "cpu" and mod is not None and hasattr(mod, "triangular_solve") else None
+
+
 def _triangular(L: torch.Tensor, X: torch.Tensor, *, transpose: bool) -> torch.Tensor:
-    """L⁻¹X (L⁻ᵀX with ``transpose``) into a new d × n tensor. On the cpu backend, from
-    NATIVE_TRSM_MIN_N columns, the native recursive solve on GEMM that pmsolve.solve uses (MKL's
-    dtrsm through torch runs at about half that rate on AMD CPUs); else torch's solve."""
-    if L.device.type == "cpu" and not L.requires_grad:
-        try:
-            from .backends import cpu as cpu_backend
-        except ImportError:  # no native module: torch below
-            cpu_backend = None
-        if cpu_backend is not None and X.shape[1] >= cpu_backend.NATIVE_TRSM_MIN_N:
-            be = get_backend("auto", L.device)
-            mod = getattr(be, "_C", None)
-            if be.name == "cpu" and mod is not None and hasattr(mod, "triangular_solve"):
-                be._sync_threads()
-                L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy either way
-                Z = X.to(F64).clone(memory_format=torch.contiguous_format)
-                mod.triangular_solve(L_arr, Z.numpy(), transpose)
-                return Z
-    return torch.linalg.solve_triangular(L.mT if transpose else L, X, upper=transpose)
+    """L⁻¹X (L⁻ᵀX with ``transpose``) into a new d × n tensor, natively where _native_solver says so."""
+    be = _native_solver(L, X.shape[1])
+    if be is None:
+        return torch.linalg.solve_triangular(L.mT if transpose else L, X, upper=transpose)
+    be._sync_threads()
+    L_arr = L.numpy() if L.is_contiguous() else L.mT.contiguous().mT.numpy()  # no copy either way
+    Z = X.to(F64).clone(memory_format=torch.contiguous_format)
+    be._C.triangular_solve(L_arr, Z.numpy(), transpose)
+    return Z
 
 
 def _whiten(factor: Factor, K: torch.Tensor) -> torch.Tensor:
@@ -735,7 +743,7 @@ class RetainedKeys:
         retained = float(torch.linalg.matrix_norm(R @ (B.mT @ self.keys))) / rnorm if self.count else 0.0
         diag = SolveDiagnostics(
             method=f"{method}-retain",
-            backend="torch",
+            backend="cpu" if _native_solver(factor.L, n) is not None else "torch",
             n=n,
             d_in=d,
             d_out=R.shape[0],

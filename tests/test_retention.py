@@ -294,3 +294,23 @@ def test_ridge_schedule_setting_applies():
     with settings.ridge_schedule((1e-6,)), pytest.warns(NumericalWarning):
         upd = rk.solve(K, R)
     assert math.isclose(upd.diagnostics.mu_relative, 1e-6, rel_tol=1e-12)
+
+
+def test_native_and_torch_triangular_solves_agree():
+    """The whitening runs on the native recursive solve where the cpu backend is in use (tests pin
+    its threshold at 4 columns, conftest.py) and on torch's otherwise; both are backward stable,
+    so they agree within a few ε·κ(L) (κ(C) = 1e4 here: κ(L) = 100)."""
+    from pmsolve._native import native
+
+    if native() is None:
+        pytest.skip("pmsolve._C unavailable")
+    d = 64
+    f = pmsolve.factorize(spd(d, 1e4, seed=91), jitter=None, backend="cpu")
+    rk = pmsolve.RetainedKeys(f, rnd(d, 20, 92))
+    K, R = rnd(d, 8, 93), rnd(5, 8, 94)
+    with settings.backend("cpu"):
+        a = rk.solve(K, R)
+    with settings.backend("torch"):
+        b = rk.solve(K, R)
+    assert (a.diagnostics.backend, b.diagnostics.backend) == ("cpu", "torch")
+    assert rel(a.dense(), b.dense()) <= 1e-12
