@@ -159,17 +159,26 @@ def test_sequential_batches_match_the_paper_each_batch():
 
 
 def test_extend_is_a_low_rank_update_and_equals_building_at_once():
-    d, r = 60, 40
+    """Up to r/16 accumulated columns the r × r factor is extended (Factor.extend), past that
+    refactored from the kept A_r; either way the solve equals building C_p at once."""
+    d, r = 120, 100
     C, _ = spectrum_C(d, r, seed=21)
     ns = pmsolve.null_space(C, threshold=1e-2)
     K1, K2 = keys(d, 4, 22), keys(d, 3, 23)
-    inc = ns.factorize(1.0).extend(K1).extend(K2, weight=1.0)
-    assert inc.factor.lowrank is not None and inc.factor.lowrank.rank == 7  # no refactor below 0.25·r
+    inc1 = ns.factorize(1.0).extend(K1)
+    assert inc1.factor.lowrank is not None and inc1.factor.lowrank.rank == 4  # 4 <= 100/16
+    inc = inc1.extend(K2, weight=1.0)
+    assert inc.factor.lowrank is None  # 7 > 100/16: refactored from A_r
     once = ns.factorize(1.0, keys=torch.cat([K1, K2], 1))
     K, R = keys(d, 5, 24), keys(4, 5, 25)
     a = pmsolve.solve(inc, K, R, method="alphaedit").dense()
     b = pmsolve.solve(once, K, R, method="alphaedit").dense()
-    assert rel(a, b) <= 1e-12
+    a1 = pmsolve.solve(inc1, K, R, method="alphaedit").dense()
+    b1 = pmsolve.solve(ns.factorize(1.0, keys=K1), K, R, method="alphaedit").dense()
+    assert rel(a, b) <= 1e-12 and rel(a1, b1) <= 1e-12
+    U = ns.U
+    A_ref = torch.eye(r, dtype=F64) + U.mT @ (K1 @ K1.mT + K2 @ K2.mT) @ U
+    assert torch.allclose(inc.A, A_ref, rtol=0, atol=1e-12)
     assert inc.extend(None) is inc and inc.extend(K1, weight=0.0) is inc
 
 
