@@ -606,7 +606,8 @@ class RetainedKeys:
     Attributes:
         factor: the factor of C (+ jitter, + any low-rank term) the basis belongs to.
         keys: every retained key, d × count fp64.
-        Q: orthonormal basis of the whitened retained keys, d × rank fp64.
+        Q: orthonormal basis of the whitened retained keys, d × rank fp64 (built from ``keys``;
+            passed in only by :meth:`extend`).
         rank_rtol: relative singular-value cut below which a retained key adds no direction
             (it is already in the span; see _grow_basis).
     """
@@ -626,7 +627,7 @@ class RetainedKeys:
         if self.keys is None:
             self.keys = torch.zeros(d, 0, dtype=F64, device=dev)
         else:
-            self.keys = _check_keys("keys", self.keys, d, dev, "the factor").to(F64)
+            self.keys = _check_keys("keys", self.keys, d, dev, "the factor").to(F64, copy=True)  # not the caller's
         if self.Q is None:
             Z, zmax = self._whitened_projected(self.keys, torch.zeros(d, 0, dtype=F64, device=dev))
             self.Q = _grow_basis(torch.zeros(d, 0, dtype=F64, device=dev), Z, zmax, self.rank_rtol)
