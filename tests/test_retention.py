@@ -314,3 +314,30 @@ def test_native_and_torch_triangular_solves_agree():
         b = rk.solve(K, R)
     assert (a.diagnostics.backend, b.diagnostics.backend) == ("cpu", "torch")
     assert rel(a.dense(), b.dense()) <= 1e-12
+
+
+@pytest.mark.parametrize("tiny,adds", [(1e-8, True), (1e-13, False)])
+def test_basis_resolves_small_directions(tiny, adds):
+    """A retained key whose whitened part outside the others' span is 1e-8 of its length: below
+    what one eigh of ẐᵀẐ resolves (~1e-6), found by the basis growth's second round and kept
+    (rank_rtol = 1e-10); at 1e-13 it is rounding noise and adds no direction. Either way the
+    basis stays orthonormal and the retained outputs held."""
+    d, m = 40, 10
+    C = spd(d, 1e2, seed=101)
+    f = pmsolve.factorize(C, jitter=None)
+    A = rnd(d, m, 102)
+    L = f.L
+    # the extra key's whitened vector: a combination of the others' plus a tiny orthogonal part
+    ZA = torch.linalg.solve_triangular(L, A, upper=False)
+    z = ZA @ rnd(m, 1, 103)
+    e = rnd(d, 1, 104)
+    e -= ZA @ torch.linalg.lstsq(ZA, e).solution
+    z = z + tiny * float(z.norm()) * e / float(e.norm())
+    k = L @ z
+    others = rnd(d, 5, 105)
+    rk = pmsolve.RetainedKeys(f, A).extend(torch.cat([k, others], 1))
+    assert rk.rank == m + 5 + (1 if adds else 0)
+    eye = torch.eye(rk.rank, dtype=F64)
+    assert float(torch.linalg.matrix_norm(rk.Q.mT @ rk.Q - eye)) <= 1e-12
+    upd = rk.solve(rnd(d, 3, 106), rnd(4, 3, 107))
+    assert held(upd.dense(), rk.keys) <= 1e-10
