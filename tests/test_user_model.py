@@ -160,7 +160,7 @@ def protocols(tok) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, n, per_fact", [("emmet", 16, False), ("memit", 16, False), ("rome", 3, True)])
+@pytest.mark.parametrize("method, n, per_fact", [("emmet", 16, False), ("memit", 16, False), ("rome", 8, True)])
 def test_defaults_edit_a_user_loaded_smollm2(user_model, method, n, per_fact):
     model, tok = user_model
     facts = held_out_facts(n)
