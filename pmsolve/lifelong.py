@@ -630,14 +630,12 @@ def _grow_basis(Q: torch.Tensor, Zh: torch.Tensor, zmax: float, rtol: float) -> 
     return basis
 
 
-def _grow_basis_factored(Q: torch.Tensor, Zh: torch.Tensor, M: torch.Tensor, zmax: float,
-                         inv_norm: float) -> torch.Tensor:
+def _grow_basis_factored(Q: torch.Tensor, W: torch.Tensor, zmax: float, inv_norm: float) -> torch.Tensor:
     """_grow_basis when the solve has factored ẐᵀẐ = M Mᵀ (no ridge): W = Ẑ M⁻ᵀ is orthonormal up
     to ε·κ(Ĝ) ≤ ε·max_cond (Cholesky QR), and one more Cholesky QR pass makes it orthonormal to ε.
     Every direction is kept: the solve accepted σ_min(Ẑ)² ≥ max‖z‖²/max_cond, far above the
     rank cut. Against Q, as in _grow_basis: one more pass where σ_min < 1e-4·zmax
     (σ_min² ≥ 1/‖Ĝ⁻¹‖₁ ≥ 1/inv_norm, so that is tested on inv_norm)."""
-    W = torch.linalg.solve_triangular(M.mT, Zh, upper=True, left=False)  # Ẑ M⁻ᵀ
     if Q.shape[1] and 1.0 / inv_norm < (1e-4 * zmax) ** 2:
         W = W - Q @ (Q.mT @ W)
     G = W.mT @ W
@@ -722,12 +720,12 @@ class RetainedKeys:
         keys = _check_keys("keys", keys, self.d, self.factor.device, "the factor")
         last = self._last
         if last is not None and last[0] is keys and last[1] == keys._version:
-            Zh, zmax, M, inv_norm = last[2:]
+            Zh, zmax, ZMt, inv_norm = last[2:]
         else:
             Zh, zmax = self._whitened_projected(keys, self.Q)
-            M = None
-        if M is not None:
-            Q = _grow_basis_factored(self.Q, Zh, M, zmax, inv_norm)
+            ZMt = None
+        if ZMt is not None:
+            Q = _grow_basis_factored(self.Q, ZMt, zmax, inv_norm)
         else:
             Q = _grow_basis(self.Q, Zh, zmax, self.rank_rtol)
         return RetainedKeys(self.factor, torch.cat([self.keys, keys.to(F64)], 1), Q, self.rank_rtol)
@@ -820,14 +818,15 @@ class RetainedKeys:
                 NumericalWarning,
                 stacklevel=2,
             )
-        W = torch.linalg.solve_triangular(M.mT, Zh, upper=True, left=False)  # Ẑ M⁻ᵀ
-        W = torch.linalg.solve_triangular(M, W, upper=False, left=False)  # Ẑ (Ĝ + μI)⁻¹
+        ZMt = torch.linalg.solve_triangular(M.mT, Zh, upper=True, left=False)  # Ẑ M⁻ᵀ
+        W = torch.linalg.solve_triangular(M, ZMt, upper=False, left=False)  # Ẑ (Ĝ + μI)⁻¹
         B = _unwhiten(factor, W)
         # For extend(K_given) right after this solve: the same projected keys, no second solve with L.
-        # The Cholesky factor of Ĝ itself (μ = 0, accepted with cond ≤ max_cond against max‖z‖²)
-        # orthonormalises Ẑ for extend without an eigendecomposition (_grow_basis_factored).
+        # Ẑ M⁻ᵀ with M the Cholesky factor of Ĝ itself (μ = 0, accepted with cond ≤ max_cond
+        # against max‖z‖²) is Ẑ orthonormalised by Cholesky QR: extend needs only a cleanup pass
+        # (_grow_basis_factored), no eigendecomposition and no further solve with M.
         inv_norm = cond / (max(anorm, ref) + mu_used)  # ‖Ĝ⁻¹‖₁ estimate
-        self._last = (K_given, K_given._version, Zh, zmax, M if mu_used == 0 else None, inv_norm)
+        self._last = (K_given, K_given._version, Zh, zmax, ZMt if mu_used == 0 else None, inv_norm)
         rnorm = max(float(torch.linalg.matrix_norm(R)), 1e-300)
         residual = float(torch.linalg.matrix_norm(R @ (B.mT @ K) - R)) / rnorm
         # The retained outputs' check, from the final B and the raw keys: on at most 256 of them
