@@ -540,6 +540,11 @@ def _unwhiten(factor: Factor, W: torch.Tensor) -> torch.Tensor:
     return _triangular(factor.L, apply_inv_sqrt_(W, factor.inv_sqrt), transpose=True)
 
 
+def _col_norms2(Z: torch.Tensor) -> torch.Tensor:
+    """Squared column norms without a d × n temporary (Z.square() would allocate one)."""
+    return torch.linalg.vector_norm(Z, dim=0).square_()
+
+
 # A column that keeps less than this share of its length in the first Gram–Schmidt pass is
 # projected a second time (see _project_out).
 _REORTHOGONALISE_BELOW = 0.1
@@ -558,14 +563,14 @@ def _project_out(Q: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """
     if Q.shape[1] == 0 or Z.shape[1] == 0:
         return Z
-    before = Z.square().sum(0)
-    Z.sub_(Q @ (Q.mT @ Z))
-    redo = (Z.square().sum(0) < _REORTHOGONALISE_BELOW**2 * before).nonzero().flatten()
+    before = _col_norms2(Z)
+    Z.addmm_(Q, Q.mT @ Z, alpha=-1.0)  # in place: no d × n temporary
+    redo = (_col_norms2(Z) < _REORTHOGONALISE_BELOW**2 * before).nonzero().flatten()
     if redo.numel() == Z.shape[1]:
-        Z.sub_(Q @ (Q.mT @ Z))
+        Z.addmm_(Q, Q.mT @ Z, alpha=-1.0)
     elif redo.numel():
         Zr = Z[:, redo]
-        Zr.sub_(Q @ (Q.mT @ Zr))
+        Zr.addmm_(Q, Q.mT @ Zr, alpha=-1.0)
         Z[:, redo] = Zr
     return Z
 
@@ -619,7 +624,7 @@ def _grow_basis(Q: torch.Tensor, Zh: torch.Tensor, zmax: float, rtol: float) -> 
         # exceed ~1e-11, i.e. σ < 1e-4·zmax; in the first round (the basis is Q) usually not.
         if basis.shape[1] and float(lam[keep].min()) < (1e-4 * zmax) ** 2:
             W = W - basis @ (basis.mT @ W)
-        W = W[:, W.square().sum(0) > 0.25]  # collapsed: already in the basis (the space is full)
+        W = W[:, _col_norms2(W) > 0.25]  # collapsed: already in the basis (the space is full)
         if W.shape[1] == 0:
             break
         W = _cholqr2(W)
@@ -706,7 +711,7 @@ class RetainedKeys:
 
     def _whitened_projected(self, K: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, float]:
         Z = _whiten(self.factor, K.to(F64))
-        zmax = float(Z.square().sum(0).max().sqrt()) if Z.shape[1] else 0.0
+        zmax = float(_col_norms2(Z).max().sqrt()) if Z.shape[1] else 0.0
         return _project_out(Q, Z), zmax
 
     def with_factor(self, factor: Factor) -> RetainedKeys:
@@ -773,7 +778,7 @@ class RetainedKeys:
             raise CapacityError(f"hard retention leaves no direction to edit: the {self.count} retained keys span "
                                 f"all d_in = {d} dimensions", required=m + 1, available=d)
         Z = _whiten(factor, K)
-        znorm2 = Z.square().sum(0)  # diag of the unprojected G = KᵀC⁻¹K
+        znorm2 = _col_norms2(Z)  # diag of the unprojected G = KᵀC⁻¹K
         zmax = float(znorm2.max().sqrt())
         Zh = _project_out(self.Q, Z)
         Gh = Zh.mT @ Zh
