@@ -407,7 +407,7 @@ class NullSpaceFactor:
         A = self.A if self.A is not None else _dense(self.factor)
         A = torch.addmm(A, Kr, Kr.mT, alpha=weight)  # a new tensor: this object stays as it was
         cols = (self.factor.lowrank.rank if self.factor.lowrank is not None else 0) + Kr.shape[1]
-        if cols <= self.r / 16:
+        if cols <= _LOWRANK_SHARE * self.r:
             inner = self.factor.extend(Kr, weight)
         else:
             inner = factorize(A, jitter=None, backend=self.backend)
@@ -420,6 +420,11 @@ class NullSpaceFactor:
     def summary(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "earlier_keys": self.earlier_keys, "null_space": self.null_space.summary(),
                 "factor": self.factor.summary()}
+
+
+# NullSpaceFactor.extend: low-rank extension up to this share of r accumulated columns, then a
+# Cholesky of A_r (see its docstring).
+_LOWRANK_SHARE = 1 / 16
 
 
 def _dense(f: Factor) -> torch.Tensor:
