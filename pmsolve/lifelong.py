@@ -389,13 +389,14 @@ class NullSpaceFactor:
     def extend(self, keys: torch.Tensor | None, weight: float = 1.0) -> NullSpaceFactor:
         """Add earlier edits' keys (d × m) to C_p: A_r + weight·(Uᵀkeys)(Uᵀkeys)ᵀ.
 
-        While the accumulated added columns stay within r/16, a rank-m extension of the r × r
-        factor (:meth:`pmsolve.Factor.extend`, O(r²m) plus an SVD of the r × k term); past that,
-        a Cholesky of the kept A_r (r³/3, on the backend's native kernel), which at r ~ n·10 is no
-        dearer than the extension: at r = 952 with 100 new keys both took ~0.21 s at best, the
-        extension 1.3–2.0 s median against 0.7 s for the refactor on a loaded 2-core machine
-        (its many small steps suffer most from contention), and Factor.extend's own refactor
-        past max_lowrank_fraction·r forms LLᵀ first (r³ more). Both are exact.
+        While the accumulated added columns stay within r/16 (_LOWRANK_SHARE), a rank-m
+        extension of the r × r factor (:meth:`pmsolve.Factor.extend`, O(r²m) plus an SVD of the
+        r × k term); past that, a Cholesky of the kept A_r (r³/3, on the backend's native
+        kernel). At r ~ 10·n the refactor is the cheaper: at r = 952 with 100 new keys both took
+        ~0.21 s at best, the extension 1.3–2.0 s median against 0.7 s for the refactor on a loaded
+        2-core machine (its many small steps suffer most from contention), and 19 batches of
+        extend + solve took 14.8 s with the r/16 rule against 29.6 s with Factor.extend's own
+        1/4 (whose refactor also forms LLᵀ first, r³ more). Both routes are exact.
         """
         weight = _check_number("weight", weight)
         if keys is None:
