@@ -23,3 +23,10 @@ def test_demo_reports_every_stage_with_its_time(tmp_path, monkeypatch, capsys):
     assert "(2000 tokens)" in out and "layer 3/3 edited" in out
     assert re.search(r"efficacy\s+[0-9.]+% →\s+[0-9.]+%", out)
     assert re.search(r"^time: [0-9.]+ s wall", out, re.M)
+
+    # Again: v* and the unedited model's results come from the first run, the edit is the same.
+    assert cli.main(["demo", "--facts", "2", "--control", "1", "--stats-tokens", "2000"]) == 0
+    again = capsys.readouterr().out
+    assert "(cached)" in again and again.count("from an earlier run") == 2
+    scores = lambda text: text[text.index("SCORES"):text.index("time:")]  # noqa: E731
+    assert scores(again) == scores(out)
