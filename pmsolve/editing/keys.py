@@ -82,22 +82,24 @@ def _model_key(model) -> str | None:
 
 
 @torch.no_grad()
-def _sample(model, tokenizer, start: str, length: int, gen: torch.Generator, device: torch.device) -> str:
-    """Top-5 sampling of ``length`` tokens after ``start``, one token per forward on a KV cache
-    (rerunning the whole prefix for every token cost ~10x the work: 5 s of CPU on SmolLM2)."""
-    ids = encode_text(tokenizer, start)
-    step, cache = ids, None
-    for _ in range(length):
-        out = model(torch.tensor([step], device=device), use_cache=True,
-                    **({} if cache is None else {_cache_kwarg(model): cache}))
+def _sample(model, starts: list[list[int]], length: int, race: torch.Tensor, device: torch.device) -> list[list[int]]:
+    """Top-5 sampling of ``length`` tokens after each start (all of one length), the prefixes
+    decoded together, one token per forward on a KV cache. Token j of prefix i is the argmax
+    of p / race[i, j] over the top 5 (p their softmax, race exponential variates): exactly how
+    torch.multinomial draws one sample, with the variates in the order a one-prefix-at-a-time
+    loop drew them, so batching does not change which templates a seed gives."""
+    ids = [list(s) for s in starts]
+    step, cache = torch.tensor(starts, device=device), None
+    for j in range(length):
+        out = model(step, use_cache=True, **({} if cache is None else {_cache_kwarg(model): cache}))
         # transformers 5.2x names the returned cache `cache`, earlier versions `past_key_values`
         cache = out.cache if "cache" in out else out.past_key_values
-        logits = out.logits[0, -1].float().cpu()
-        top = torch.topk(logits, 5)
-        pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
-        ids.append(int(top.indices[pick]))
-        step = ids[-1:]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+        top = torch.topk(out.logits[:, -1].float().cpu(), 5)
+        pick = torch.argmax(torch.softmax(top.values, -1) / race[: len(ids), j], dim=-1)
+        for row, k in zip(ids, top.indices.gather(1, pick[:, None])[:, 0].tolist()):
+            row.append(k)
+        step = torch.tensor([[row[-1]] for row in ids], device=device)
+    return ids
 
 
 def _cache_kwarg(model) -> str:
@@ -140,9 +142,15 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
 def _generate(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     device = model.get_input_embeddings().weight.device
+    starts = [encode_text(tokenizer, _STARTS[i % len(_STARTS)]) for i in range(n)]
+    race = torch.empty(n, length, 5).exponential_(1, generator=gen)  # prefix-major, as drawn one by one
+    if len({len(s) for s in starts}) == 1:  # no padding needed: all prefixes in one batch
+        rows = _sample(model, starts, length, race, device)
+    else:
+        rows = [_sample(model, [s], length, race[i : i + 1], device)[0] for i, s in enumerate(starts)]
     out = ["{}"]
-    for i in range(n):
-        text = _sample(model, tokenizer, _STARTS[i % len(_STARTS)], length, gen, device)
+    for row in rows:
+        text = tokenizer.decode(row, skip_special_tokens=True)
         out.append(text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". {}")
     return out
 
