@@ -399,7 +399,7 @@ def _width_groups(tokenizer, requests: Sequence[EditRequest], templates: Sequenc
     widths. Each step pads every row of a group to its widest, and what pays is the padded
     tokens through all layers above the v* layer: with the 8 demo facts (rows of 2-8 tokens
     after the prefix cache) one group computes 448 token positions per step for 264 real ones,
-    two groups 288. Facts are independent (per-fact Adam), so grouping changes rounding only.
+    two groups 308. Facts are independent (per-fact Adam), so grouping changes rounding only.
     The split minimises padded tokens plus a per-group overhead, over facts sorted by width."""
     n = len(requests)
     if n <= 1 or not config.width_groups:
