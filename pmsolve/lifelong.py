@@ -113,6 +113,8 @@ RELATIVE_TO = ("mean", "max", "energy", "absolute")
 DEFAULT_NULLSPACE_THRESHOLD = 0.5  # × the mean eigenvalue; see the module docstring
 DEFAULT_ALPHA = 1.0  # the ridge of the paper's closed form (its code's Llama3-8B setting: 10)
 _NULLSPACE_FORMAT = "pmsolve.nullspace/1"
+_ALPHAEDIT_FORMAT = "pmsolve.alphaedit/1"  # a NullSpace plus A_r and α
+_RETAINED_FORMAT = "pmsolve.retained/1"
 RETENTION_METHODS = ("emmet", "memit")
 
 
@@ -229,55 +231,92 @@ class NullSpace:
     def to(self, device: torch.device | str) -> NullSpace:
         return replace(self, U=self.U.to(device), eigenvalues=self.eigenvalues.to(device))
 
+    def _info(self) -> dict[str, Any]:
+        return {"d": self.d, "r": self.r, "threshold": self.threshold, "relative_to": self.relative_to,
+                "scale": self.scale, "cut": self.cut, "seconds": self.seconds}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.U, "eigenvalues": self.eigenvalues}
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Atomic safetensors file: U, the eigenvalues, the cut and ``meta`` (checked on load)."""
-        from safetensors.torch import save
-
-        tensors = {"U": self.U.detach().to("cpu", F64).contiguous(),
-                   "eigenvalues": self.eigenvalues.detach().to("cpu", F64).contiguous()}
-        info = {"d": self.d, "r": self.r, "threshold": self.threshold, "relative_to": self.relative_to,
-                "scale": self.scale, "cut": self.cut, "seconds": self.seconds}
-        metadata = {"format": _NULLSPACE_FORMAT, "info": json.dumps(info), "meta": json.dumps(self.meta),
-                    "sha256": _checksum(tensors)}
-        atomic_write(path, save(tensors, metadata=metadata))
+        _write_file(path, _NULLSPACE_FORMAT, self._tensors(), self._info(), self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
              map_location: str | torch.device = "cpu") -> NullSpace:
         """Read a file written by :meth:`save`. ``expect``: entries that ``meta`` must hold
         (e.g. ``{"model": ..., "layer": 4}``); a mismatch is a CacheError naming the entry."""
-        from safetensors import SafetensorError, safe_open
+        tensors, info, meta = _read_file(path, _NULLSPACE_FORMAT, {"U", "eigenvalues"}, "null-space", expect)
+        return cls._from_file(path, tensors, info, meta, map_location)
 
-        path = Path(path)
-        if not path.exists():
-            raise CacheError(f"null-space file {path} does not exist")
+    @classmethod
+    def _from_file(cls, path, tensors, info, meta, map_location) -> NullSpace:
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
-        except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-            raise CacheError(f"null-space file {path} is truncated or not a safetensors file: {exc}") from exc
-        if metadata.get("format") != _NULLSPACE_FORMAT:
-            raise CacheError(f"{path} is not a pmsolve null-space file (format {metadata.get('format')!r}, "
-                             f"expected {_NULLSPACE_FORMAT!r})")
-        if set(tensors) != {"U", "eigenvalues"} or _checksum(tensors) != metadata.get("sha256"):
-            raise CacheError(f"null-space file {path} is corrupt: its tensors or their checksum do not match")
-        try:
-            info, meta = json.loads(metadata["info"]), json.loads(metadata["meta"])
             d, r, cut = int(info["d"]), int(info["r"]), float(info["cut"])
+            threshold, relative_to, scale = float(info["threshold"]), str(info["relative_to"]), float(info["scale"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise CacheError(f"null-space file {path} has malformed metadata: {exc}") from exc
+            raise CacheError(f"file {path} has malformed null-space metadata: {exc}") from exc
         U, lam = tensors["U"], tensors["eigenvalues"]
         if (U.shape != (d, r) or lam.shape != (d,) or U.dtype != F64 or lam.dtype != F64
                 or int((lam < cut).sum()) != r):
-            raise CacheError(f"null-space file {path} is inconsistent: U {tuple(U.shape)}, {lam.numel()} eigenvalues, "
+            raise CacheError(f"file {path} is inconsistent: U {tuple(U.shape)}, {lam.numel()} eigenvalues, "
                              f"d = {d}, r = {r}")
-        for k, v in (expect or {}).items():
-            if meta.get(k) != v:
-                raise CacheError(f"null-space file {path} was computed for {k} = {meta.get(k)!r}, expected {v!r}")
-        return cls(U=U.to(map_location), eigenvalues=lam.to(map_location), threshold=float(info["threshold"]),
-                   relative_to=str(info["relative_to"]), scale=float(info["scale"]), cut=cut,
-                   seconds=float(info.get("seconds", 0.0)), meta=meta)
+        return cls(U=U.to(map_location), eigenvalues=lam.to(map_location), threshold=threshold,
+                   relative_to=relative_to, scale=scale, cut=cut, seconds=float(info.get("seconds", 0.0)), meta=meta)
+
+
+def _write_file(path: str | os.PathLike[str], fmt: str, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                meta: dict[str, Any]) -> None:
+    """Atomic safetensors file: fp64 tensors, ``info`` (what the object needs) and ``meta`` (what
+    the caller recorded) as JSON, and a SHA-256 of the tensor bytes."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu", F64).contiguous() for k, v in tensors.items()}
+    metadata = {"format": fmt, "info": json.dumps(info), "meta": json.dumps(meta), "sha256": _checksum(tensors)}
+    atomic_write(path, save(tensors, metadata=metadata))
+
+
+def _read_file(path: str | os.PathLike[str], fmt: str, names: set[str], what: str,
+               expect: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Inverse of _write_file; CacheError for a missing, truncated, corrupt or foreign file, and for
+    ``expect`` entries that ``meta`` does not hold."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
+    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+        raise CacheError(f"{what} file {path} is truncated or not a safetensors file: {exc}") from exc
+    if metadata.get("format") != fmt:
+        raise CacheError(f"{path} is not a pmsolve {what} file (format {metadata.get('format')!r}, expected {fmt!r})")
+    if set(tensors) != names or _checksum(tensors) != metadata.get("sha256"):
+        raise CacheError(f"{what} file {path} is corrupt: its tensors or their checksum do not match")
+    try:
+        info, meta = json.loads(metadata["info"]), json.loads(metadata["meta"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CacheError(f"{what} file {path} has malformed metadata: {exc}") from exc
+    for k, v in (expect or {}).items():
+        if meta.get(k) != v:
+            raise CacheError(f"{what} file {path} was computed for {k} = {meta.get(k)!r}, expected {v!r}")
+    return tensors, info, meta
+
+
+def _factor_fingerprint(f: Factor) -> str:
+    """A hash of what whitening depends on, from O(d + d·k) entries: the diagonal, first column
+    and last row of L, the jitter, and the low-rank term's columns."""
+    L = f.L.detach().to("cpu", F64)
+    parts = [torch.diagonal(L), L[:, 0], L[-1, :], torch.tensor([f.jitter], dtype=F64)]
+    if f.lowrank is not None:
+        parts.append(f.lowrank.U.detach().to("cpu", F64).flatten())
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -421,6 +460,29 @@ class NullSpaceFactor:
     def summary(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "earlier_keys": self.earlier_keys, "null_space": self.null_space.summary(),
                 "factor": self.factor.summary()}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomic safetensors file: the null space, A_r, α and the count of earlier keys (the null
+        space's ``meta`` is the file's); :meth:`load` refactors A_r (r³/3)."""
+        A = self.A if self.A is not None else _dense(self.factor)
+        info = {**self.null_space._info(), "alpha": self.alpha, "earlier_keys": self.earlier_keys}
+        _write_file(path, _ALPHAEDIT_FORMAT, {**self.null_space._tensors(), "A": A}, info, self.null_space.meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
+             backend: str = "auto") -> NullSpaceFactor:
+        """Read a file written by :meth:`save` (on the CPU); ``expect`` as for NullSpace.load."""
+        tensors, info, meta = _read_file(path, _ALPHAEDIT_FORMAT, {"U", "eigenvalues", "A"}, "AlphaEdit state",
+                                         expect)
+        ns = NullSpace._from_file(path, tensors, info, meta, "cpu")
+        A = tensors["A"]
+        try:
+            alpha, earlier = float(info["alpha"]), int(info["earlier_keys"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"AlphaEdit state file {path} has malformed metadata: {exc}") from exc
+        if A.shape != (ns.r, ns.r):
+            raise CacheError(f"AlphaEdit state file {path} is inconsistent: A_r is {tuple(A.shape)}, r = {ns.r}")
+        return cls(ns, factorize(A, jitter=None, backend=backend), alpha, earlier, A, backend)
 
 
 # NullSpaceFactor.extend: low-rank extension up to this share of r accumulated columns, then a
@@ -744,6 +806,41 @@ class RetainedKeys:
     def summary(self) -> dict[str, Any]:
         return {"d": self.d, "count": self.count, "rank": self.rank, "capacity": self.capacity,
                 "rank_rtol": self.rank_rtol}
+
+    def save(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None) -> None:
+        """Atomic safetensors file: the retained keys, the basis Q and a fingerprint of the factor
+        Q belongs to (``meta``: what the caller records, e.g. model and layer)."""
+        info = {"d": self.d, "count": self.count, "rank": self.rank, "rank_rtol": self.rank_rtol,
+                "factor": _factor_fingerprint(self.factor)}
+        _write_file(path, _RETAINED_FORMAT, {"keys": self.keys, "Q": self.Q}, info, dict(meta or {}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], factor: Factor, *, expect: dict[str, Any] | None = None,
+             rebuild: bool = False) -> RetainedKeys:
+        """Read a file written by :meth:`save` for ``factor``. A file saved with another factor (C,
+        its jitter or its low-rank term differ) is a CacheError, unless ``rebuild``: then the basis
+        is rebuilt from the keys for this factor (O(d²·count))."""
+        if not isinstance(factor, Factor):
+            raise InputError(f"factor must be a pmsolve.Factor, got {type(factor).__name__}")
+        tensors, info, _ = _read_file(path, _RETAINED_FORMAT, {"keys", "Q"}, "retained-keys", expect)
+        keys, Q = tensors["keys"], tensors["Q"]
+        try:
+            d, count, rank, rtol = int(info["d"]), int(info["count"]), int(info["rank"]), float(info["rank_rtol"])
+            fingerprint = str(info["factor"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"retained-keys file {path} has malformed metadata: {exc}") from exc
+        if keys.shape != (d, count) or Q.shape != (d, rank):
+            raise CacheError(f"retained-keys file {path} is inconsistent: keys {tuple(keys.shape)}, "
+                             f"Q {tuple(Q.shape)}, d = {d}, {count} keys, rank {rank}")
+        if d != factor.d:
+            raise CacheError(f"retained-keys file {path} holds keys of width {d}; the factor is for d = {factor.d}")
+        keys, Q = keys.to(factor.device), Q.to(factor.device)
+        if fingerprint != _factor_fingerprint(factor):
+            if not rebuild:
+                raise CacheError(f"retained-keys file {path} was saved with another factor (C, its jitter or its "
+                                 "low-rank term differ); pass rebuild=True to rebuild the basis for this one")
+            return cls(factor, keys, rank_rtol=rtol)
+        return cls(factor, keys, Q, rtol)
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, *, method: str = "emmet", mu: float | None = None) -> Update:
         """Δ = argmin tr(ΔCΔᵀ) s.t. Δ K_retained = 0, ΔK = R (``"emmet"``, μ = 0 or the smallest

@@ -118,7 +118,8 @@ def test_mu_zero_is_equality_in_the_null_space():
     C, U = spectrum_C(d, r, seed=11)
     K, R, Kp = keys(d, n, 12), keys(6, n, 13), keys(d, 15, 14)
     alpha = 2.0
-    upd = pmsolve.solve(pmsolve.null_space(C, threshold=1e-2).factorize(alpha, keys=Kp), K, R, method="alphaedit", mu=0.0)
+    f = pmsolve.null_space(C, threshold=1e-2).factorize(alpha, keys=Kp)
+    upd = pmsolve.solve(f, K, R, method="alphaedit", mu=0.0)
     A = alpha * torch.eye(r, dtype=F64) + U.mT @ Kp @ Kp.mT @ U
     Kr = U.mT @ K
     kkt = torch.cat([torch.cat([A, Kr], 1), torch.cat([Kr.mT, torch.zeros(n, n, dtype=F64)], 1)], 0)
@@ -353,3 +354,21 @@ def test_solve_via_settings_backend_and_reports_backend():
     with settings.backend("torch"):
         upd = pmsolve.solve(f, keys(24, 3, 72), keys(4, 3, 73), method="alphaedit")
     assert upd.diagnostics.backend == "torch"
+
+
+def test_alphaedit_state_save_load(tmp_path):
+    """The per-layer AlphaEdit state (null space, A_r with earlier keys, α) survives a file."""
+    d, r = 40, 25
+    C, _ = spectrum_C(d, r, seed=81)
+    f = pmsolve.null_space(C, threshold=1e-2, meta={"layer": 3}).factorize(2.0).extend(keys(d, 30, 82))
+    p = tmp_path / "ae.safetensors"
+    f.save(p)
+    back = pmsolve.NullSpaceFactor.load(p, expect={"layer": 3})
+    assert (back.alpha, back.earlier_keys, back.r) == (2.0, 30, r)
+    K, R = keys(d, 5, 83), keys(4, 5, 84)
+    a = pmsolve.solve(f, K, R, method="alphaedit").dense()
+    b = pmsolve.solve(back, K, R, method="alphaedit").dense()
+    assert rel(b, a) <= 1e-12
+    f.null_space.save(tmp_path / "ns.safetensors")  # a null-space file is not a state file
+    with pytest.raises(CacheError, match="not a pmsolve AlphaEdit state file"):
+        pmsolve.NullSpaceFactor.load(tmp_path / "ns.safetensors")

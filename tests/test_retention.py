@@ -341,3 +341,35 @@ def test_basis_resolves_small_directions(tiny, adds):
     assert float(torch.linalg.matrix_norm(rk.Q.mT @ rk.Q - eye)) <= 1e-12
     upd = rk.solve(rnd(d, 3, 106), rnd(4, 3, 107))
     assert held(upd.dense(), rk.keys) <= 1e-10
+
+
+def test_save_load_roundtrip_and_checks(tmp_path):
+    d = 30
+    C = spd(d, 1e3, seed=111)
+    f = pmsolve.factorize(C, jitter=None)
+    rk = pmsolve.RetainedKeys(f, rnd(d, 12, 112))
+    p = tmp_path / "state" / "layer4.retained.safetensors"
+    rk.save(p, meta={"layer": 4})
+    back = pmsolve.RetainedKeys.load(p, f, expect={"layer": 4})
+    assert torch.equal(back.keys, rk.keys) and torch.equal(back.Q, rk.Q) and back.rank_rtol == rk.rank_rtol
+    K, R = rnd(d, 4, 113), rnd(3, 4, 114)
+    assert torch.equal(back.solve(K, R).B, rk.solve(K, R).B)
+    f2 = pmsolve.factorize(C + 0.01 * torch.eye(d, dtype=F64), jitter=None)  # another C
+    with pytest.raises(pmsolve.CacheError, match="another factor"):
+        pmsolve.RetainedKeys.load(p, f2)
+    rebuilt = pmsolve.RetainedKeys.load(p, f2, rebuild=True)
+    assert rel(rebuilt.solve(K, R).dense(), pmsolve.RetainedKeys(f2, rk.keys).solve(K, R).dense()) <= 1e-12
+    with pytest.raises(pmsolve.CacheError, match="another factor"):  # a low-rank term changes it too
+        pmsolve.RetainedKeys.load(p, f.extend(rnd(d, 2, 115)))
+    with pytest.raises(pmsolve.CacheError, match="layer = 4, expected 5"):
+        pmsolve.RetainedKeys.load(p, f, expect={"layer": 5})
+    with pytest.raises(pmsolve.CacheError, match="width 30; the factor is for d = 20"):
+        pmsolve.RetainedKeys.load(p, pmsolve.factorize(spd(20, 10, seed=116), jitter=None))
+    with pytest.raises(pmsolve.CacheError, match="does not exist"):
+        pmsolve.RetainedKeys.load(tmp_path / "none.safetensors", f)
+    raw = bytearray(p.read_bytes())
+    raw[-5] ^= 0x01
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(pmsolve.CacheError, match="corrupt"):
+        pmsolve.RetainedKeys.load(bad, f)
