@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
+from .errors import CacheError
+
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function that writes to a binary file) to ``path`` so that
@@ -59,3 +63,31 @@ def cached_json(path: str | os.PathLike[str], compute: Callable[[], Any]) -> tup
         value = compute()
         write_json(path, value)
         return value, False
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and raw bytes of ``tensors`` (sorted by name): what a checked
+    safetensors file stores, so that a corrupt file is told from a foreign one."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike[str], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (cloned out of the mapping) and metadata of a safetensors file; CacheError naming
+    ``what`` the file should hold when it is missing, truncated or not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
+    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+        raise CacheError(f"{what} file {path} is truncated or not a safetensors file: {exc}") from exc
+    return tensors, metadata

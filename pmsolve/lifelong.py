@@ -78,13 +78,12 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import settings
-from ._io import atomic_write
+from ._io import atomic_write, read_safetensors, tensor_checksum
 from .backends import get_backend
 from .backends.torch_backend import apply_inv_sqrt_, hager_cond_1norm
 from .errors import (
@@ -102,6 +101,7 @@ from .solver import (
     Update,
     _check_finite,
     _check_float_matrix,
+    _conflicting_groups,
     _preservation_cost,
     _validate_C,
     factorize,
@@ -273,7 +273,7 @@ def _write_file(path: str | os.PathLike[str], fmt: str, tensors: dict[str, torch
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu", F64).contiguous() for k, v in tensors.items()}
-    metadata = {"format": fmt, "info": json.dumps(info), "meta": json.dumps(meta), "sha256": _checksum(tensors)}
+    metadata = {"format": fmt, "info": json.dumps(info), "meta": json.dumps(meta), "sha256": tensor_checksum(tensors)}
     atomic_write(path, save(tensors, metadata=metadata))
 
 
@@ -281,20 +281,10 @@ def _read_file(path: str | os.PathLike[str], fmt: str, names: set[str], what: st
                expect: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Inverse of _write_file; CacheError for a missing, truncated, corrupt or foreign file, and for
     ``expect`` entries that ``meta`` does not hold."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"{what} file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
-    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-        raise CacheError(f"{what} file {path} is truncated or not a safetensors file: {exc}") from exc
+    tensors, metadata = read_safetensors(path, what)
     if metadata.get("format") != fmt:
         raise CacheError(f"{path} is not a pmsolve {what} file (format {metadata.get('format')!r}, expected {fmt!r})")
-    if set(tensors) != names or _checksum(tensors) != metadata.get("sha256"):
+    if set(tensors) != names or tensor_checksum(tensors) != metadata.get("sha256"):
         raise CacheError(f"{what} file {path} is corrupt: its tensors or their checksum do not match")
     try:
         info, meta = json.loads(metadata["info"]), json.loads(metadata["meta"])
@@ -316,15 +306,6 @@ def _factor_fingerprint(f: Factor) -> str:
     h = hashlib.sha256()
     for t in parts:
         h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        t = tensors[name].contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -903,7 +884,7 @@ class RetainedKeys:
                 M, mu_used, cond = Mt, mu_try, c
                 break
         if M is None or (method == "emmet" and mu_used > mu0):
-            groups, worst = _conflicts(Gh, R, ref, max_cond)
+            groups, worst = _conflicting_groups(Gh, R, max_cond, scale=ref)
             if groups:
                 inside = sorted({j for g in groups for j in g if float(novelty[j]) < 1e-6})
                 where = (f"; edits {inside} lie (nearly) in the span of the {self.count} retained keys, whose "
@@ -967,22 +948,3 @@ class RetainedKeys:
             },
         )
         return Update(U=R.clone(), B=B, diagnostics=diag)
-
-
-def _conflicts(G: torch.Tensor, R: torch.Tensor, ref: float, max_cond: float) -> tuple[list[list[int]], float]:
-    """Null directions z of Ĝ (relative to the unprojected scale ``ref``) along which R z ≠ 0:
-    constraints no Δ keeping the retained outputs can meet."""
-    evals, evecs = torch.linalg.eigh(G)
-    null = evals <= ref * G.shape[0] / max_cond
-    groups: list[list[int]] = []
-    worst = 0.0
-    rnorm = float(torch.linalg.matrix_norm(R)) or 1.0
-    for j in null.nonzero().flatten().tolist():
-        z = evecs[:, j]
-        bad = float(torch.linalg.vector_norm(R @ z)) / rnorm
-        if bad > 1e-6:
-            worst = max(worst, bad)
-            cols = (z.abs() > 0.1 * z.abs().max()).nonzero().flatten().tolist()
-            if cols not in groups:
-                groups.append(cols)
-    return groups, worst

@@ -529,14 +529,17 @@ def _resolve_mu(method: str, mu: float | None, n: int, d: int) -> float:
     return float(mu)
 
 
-def _conflicting_groups(G: torch.Tensor, R: torch.Tensor, max_cond: float) -> tuple[list[list[int]], float]:
+def _conflicting_groups(G: torch.Tensor, R: torch.Tensor, max_cond: float,
+                        scale: float | None = None) -> tuple[list[list[int]], float]:
     """Null directions z of G (keys dependent in the C⁻¹ metric) along which R z ≠ 0.
 
     Returns the groups of columns involved in inconsistent directions and the
-    largest relative inconsistency ‖R z‖ / (‖R‖ ‖z‖).
+    largest relative inconsistency ‖R z‖ / (‖R‖ ‖z‖). ``scale``: the eigenvalue that counts as
+    "large" (default G's largest; a projected G passes the unprojected one's, since projection
+    can shrink every eigenvalue).
     """
     evals, evecs = torch.linalg.eigh(G)
-    top = float(evals[-1]) if evals.numel() else 0.0
+    top = scale if scale is not None else (float(evals[-1]) if evals.numel() else 0.0)
     # Called after the 1-norm estimate exceeded max_cond; κ₂ ≥ κ₁ / n, hence the factor n.
     null = evals <= top * G.shape[0] / max_cond
     groups: list[list[int]] = []

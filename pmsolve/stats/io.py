@@ -15,7 +15,6 @@ Reference layout (ROME/MEMIT/EMMET ``layer_stats``): ``np.savez`` of a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -24,20 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, read_safetensors, tensor_checksum
 from ..errors import CacheError
 
 FORMAT = "pmsolve.stats/1"
 _REF_CONSTRUCTOR = "util.runningstats.SecondMoment()"
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _meta_str(v: Any) -> str:
@@ -56,28 +46,21 @@ def encode_states(states: dict[str, dict[str, Any]], metadata: dict[str, Any]) -
                 tensors[f"{prefix}{key}"] = st[key].detach().to("cpu", torch.float64).contiguous()
         shapes[prefix] = {k: st[k] for k in ("d", "count", "dtype_products", "centered")}
     meta = {k: _meta_str(v) for k, v in metadata.items()}
-    meta.update(format=FORMAT, states=json.dumps(shapes), sha256=_checksum(tensors))
+    meta.update(format=FORMAT, states=json.dumps(shapes), sha256=tensor_checksum(tensors))
     return save(tensors, metadata=meta)
 
 
 def decode_states(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Inverse of :func:`encode_states`; CacheError on anything missing, truncated or corrupt."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.exists():
         raise CacheError(f"statistics file {path} does not exist")
     if is_npz(path):
         raise CacheError(f"{path} is an .npz file (the ROME/MEMIT reference layout?), not a pmsolve statistics "
                          "file: read it with CovarianceAccumulator.load or .from_npz, or pmsolve.stats.load_stats")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
-    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-        raise CacheError(f"statistics file {path} is truncated or not a safetensors file: {exc}") from exc
+    tensors, meta = read_safetensors(path, "statistics")
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not a pmsolve statistics file (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if _checksum(tensors) != meta.get("sha256"):
+    if tensor_checksum(tensors) != meta.get("sha256"):
         raise CacheError(f"statistics file {path} is corrupt: checksum of its tensors does not match")
     states: dict[str, dict[str, Any]] = {}
     for prefix, info in json.loads(meta["states"]).items():
