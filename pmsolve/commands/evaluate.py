@@ -24,6 +24,7 @@ from typing import Any
 from .._io import content_hash
 from ..errors import PMSolveError
 from ..evaluation import pipeline
+from . import sequential
 from ._args import nonneg_int, positive_int
 
 
@@ -35,8 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="records file, JSON or JSONL (default: the built-in facts)")
     p.add_argument("--format", default="auto", choices=["auto", "builtin", "counterfact", "flat", "zsre"])
     add_common(p)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="records edited together (default 16)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="records edited together (default 16; with --sequential 100)")
+    p.add_argument("--out", default=None, help="output folder (required; with --sequential the run folder, "
+                                               "default under the pmsolve cache)")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="malformed records / failing batches: stop (default) or report and skip")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N valid records")
@@ -48,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="generation prompts per record used for fluency (default 1; each costs a generation)")
     p.add_argument("--cache-dir", default=None, help="baseline/statistics cache (default: the pmsolve cache)")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR has a matching run")
+    sequential.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -85,6 +89,13 @@ def _top_k(args: argparse.Namespace) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sequential:
+        return sequential.run(args)
+    if args.out is None:
+        print("pmsolve eval: --out is required", file=sys.stderr)
+        return 2
+    if args.batch_size is None:
+        args.batch_size = 16
     if args.batch_size < 1 or (args.method == "rome" and args.batch_size != 1):
         print(f"pmsolve eval: --batch-size must be ≥ 1 (and 1 for ROME), got {args.batch_size}", file=sys.stderr)
         return 2
