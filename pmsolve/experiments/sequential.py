@@ -375,37 +375,36 @@ class StatelessEditor:
         return edit(self.model, self.tokenizer, list(requests), method=self.method, layers=self.layers,
                     stats=self.factors, seed=self.seed, preserve_edits=0, **self.options)
 
-    def save(self, folder: Path) -> None:  # the weights file is the state
-        pass
-
-    def load(self, folder: Path) -> None:
-        pass
-
 
 class PersistentEditor:
     """A method that keeps state across batches, on ``pmsolve.Editor`` (retained keys, null-space
-    projector, β-extended factor); its state is saved with the Editor's own ``save``."""
+    projector, β-extended factor). The Editor saves itself after every batch (``state=``) and
+    owns the edited weights: a resumed run reopens it on the unedited model, which re-applies
+    its batches (``Editor.open``)."""
 
     persistent = True
 
     def __init__(self, model, tokenizer, editor_kwargs: Mapping[str, Any]) -> None:
         import pmsolve
 
-        Editor = getattr(pmsolve, "Editor", None)
-        if Editor is None:
+        try:
+            self._cls = pmsolve.Editor
+        except AttributeError:
             raise InputError("this method needs pmsolve.Editor (persistent editing state), which this "
-                             "pmsolve does not have yet")
-        self.model, self.tokenizer, self.kwargs, self._cls = model, tokenizer, dict(editor_kwargs), Editor
-        self.ed = Editor(model, tokenizer, **self.kwargs)
+                             "pmsolve does not have") from None
+        self.model, self.tokenizer, self.kwargs = model, tokenizer, dict(editor_kwargs)
+        self.ed = None
+
+    def start(self, folder: Path) -> int:
+        """Open the editor saved in ``folder`` or make a new one there: the batches it holds."""
+        if (folder / "editor.json").exists():
+            self.ed = self._cls.open(folder, self.model, self.tokenizer, self.kwargs.get("stats", "auto"))
+        else:
+            self.ed = self._cls(self.model, self.tokenizer, **self.kwargs, state=folder)
+        return self.ed.batches_done
 
     def edit(self, requests: Sequence[Mapping[str, Any]]):
         return self.ed.edit(list(requests), batch_size=len(requests))
-
-    def save(self, folder: Path) -> None:
-        self.ed.save(folder)
-
-    def load(self, folder: Path) -> None:
-        self.ed = self._cls.open(folder, self.model, self.tokenizer)
 
 
 def method_editor(name: str, model, tokenizer, factors: Mapping[int, Any], seed: int,
@@ -474,6 +473,18 @@ def load_state(folder: Path, model, layers: Sequence[int], key: str) -> MethodSt
     return MethodState(int(meta["batches_done"]), json.loads(meta["batches"]))
 
 
+def _read_state_log(folder: Path, key: str) -> list[dict[str, Any]]:
+    """The batch log of ``folder``'s state file without touching the model ([] when none)."""
+    path = folder / "state.safetensors"
+    if not path.exists():
+        return []
+    _, meta = read_safetensors(path, "sequential benchmark state")
+    if meta.get("format") != FORMAT or meta.get("key") != key:
+        raise CacheError(f"{path} holds the state of another run (other model, records or settings); "
+                         "use another run folder or delete it")
+    return json.loads(meta["batches"])
+
+
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -506,10 +517,14 @@ def run_method(model, tokenizer, records: Sequence[Any], config: SequentialConfi
     checkpoint; resume from ``folder``. ``stop_at``: a time.time() after which no new batch
     starts (the state stays resumable). Returns the checkpoint rows done so far."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = load_state(folder, model, all_layers, key)
-    if state is not None and editor.persistent:
-        editor.load(folder / "editor")
-    state = state or MethodState()
+    if editor.persistent:
+        # The Editor's own folder decides how many batches are done; the log is cut to them (a
+        # kill between the Editor's save and ours leaves that batch without its timing row).
+        saved = _read_state_log(folder, key)
+        n = editor.start(folder / "editor")
+        state = MethodState(n, [r for r in saved if r["batch"] < n])
+    else:
+        state = load_state(folder, model, all_layers, key) or MethodState()
     if state.batches_done:
         log(f"{folder.name}: resumed after batch {state.batches_done} ({state.batches_done * config.batch_size} edits)")
     rows_path = folder / "checkpoints.jsonl"
@@ -540,8 +555,6 @@ def run_method(model, tokenizer, records: Sequence[Any], config: SequentialConfi
         seconds = time.perf_counter() - t0
         state.batches.append(_timings_row(b, res, seconds, bs))
         state.batches_done = b + 1
-        if editor.persistent:
-            editor.save(folder / "editor")
         save_state(folder, model, all_layers, state, key)
         t = state.batches[-1]
         log(f"{folder.name}: batch {b + 1}/{n_batches} in {seconds:.1f} s (v* {t['timings'].get('values', 0):.1f} s, "
