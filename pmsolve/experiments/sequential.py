@@ -14,7 +14,7 @@ What one run does, per method, on the same records in the same order:
   the solver's cost per batch late in the run can be compared with the first batch's.
 * After ``c`` edits, for each checkpoint ``c``: efficacy (ES) over all ``c`` edits;
   paraphrase (PS) and neighbourhood (NS) success over a fixed seeded subsample of them
-  (``eval_sample``; the unedited model's NS on the same prompts beside it); fluency (n-gram
+  (``eval_sample``; the unedited model's ES/PS/NS on the same subsample beside it); fluency (n-gram
   entropy of top-5 sampled generations, pmsolve.evaluation's reference decoding) on
   ``fluency_sample`` of them, paired with the unedited model's generations from the same
   prompts; perplexity of held-out text (the offline statistics corpus past the part the
@@ -323,7 +323,7 @@ def summarise(raw: Mapping[str, Any], base: Baseline, c: int, config: Sequential
     """The checkpoint row: means (percent for ES/PS/NS) with sample sizes, and the unedited
     model's numbers on the same records and prompts."""
     idx = sorted(raw["ps"])
-    pre_all = base.rows(list(range(c)))  # the unedited model on every edit so far
+    pre_all = base.rows(idx)  # the unedited model on the same subsample (its ES there too)
     flu_idx = sorted(raw["fluency"])
     flu_pre = base.fluency(flu_idx)
     pairs = [(flu_pre[i], raw["fluency"][i]) for i in flu_idx
@@ -339,7 +339,7 @@ def summarise(raw: Mapping[str, Any], base: Baseline, c: int, config: Sequential
         "edits": c,
         "es": pct(_mean(raw["es"])), "n_es": len(raw["es"]),
         "ps": pct(_mean(raw["ps"].values())), "ns": pct(_mean(raw["ns"].values())), "n_ps_ns": len(idx),
-        "unedited_es": pct(_mean(pre_all[i]["efficacy"] for i in range(c))),
+        "unedited_es": pct(_mean(pre_all[i]["efficacy"] for i in idx)),
         "unedited_ps": pct(_mean(pre_all[i]["paraphrase_success"] for i in idx)),
         "unedited_ns": pct(_mean(pre_all[i]["neighborhood_success"] for i in idx)),
         "fluency": None if f_post is None else round(f_post, 4),
@@ -638,13 +638,8 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
                 out["skipped"][m] = str(exc)
                 log(f"{m}: not run: {exc}")
                 continue
-            rows = run_method(model, tokenizer, records, config, run_dir / m.replace("+", "_"), editor, base,
-                              windows, key, all_layers=all_layers, log=log, stop_at=stop_at)
-            for r in rows:
-                r["method"] = m
-            out["rows"] += rows
-            out["batches"][m] = json.loads((run_dir / m.replace("+", "_") / "batches.json").read_text()) \
-                if (run_dir / m.replace("+", "_") / "batches.json").exists() else []
+            run_method(model, tokenizer, records, config, run_dir / m.replace("+", "_"), editor, base,
+                       windows, key, all_layers=all_layers, log=log, stop_at=stop_at)
             with torch.no_grad():
                 for name, w in rewrite_weights(model, all_layers).items():
                     w.copy_(originals[name])
@@ -652,7 +647,16 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
         with torch.no_grad():
             for name, w in rewrite_weights(model, all_layers).items():
                 w.copy_(originals[name])
-    out["rows"] = [unedited_row(base, c, config) for c in config.checkpoint_list] + out["rows"]
+    # every method run in this folder so far (also by earlier invocations), in METHODS order
+    out["rows"], out["batches"] = [], {}
+    for m in METHODS:
+        folder = run_dir / m.replace("+", "_")
+        rows = [dict(r, method=m) for r in _read_lines(folder / "checkpoints.jsonl")]
+        if rows:
+            out["rows"] += sorted(rows, key=lambda r: r["edits"])
+            out["batches"][m] = json.loads((folder / "batches.json").read_text())
+    reached = sorted({r["edits"] for r in out["rows"] if r["edits"] <= config.edits} | set(config.checkpoint_list))
+    out["rows"] = [unedited_row(base, c, config) for c in reached] + out["rows"]
     atomic_write(run_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in out["rows"]).encode())
     write_json(run_dir / "timings.json", solver_times(out["batches"]))
     out["solver_times"] = solver_times(out["batches"])
@@ -660,14 +664,14 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
 
 
 def unedited_row(base: Baseline, c: int, config: SequentialConfig) -> dict[str, Any]:
-    """The unedited model on the first ``c`` records (ES on all, PS/NS on the eval subsample)."""
+    """The unedited model on the eval subsample of the first ``c`` records (ES, PS, NS)."""
     idx = _sample(c, config.eval_sample, config.seed, 1)
-    rows = base.rows(list(range(c)))
+    rows = base.rows(idx)  # ES too on the subsample: the unedited model's is near 0 and costs as much as PS/NS
     pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
     flu = base.fluency(_sample(c, config.fluency_sample, config.seed, 2)) if config.fluency_sample else {}
     f = _mean(flu.values())
     ppl = base.ppl()
-    return {"method": "unedited", "edits": c, "es": pct(_mean(rows[i]["efficacy"] for i in range(c))), "n_es": c,
+    return {"method": "unedited", "edits": c, "es": pct(_mean(rows[i]["efficacy"] for i in idx)), "n_es": len(idx),
             "ps": pct(_mean(rows[i]["paraphrase_success"] for i in idx)),
             "ns": pct(_mean(rows[i]["neighborhood_success"] for i in idx)), "n_ps_ns": len(idx),
             "fluency": None if f is None else round(f, 4), "n_fluency": len(flu),
