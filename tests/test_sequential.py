@@ -281,3 +281,21 @@ def test_editor_methods_resume_from_the_editors_own_folder(files, tmp_path, monk
     keys = ("edits", "es", "ps", "ns", "unedited_ns", "n_es", "n_ps_ns")
     assert [{k: r[k] for k in keys} for r in hard] == [{k: r[k] for k in keys} for r in memit]
     assert [b["batch"] for b in json.loads((tmp_path / "run" / "hard" / "batches.json").read_text())] == [0, 1]
+
+
+def test_perplexity_of_padded_batches_matches_one_window_at_a_time():
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    windows = [torch.randint(0, 500, (n,)).tolist() for n in (20, 37, 50, 9, 64)]
+    nll = count = 0
+    with torch.no_grad():
+        for w in windows:
+            logp = torch.log_softmax(m(torch.tensor([w])).logits[0, :-1].double(), -1)
+            nll -= float(logp.gather(-1, torch.tensor(w[1:]).unsqueeze(-1)).sum())
+            count += len(w) - 1
+    assert seq.perplexity(m, windows, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
