@@ -299,3 +299,16 @@ def test_perplexity_of_padded_batches_matches_one_window_at_a_time():
             nll -= float(logp.gather(-1, torch.tensor(w[1:]).unsqueeze(-1)).sum())
             count += len(w) - 1
     assert seq.perplexity(m, windows, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_report_tables():
+    rows = [{"method": "unedited", "edits": 100, "es": 1.0, "n_es": 100, "ps": 2.0, "ns": 67.0, "n_ps_ns": 100,
+             "fluency": 5.0, "ppl": 34.4},
+            {"method": "memit", "edits": 100, "es": 100.0, "n_es": 100, "ps": 89.0, "ns": 68.0, "unedited_ns": 67.0,
+             "n_ps_ns": 100, "fluency": 4.9, "unedited_fluency": 5.0, "fluency_change_pct": -2.3,
+             "fluency_change_se_pct": 1.1, "ppl": 35.07, "unedited_ppl": 34.4}]
+    batch = {"batch": 0, "edits_after": 100, "seconds": 93.1, "without_values": 9.7,
+             "timings": {"keys": 9.1, "values": 83.4, "solve": 0.1, "apply": 0.5}}
+    text = seq.report(rows, seq.solver_times({"memit": [batch, {**batch, "batch": 1, "edits_after": 200}]}))
+    assert "| memit | 100 (100) | 89 | 68 (67) | 100 | 4.9 (5) | -2.3 ± 1.1 | 35.07 (34.4) |" in text
+    assert "| memit | 100 | none up to 100 |" in text and "| memit | 2 (200) | 93.1 | 83.4 |" in text

@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     result = seq.run(lm.model, lm.tokenizer, records, cfg, out, methods=args.methods, stats=stats,
                      model_id=lm.model_id, method_options={m: opts for m in args.methods}, stop_at=stop_at,
                      corpus=args.corpus)
-    for row in result["rows"]:
-        print(json.dumps(row))
-    print(json.dumps({"solver_times": result["solver_times"], "skipped": result["skipped"]}, indent=1))
+    print(seq.report(result["rows"], result["solver_times"]))
+    if result["skipped"]:
+        print(json.dumps({"not run": result["skipped"]}, indent=1))
     print(f"wrote {out}/results.jsonl, {out}/timings.json, per method {out}/<method>/", file=sys.stderr)
     return 0

@@ -686,7 +686,10 @@ def solver_times(batches: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
             continue
         first, last = rows[0], rows[-1]
         out[m] = {"first_batch": first["batch"], "last_batch": last["batch"], "edits_at_last": last["edits_after"],
+                  "batch_size": first["edits_after"] // (first["batch"] + 1),
                   "solve_first": first["timings"].get("solve"), "solve_last": last["timings"].get("solve"),
+                  "keys_first": first["timings"].get("keys"), "keys_last": last["timings"].get("keys"),
+                  "apply_first": first["timings"].get("apply"), "apply_last": last["timings"].get("apply"),
                   "without_values_first": first["without_values"], "without_values_last": last["without_values"],
                   "total_first": first["seconds"], "total_last": last["seconds"],
                   "values_first": first["timings"].get("values"), "values_last": last["timings"].get("values")}
@@ -699,3 +702,42 @@ def collapse_point(rows: Sequence[Mapping[str, Any]], threshold: float = 80.0) -
         if r.get("es") is not None and r["es"] < threshold:
             return r["edits"]
     return None
+
+
+def report(rows: Sequence[Mapping[str, Any]], times: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown tables of a run: per checkpoint, every method with the unedited reference; each
+    method's collapse point; the first and last batch's stage timings."""
+    fmt = lambda v, unit="": "–" if v is None else f"{v:g}{unit}"  # noqa: E731
+    lines = []
+    for c in sorted({r["edits"] for r in rows}):
+        lines += [f"**After {c} edits**", "",
+                  "| method | ES (n) | PS | NS (unedited) | n PS/NS | fluency (unedited) | Δ fluency % (± se) "
+                  "| perplexity (unedited) |", "|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["edits"] == c):
+            unedited = r["method"] == "unedited"
+            lines.append(
+                f"| {r['method']} | {fmt(r['es'])} ({r['n_es']}) | {fmt(r['ps'])} | {fmt(r['ns'])}"
+                f"{'' if unedited else ' (' + fmt(r.get('unedited_ns')) + ')'} | {r['n_ps_ns']} "
+                f"| {fmt(r['fluency'])}{'' if unedited else ' (' + fmt(r.get('unedited_fluency')) + ')'} "
+                f"| {'' if unedited else fmt(r.get('fluency_change_pct')) + ' ± ' + fmt(r.get('fluency_change_se_pct'))} "
+                f"| {fmt(r['ppl'])}{'' if unedited else ' (' + fmt(r.get('unedited_ppl')) + ')'} |")
+        lines.append("")
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    if methods:
+        lines += ["| method | last checkpoint | collapse (first ES < 80 %) |", "|---|---|---|"]
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m]
+            cp = collapse_point(mine)
+            lines.append(f"| {m} | {max(r['edits'] for r in mine)} | "
+                         f"{cp if cp is not None else 'none up to ' + str(max(r['edits'] for r in mine))} |")
+        lines.append("")
+    if times:
+        lines += ["| method | batch (edits after it) | total s | v* s | keys s | solve s | apply s | all but v* s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, t in times.items():
+            for which in ("first", "last"):
+                lines.append(f"| {m} | {t[which + '_batch'] + 1} ({(t[which + '_batch'] + 1) * t['batch_size']}) "
+                             f"| {fmt(t['total_' + which])} | {fmt(t['values_' + which])} | {fmt(t['keys_' + which])} "
+                             f"| {fmt(t['solve_' + which])} | {fmt(t['apply_' + which])} "
+                             f"| {fmt(t['without_values_' + which])} |")
+    return "\n".join(lines)
