@@ -408,8 +408,9 @@ class PersistentEditor:
 
 
 def method_editor(name: str, model, tokenizer, factors: Mapping[int, Any], seed: int,
-                  options: Mapping[str, Any] | None = None):
-    """The per-method "edit this batch" object (see :data:`METHODS`)."""
+                  options: Mapping[str, Any] | None = None, raw_stats: Any = None):
+    """The per-method "edit this batch" object (see :data:`METHODS`). ``raw_stats``: the
+    statistics before factoring, for the Editor (AlphaEdit's projector needs C itself)."""
     options = dict(options or {})
     if name in STATELESS:
         return StatelessEditor(model, tokenizer, name, factors, options.pop("layers", None), seed, options)
@@ -419,7 +420,8 @@ def method_editor(name: str, model, tokenizer, factors: Mapping[int, Any], seed:
                      "hard": {"method": "emmet", "retention": "hard"}}.get(name)
     if editor_kwargs is None:
         raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return PersistentEditor(model, tokenizer, {**editor_kwargs, "stats": factors, "seed": seed, **options})
+    stats = raw_stats if raw_stats is not None else factors
+    return PersistentEditor(model, tokenizer, {**editor_kwargs, "stats": stats, "seed": seed, **options})
 
 
 # ---------------------------------------------------------------------------
@@ -633,7 +635,7 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
             # records of a longer run start with a shorter run's; ident holds their head).
             key = content_hash({**ident, "method": m, "options": opts})
             try:
-                editor = method_editor(m, model, tokenizer, factors, config.seed, opts)
+                editor = method_editor(m, model, tokenizer, factors, config.seed, opts, raw_stats=stats)
             except InputError as exc:
                 out["skipped"][m] = str(exc)
                 log(f"{m}: not run: {exc}")
