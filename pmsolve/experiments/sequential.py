@@ -549,7 +549,7 @@ def run_method(model, tokenizer, records: Sequence[Any], config: SequentialConfi
         if b >= n_batches:
             break
         if stop_at is not None and time.time() > stop_at:
-            log(f"{folder.name}: stopping before batch {b} (time limit); the run resumes from here")
+            log(f"{folder.name}: stopping before batch {b + 1} (time limit); the run resumes from here")
             break
         batch = records[b * bs : (b + 1) * bs]
         t0 = time.perf_counter()
