@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The editing layer pulls in transformers-facing code; import it on first use only,
     # so that `import pmsolve` stays light.
-    if name in ("edit", "EditResult", "EditRequest"):
+    if name in ("edit", "Editor", "EditResult", "EditRequest"):
         from . import editing
 
         return getattr(editing, name)
@@ -43,6 +43,7 @@ __all__ = [
     "ConflictingConstraintsError",
     "EditRequest",
     "EditResult",
+    "Editor",
     "Factor",
     "InputError",
     "NotPositiveDefiniteError",

@@ -423,7 +423,7 @@ def test_failure_midway_restores(tok, monkeypatch):
     m = model("llama", len(tok))
     C = stats(m, tok)
     snap = snapshot(m)
-    import pmsolve.editing.steps as steps
+    import pmsolve.editing.preservation as steps  # where each layer's solve is called
 
     real = steps.solve
     calls = []
@@ -677,7 +677,7 @@ def test_prompt_keys_are_the_tokens_after_the_subject(tok):
 
 
 def test_prompt_preservation_factor_is_the_augmented_matrix():
-    from pmsolve.editing.steps import with_prompt_preservation
+    from pmsolve.editing.preservation import with_prompt_preservation
 
     g = torch.Generator().manual_seed(3)
     A = torch.randn(200, 64, generator=g, dtype=torch.float64)

@@ -201,14 +201,37 @@ def test_bad_input(files, tmp_path):
         seq.run(_model(tok), tok, recs, CFG, tmp_path / "r", methods=("rome",), stats={})
 
 
-def test_methods_that_need_the_editor_are_reported_not_run(files, tmp_path, monkeypatch):
+def test_persistent_methods_run_on_the_editor_and_resume_after_a_kill(files, tmp_path, monkeypatch):
+    """AlphaEdit, hard retention and β run on pmsolve.Editor, which saves itself after every batch:
+    a kill during batch 3 loses no finished batch, and the resumed run scores as an unbroken one."""
     root, tok = files
-    monkeypatch.delattr(pmsolve, "Editor", raising=False)
-    monkeypatch.setattr(pmsolve, "__getattr__", lambda name: (_ for _ in ()).throw(AttributeError(name)))
-    cfg = seq.SequentialConfig(**{**CFG.__dict__, "edits": 2, "checkpoints": ()})
-    out = _run(files, tmp_path / "run", _model(tok), methods=("alphaedit",), cfg=cfg)
-    assert "pmsolve.Editor" in out["skipped"]["alphaedit"]
-    assert [r["method"] for r in out["rows"]] == ["unedited"]
+    methods = ("alphaedit", "hard", "memit+beta")
+    reference = _run(files, tmp_path / "ref", _model(tok), methods=methods)
+    edited = [r for r in reference["rows"] if r["method"] != "unedited"]
+    assert sorted((r["method"], r["edits"]) for r in edited) == sorted((m, e) for m in methods for e in (4, 6))
+    assert all(0 <= r["es"] <= 100 and r["ppl"] > 1 for r in edited)
+    folders = sorted((tmp_path / "ref").glob("*/editor"))
+    assert len(folders) == 3 and all(len(list(f.glob("batch-*.safetensors"))) == 3 for f in folders)
+
+    real, calls = seq.PersistentEditor.edit, {"n": 0}
+
+    def dies_on_batch_three(self, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, requests)
+
+    monkeypatch.setattr(seq.PersistentEditor, "edit", dies_on_batch_three)
+    model = _model(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        _run(files, tmp_path / "run", model, methods=("alphaedit",))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(list((tmp_path / "run" / "alphaedit" / "editor").glob("batch-*.safetensors"))) == 2
+    monkeypatch.setattr(seq.PersistentEditor, "edit", real)
+    out = _run(files, tmp_path / "run", _model(tok), methods=("alphaedit",))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "eval_seconds"} for r in rows]  # noqa: E731
+    assert strip(out["rows"]) == strip([r for r in reference["rows"] if r["method"] in ("unedited", "alphaedit")])
 
 
 def test_command_skips_without_the_data_file_and_refuses_bad_options(files, tmp_path, monkeypatch, capsys):

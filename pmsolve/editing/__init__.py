@@ -2,7 +2,8 @@
 and the editor that ties them to the PM solver (``pmsolve.edit``)."""
 
 from .distribution import CostBalanced, Distribution, MemitSpread, SingleLayer, get_distribution
-from .editor import EditResult, LayerEdit, apply_updates, edit, load_updates, save_updates
+from .editor import EDIT_METHODS, EditResult, Editor, LayerEdit, apply_updates, edit, load_updates, save_updates
+from .preservation import NullSpaceSettings
 from .presets import list_presets, load_preset, preset_for
 from .requests import EditRequest, load_requests, validate
 from .values import ValueConfig
@@ -11,9 +12,12 @@ __all__ = [
     "CostBalanced",
     "Distribution",
     "EditRequest",
+    "EDIT_METHODS",
     "EditResult",
+    "Editor",
     "LayerEdit",
     "MemitSpread",
+    "NullSpaceSettings",
     "SingleLayer",
     "ValueConfig",
     "apply_updates",

@@ -15,25 +15,31 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-from ..errors import CacheError, InputError
+from .._io import content_hash
+from ..errors import CacheError, CapacityError, InputError, NumericalError
 from ..models.adapters import Adapter, Templates, adapter_for
 from ..models.document_start import with_document_start
 from ..solver import METHODS, Update
 from . import checkpoint as resume
 from .distribution import Distribution, get_distribution
 from .keys import cache_dir, context_templates
-from .presets import DEFAULT_PRESERVE_EDITS, Preset, load_preset, preset_for
+from .preservation import RETENTION, NullSpaceSettings, cached_null_space, dense_C, initial_states
+from .presets import DEFAULT_PRESERVE_EDITS, MethodSettings, Preset, load_preset, preset_for
 from .requests import EditRequest, load_requests
-from .steps import KEY_SOURCES, KeyOptions, LayerEdit, StageClock, WeightSnapshot, factor_stats
+from .state import STATE_FILE, open_state, save_state, save_state_batch
+from .steps import KEY_SOURCES, KeyColumns, KeyOptions, LayerEdit, StageClock, WeightSnapshot, factor_stats
 from .steps import edit_batch as _edit_batch  # a module global: tests interrupt an edit between batches
-from .steps import preserve_edited_keys, restore_weights, weight_fingerprint
+from .steps import restore_weights, weight_fingerprint
 from .values import ValueConfig
+
+EDIT_METHODS = (*METHODS, "alphaedit")
 
 # /2 adds the fingerprints of each touched weight before and after the edit ("weights").
 _UPDATES_FORMAT = "pmsolve.updates/2"
@@ -60,10 +66,16 @@ class EditResult:
     # requests whose batches came from a checkpoint (timings cover the others only)
     resumed_requests: int = 0
     document_start: str | None = None  # the token the edit's prompts started with (edit(document_start=))
+    retention: str = "soft"
+    _restore: Callable[[], None] | None = field(default=None, repr=False)  # an Editor's undo of these batches
 
     def restore(self) -> None:
-        """Put back the original weights, bit for bit."""
-        restore_weights(self.model, self._originals)
+        """Put back the weights as they were before this edit, bit for bit (for an
+        :class:`Editor`'s call: its undo of these batches, while they are its last)."""
+        if self._restore is not None:
+            self._restore()
+        else:
+            restore_weights(self.model, self._originals)
 
     def save_updates(self, path: str | os.PathLike[str]) -> None:
         """Write the updates alone (factored U, B per layer and batch): re-apply with
@@ -80,6 +92,7 @@ class EditResult:
             "layers": self.layers,
             "distribution": self.distribution,
             "mu": self.mu,
+            "retention": self.retention,
             **self.key_options,
             "n_requests": len(self.requests),
             "timings": self.timings,
@@ -135,18 +148,40 @@ def resolve_key_options(settings, key_source: str | None, start_key: bool | None
     return KeyOptions(source, bool(pick(start_key, "start_key", False)), alpha, beta)
 
 
+def _method_settings(preset: Any, method: str) -> MethodSettings | None:
+    """The preset's settings for ``method``. AlphaEdit is MEMIT's edit (layers, keys, spread) with
+    another solve: without settings of its own it takes MEMIT's, with the solver's μ (1, the
+    paper's) and earlier edits' keys at the paper's weight 1 in its preservation term."""
+    if not isinstance(preset, Preset):
+        return None
+    if method in preset.methods:
+        return preset.for_method(method)
+    if method == "alphaedit" and "memit" in preset.methods:
+        return replace(preset.for_method("memit"), mu=None, preserve_edits=1.0)
+    return None
+
+
 def resolve_settings(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,
              adapter: Adapter, model_id: str | None, start_key: bool | None = None, key_source: str | None = None,
-             preserve_prompts: float | None = None, preserve_edits: float | None = None):
+             preserve_prompts: float | None = None, preserve_edits: float | None = None,
+             retention: str = "soft"):
     """Layers, distribution, μ, v* settings and key options from the arguments, filling gaps
     from the preset."""
-    if method not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in EDIT_METHODS:
+        raise InputError(f"method must be one of {EDIT_METHODS}, got {method!r}")
+    if retention not in RETENTION:
+        raise InputError(f"retention must be one of {RETENTION}, got {retention!r}")
+    if retention == "hard" and method == "alphaedit":
+        raise InputError("alphaedit keeps earlier edits through its own preservation term: retention='hard' "
+                         "applies to emmet, memit and rome")
+    if retention == "hard" and preserve_prompts:
+        raise InputError("retention='hard' does not combine with preserve_prompts (the retained keys' basis "
+                         "belongs to C itself)")
     if preset == "auto":
         preset = preset_for(model, model_id)
     elif isinstance(preset, str):
         preset = load_preset(preset)
-    settings = preset.for_method(method) if isinstance(preset, Preset) and method in preset.methods else None
+    settings = _method_settings(preset, method)
     if layers is None:
         if settings is None:
             raise InputError("no preset matches this model: pass layers=[...]")
@@ -168,8 +203,12 @@ def resolve_settings(model, method: str, layers: Sequence[int] | None, distribut
         vc = replace(base, **vc)
     elif not isinstance(vc, ValueConfig):
         raise InputError(f"value_config must be a ValueConfig or a mapping of its fields, got {type(vc).__name__}")
-    return layers, dist, mu, vc, resolve_key_options(settings, key_source, start_key, preserve_prompts,
-                                                        preserve_edits)
+    if preserve_edits is None and method == "alphaedit" and settings is None:
+        preserve_edits = 1.0  # the paper's weight of earlier keys
+    opts = resolve_key_options(settings, key_source, start_key, preserve_prompts, preserve_edits)
+    if retention == "hard":  # the retained keys are held exactly: nothing to weigh, nothing on top
+        opts = replace(opts, preserve_edits=0.0, preserve_prompts=0.0)
+    return layers, dist, mu, vc, opts
 
 
 def _batches(reqs: list[EditRequest], size: int | None) -> list[list[EditRequest]]:
@@ -178,6 +217,367 @@ def _batches(reqs: list[EditRequest], size: int | None) -> list[list[EditRequest
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InputError(f"batch_size must be a positive int or None, got {size!r}")
     return [reqs[i : i + size] for i in range(0, len(reqs), size)]
+
+
+def _null_space_settings(spec: NullSpaceSettings | Mapping[str, Any] | None) -> NullSpaceSettings:
+    if spec is None:
+        return NullSpaceSettings()
+    if isinstance(spec, NullSpaceSettings):
+        return spec
+    if isinstance(spec, Mapping):
+        known = [f.name for f in fields(NullSpaceSettings)]
+        unknown = sorted(set(spec) - set(known))
+        if unknown:
+            raise InputError(f"null_space has unknown settings {unknown}; known: {known}")
+        return NullSpaceSettings(**spec)
+    raise InputError(f"null_space must be a NullSpaceSettings or a mapping of its fields, got {type(spec).__name__}")
+
+
+@dataclass
+class EditedBatch:
+    """One batch an Editor applied: its requests, LayerEdits (with keys), v* records and the
+    fingerprint of every edited weight after it (what undo and reopening check against)."""
+
+    requests: list[EditRequest]
+    edits: list[LayerEdit]
+    values: list[dict[str, Any]]
+    after: dict[str, str]
+
+
+class Editor:
+    """A model edited batch after batch, across calls and (with ``state=``) across processes.
+
+    It holds what every later batch needs: per edited layer the factor of the preservation
+    statistics, and how earlier edits are kept (``retention`` "soft": β·Σ k kᵀ added to C,
+    ``preserve_edits``; "hard": their outputs kept exactly, up to the layer's capacity;
+    ``method="alphaedit"``: AlphaEdit's null-space projector with earlier keys accumulated),
+    the unedited weights and a log of the batches. ``edit`` appends batches; ``undo(k)`` takes
+    the last k back exactly (the unedited weights with the remaining batches re-applied, checked
+    against the fingerprints recorded after each batch); ``save(folder)`` / :meth:`open` carry
+    it to another process. With ``state=folder`` every finished batch is saved as it ends: a
+    killed run reopens with every finished batch, and calling ``edit`` again with the same
+    requests goes on from the next batch.
+
+    Arguments are those of :func:`pmsolve.edit` (settings fixed for the editor's life), plus:
+        retention: "soft" (default) or "hard".
+        null_space: AlphaEdit's projector and ridge, a NullSpaceSettings or a mapping of its
+            fields (threshold, relative_to, alpha); the eigendecomposition of each layer's C is
+            cached under the pmsolve cache folder (and in the state folder).
+        state: a folder the editor is saved to after every batch (created; must not already
+            hold an editor: reopen one with :meth:`open`).
+
+    Everything that can fail on bad input (settings, statistics, capacity of the first call)
+    fails in the constructor or before ``edit`` changes a weight.
+    """
+
+    def __init__(self, model, tokenizer, method: str = "emmet", layers: Sequence[int] | None = None,
+                 distribution: str | Distribution | None = None, stats: Any = "auto", mu: float | None = None,
+                 seed: int = 0, *, retention: str = "soft",
+                 null_space: NullSpaceSettings | Mapping[str, Any] | None = None,
+                 preset: str | Preset | None = "auto", value_config: ValueConfig | Mapping[str, Any] | None = None,
+                 templates: Templates | dict[str, str] | None = None, model_id: str | None = None,
+                 start_key: bool | None = None, key_source: str | None = None,
+                 preserve_prompts: float | None = None, preserve_edits: float | None = None,
+                 document_start: str | None = "auto", state: str | os.PathLike[str] | None = None,
+                 _context_templates: Sequence[str] | None = None, _null_spaces: Mapping[int, Any] | None = None):
+        self.clock = StageClock()  # the constructor's stats and templates; each edit() call adds its own
+        self.model = model
+        self.adapter = adapter_for(model, templates)
+        self.tokenizer, self.document_start = with_document_start(tokenizer, document_start)
+        self.model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+        self.method, self.retention, self.seed = method, retention, seed
+        self.layers, self.dist, self.mu, self.value_config, self.key_options = resolve_settings(
+            model, method, layers, distribution, mu, preset, value_config, self.adapter, self.model_id, start_key,
+            key_source, preserve_prompts, preserve_edits, retention)
+        self.null_space_settings = _null_space_settings(null_space)
+        self.state_dir = Path(state) if state is not None else None
+        if self.state_dir is not None and (self.state_dir / STATE_FILE).exists():
+            raise InputError(f"{self.state_dir} already holds an editor: reopen it with pmsolve.Editor.open")
+        with self.clock("stats"):
+            if isinstance(stats, str) and stats == "auto":
+                stats = auto_stats(model, self.tokenizer, self.layers, self.model_id)
+            self.null_spaces = dict(_null_spaces or {})
+            want_ns = method == "alphaedit" and not self.null_spaces
+
+            def null_space_of(layer: int, C: Any) -> None:
+                if want_ns:
+                    self.null_spaces[layer] = cached_null_space(dense_C(C), self.null_space_settings, layer,
+                                                                cache_dir() / "nullspace")
+
+            self.factors = factor_stats(stats, self.layers, self.adapter, self.model_id, on_matrix=null_space_of)
+            self._initial = initial_states(method, retention, self.factors, beta=self.key_options.preserve_edits,
+                                           null_spaces=self.null_spaces, alpha=self.null_space_settings.alpha)
+        self.states = dict(self._initial)
+        self._folded = 0  # batches whose keys are in self.states
+        # later batches depend on earlier keys unless retention is soft with β = 0 (the plain PM family)
+        self._needs_keys = method == "alphaedit" or retention == "hard" or self.key_options.preserve_edits > 0
+        with self.clock("keys"):
+            self.context_templates = (list(_context_templates) if _context_templates is not None
+                                      else context_templates(model, self.tokenizer, seed=seed))
+        self.originals = WeightSnapshot.of_layers(model, self.adapter, self.layers)
+        self.base = {name: weight_fingerprint(w) for name, w in self.originals.items()}
+        self.batches: list[EditedBatch] = []
+        self._call: dict[str, Any] | None = None  # the edit() call in progress, for resuming it
+        if self.state_dir is not None:
+            self.save(self.state_dir)
+
+    # -- what it holds -------------------------------------------------------------------
+
+    @property
+    def batches_done(self) -> int:
+        return len(self.batches)
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        """Every request edited so far, in order."""
+        return [r for bt in self.batches for r in bt.requests]
+
+    @property
+    def edits(self) -> list[LayerEdit]:
+        return [e for bt in self.batches for e in bt.edits]
+
+    def summary(self) -> dict[str, Any]:
+        """Settings, batches and requests so far, and each layer's preservation state (capacity
+        left under hard retention, null-space dimension and cut for alphaedit)."""
+        self._fold()
+        return {"method": self.method, "retention": self.retention, "layers": self.layers,
+                "distribution": self.dist.name, "mu": self.mu, "batches": self.batches_done,
+                "requests": sum(len(bt.requests) for bt in self.batches), "document_start": self.document_start,
+                "key_options": asdict(self.key_options),
+                "layer_states": {str(layer): st.summary() for layer, st in self.states.items()}}
+
+    def _settings(self) -> dict[str, Any]:
+        """Everything that decides how a batch is edited (the state file's "settings")."""
+        return {"method": self.method, "retention": self.retention, "layers": self.layers,
+                "distribution": self.dist.name, "mu": self.mu, "seed": self.seed,
+                "value_config": asdict(self.value_config), "key_options": asdict(self.key_options),
+                "null_space": asdict(self.null_space_settings), "document_start": self.document_start,
+                "model_id": self.model_id}
+
+    def _fold(self) -> None:
+        """Bring the per-layer states up to date with the batches applied (deferred to when a
+        batch or a summary needs them: an edit's last batch, or one undone, costs nothing)."""
+        for bt in self.batches[self._folded:]:
+            for e in bt.edits:
+                if e.keys is None:
+                    if self._needs_keys:
+                        raise CacheError(f"batch {e.batch} at layer {e.layer} kept no keys: cannot continue from it")
+                    continue
+                self.states[e.layer] = self.states[e.layer].after(e.keys)
+        self._folded = len(self.batches)
+
+    def _check_capacity(self, batches: Sequence[Sequence[EditRequest]]) -> None:
+        """Under hard retention, refuse before any weight changes a call whose batches cannot all
+        find a layer with room, counting each batch's columns against every layer it could use
+        (an upper bound on the rank it adds: dependent keys add less)."""
+        if self.retention != "hard":
+            return
+        self._fold()
+        room = {layer: st.capacity() for layer, st in self.states.items()}
+        for i, batch in enumerate(batches):
+            cols = KeyColumns.choose(self.key_options.source, self.key_options.start_key, batch).count(len(batch))
+            fit = [layer for layer in self.layers if room[layer] >= cols]
+            if not fit:
+                raise CapacityError(
+                    f"hard retention past capacity: batch {self.batches_done + i} ({len(batch)} requests, {cols} key "
+                    f"columns) would find no edited layer with room; capacity left per layer before it: {room} "
+                    f"(d_in = {self.adapter.d_in}). Edit more layers, use smaller batches, or soft retention / "
+                    "alphaedit", required=cols, available=max(room.values()))
+            for layer in fit:
+                room[layer] -= cols
+
+    # -- editing -------------------------------------------------------------------------
+
+    def edit(self, requests: Iterable[Any] | str | os.PathLike[str], batch_size: int | None = None, *,
+             progress: Callable[[str, int, int], None] | None = None,
+             value_cache: MutableMapping[Any, Any] | None = None,
+             checkpoint: str | os.PathLike[str] | None = None) -> EditResult:
+        """Edit ``requests`` into the model after the batches already there, ``batch_size`` per
+        solve (None: one batch), each on the model as the earlier ones left it (v* included).
+
+        On an exception, the batch in progress is undone and the finished ones stay (also in
+        the state folder); with ``state=``, the same call again goes on from the next batch.
+        The result's ``restore()`` undoes this call's batches (while they are the last ones)."""
+        reqs = load_requests(requests)
+        batches = _batches(reqs, batch_size)
+        if self.method == "rome" and any(len(b) != 1 for b in batches):
+            raise InputError("ROME edits one fact per solve: use batch_size=1 or method='emmet'")
+        call = {"requests": content_hash([r.as_dict() for r in reqs], 32), "batch_size": batch_size}
+        skip = 0
+        if self._call is not None and {k: self._call[k] for k in call} == call:
+            skip = self.batches_done - self._call["start"]  # an interrupted call, asked again: go on
+        elif self._call is not None:
+            warnings.warn(f"an interrupted edit left {self.batches_done - self._call['start']} of its batches in this "
+                          "editor; these requests are different, so they are added after them", stacklevel=2)
+        self._check_capacity(batches[skip:])
+        self._call = {**call, "start": self.batches_done - skip}
+        return self._run(reqs, batches, skip, progress, value_cache, checkpoint, batch_size, keep_finished=True)
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """Settings beyond the plain edit's that decide a checkpoint's batches (absent when at
+        their defaults, so that checkpoints written before they existed still match)."""
+        extra: dict[str, Any] = {}
+        if self.retention != "soft":
+            extra["retention"] = self.retention
+        if self.method == "alphaedit":
+            extra["null_space"] = asdict(self.null_space_settings)
+        if self.batches:
+            extra["after"] = self.batches[-1].after  # an Editor's later call: the model it starts from
+        return extra
+
+    def _run(self, reqs: list[EditRequest], batches: list[list[EditRequest]], skip: int, progress, value_cache,
+             checkpoint, batch_size: int | None, *, keep_finished: bool) -> EditResult:
+        clock = StageClock()
+        if not self.batches and skip == 0:
+            clock.t.update({k: v for k, v in self.clock.t.items() if v})  # the first call pays for stats
+        prior, key, start = None, None, self.batches_done - skip
+        if checkpoint is not None:
+            key = resume.config_key(self.model, reqs, resume.settings_of(
+                self.method, self.layers, self.dist.name, self.mu, batch_size, self.seed, self.value_config,
+                self.key_options) | self._checkpoint_extra(), self.factors)
+            prior = resume.load(checkpoint, key, self.adapter.weight(self.layers[0]).device)
+        before = WeightSnapshot(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if prior and prior.batches_done > skip:
+                self._reapply_checkpoint(prior, batches, start, skip, before)
+                skip = prior.batches_done
+            if progress and skip:
+                progress("resumed", skip, len(batches))
+            for b in range(skip, len(batches)):
+                if progress:
+                    progress("batch", b, len(batches))
+                self._edit_one(batches[b], clock, progress, value_cache, before)
+                if checkpoint is not None:
+                    bt = self.batches[-1]
+                    resume.save_batch(checkpoint, key, b, bt.edits, bt.values, self.context_templates)
+        except BaseException:
+            if not keep_finished:
+                del self.batches[start:]
+                self._folded = min(self._folded, start)
+                before.restore()
+            raise
+        finally:
+            self.model.train(was_training)
+        self._call = None
+        if self.state_dir is not None:
+            self.save(self.state_dir)
+        mine = self.batches[start:]
+        names = sorted({e.module for bt in mine for e in bt.edits})
+        fingerprints = {n: {"before": weight_fingerprint(before[n]) if n in before else mine[-1].after[n],
+                            "after": mine[-1].after[n]} for n in names} if mine else {}
+        n_batches = len(mine)
+        return EditResult(self.model, reqs, self.method, self.layers, self.dist.name, self.mu,
+                          [e for bt in mine for e in bt.edits], [v for bt in mine for v in bt.values], clock.t,
+                          self.context_templates, before,
+                          {"key_source": self.key_options.source, "start_key": self.key_options.start_key,
+                           "preserve_prompts": self.key_options.preserve_prompts,
+                           "preserve_edits": self.key_options.preserve_edits},
+                          asdict(self.value_config), fingerprints, sum(len(b) for b in batches[:skip]),
+                          document_start=self.document_start, retention=self.retention,
+                          _restore=(lambda: self._undo_call(start, n_batches)) if keep_finished else None)
+
+    def _edit_one(self, batch: list[EditRequest], clock: StageClock, progress, value_cache,
+                  before: WeightSnapshot) -> None:
+        """One batch: solved against the up-to-date states, applied, logged (and saved). On an
+        exception the batch's own weight changes are undone."""
+        with clock("solve"):
+            self._fold()
+        snap = WeightSnapshot(self.model)
+        values: list[dict[str, Any]] = []
+        try:
+            done = _edit_batch(self.model, self.tokenizer, self.adapter, batch, self.batches_done, self.layers,
+                               self.dist, self.states, self.method, self.mu, self.value_config,
+                               self.context_templates, self.seed, snap, clock, values, progress, value_cache,
+                               self.key_options, keep_keys=self._needs_keys)
+        except BaseException:
+            snap.restore()
+            raise
+        for name, w in snap.items():
+            before.setdefault(name, w)  # its weight as this call found it
+        after = {name: weight_fingerprint(self.model.get_submodule(name).weight) for name in self.originals}
+        self.batches.append(EditedBatch(list(batch), done, values, after))
+        if self.state_dir is not None:
+            save_state_batch(self.state_dir, self, self.batches_done - 1)
+            self.save(self.state_dir)
+
+    def _reapply_checkpoint(self, prior, batches, start: int, skip: int, before: WeightSnapshot) -> None:
+        """Put back the batches an interrupted edit(checkpoint=...) saved (those not already here)."""
+        by_batch: dict[int, list[LayerEdit]] = {}
+        for e in prior.edits:
+            by_batch.setdefault(e.batch, []).append(e)
+        for b, edits in sorted(by_batch.items())[skip:prior.batches_done]:
+            resume.reapply(self.model, edits, before)
+            values = [v for v in prior.values if v["batch"] == b]
+            after = {name: weight_fingerprint(self.model.get_submodule(name).weight) for name in self.originals}
+            self.batches.append(EditedBatch(list(batches[len(self.batches) - start]), edits, values, after))
+
+    # -- undo ----------------------------------------------------------------------------
+
+    def undo(self, k: int = 1) -> None:
+        """Take the last ``k`` batches back exactly: the unedited weights with the remaining
+        batches re-applied in order (the same arithmetic as when they were made), checked bit
+        for bit against the fingerprints recorded after the batch that is now the last; the
+        per-layer states are rebuilt from the remaining batches' keys."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.batches_done:
+            raise InputError(f"undo takes 0 to {self.batches_done} batches (the batches done), got {k!r}")
+        if k == 0:
+            return
+        self._rebuild(self.batches[: self.batches_done - k])
+
+    def _rebuild(self, keep: list[EditedBatch]) -> None:
+        """The unedited weights with ``keep`` applied in order, checked against the fingerprints
+        recorded after the last of them; states rebuilt lazily from their keys."""
+        self.originals.restore()
+        with torch.no_grad():
+            for bt in keep:
+                for e in bt.edits:
+                    e.update.apply_(self.model.get_submodule(e.module).weight.data, layout=e.layout)
+        expected = keep[-1].after if keep else self.base
+        now = {name: weight_fingerprint(self.model.get_submodule(name).weight) for name in expected}
+        bad = sorted(n for n in expected if now[n] != expected[n])
+        if bad:  # cannot happen with deterministic kernels; never leave a silently different model
+            self.originals.restore()
+            self.batches, self.states, self._folded = [], dict(self._initial), 0
+            raise NumericalError(f"re-applying {len(keep)} batches gave other weights at {bad} than those recorded "
+                                 "after them (non-deterministic kernels?): the model is back to its unedited "
+                                 "weights and the editor is empty")
+        self.batches = list(keep)
+        self.states, self._folded = dict(self._initial), 0
+        self._call = None
+        if self.state_dir is not None:
+            self.save(self.state_dir)
+
+    def restore(self) -> None:
+        """Every batch taken back: the unedited weights, bit for bit."""
+        self.undo(self.batches_done)
+
+    def _undo_call(self, start: int, n: int) -> None:
+        if self.batches_done != start + n:
+            raise InputError(f"these {n} batches are no longer the editor's last ones (it holds {self.batches_done}, "
+                             f"they are {start}..{start + n - 1}): use Editor.undo")
+        self.undo(n)
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """Write the editor to ``folder``: the unedited weights, one file per batch (updates, keys,
+        requests, v* records), AlphaEdit's null spaces, and ``editor.json`` (settings, log,
+        fingerprints) written last, atomically; batch files it no longer lists are removed."""
+        save_state(Path(folder), self)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str], model, tokenizer, stats: Any = "auto", *,
+             templates: Templates | dict[str, str] | None = None, keep_saving: bool = True) -> Editor:
+        """The editor saved in ``folder``, on ``model``: either the unedited model it was made on
+        (its batches are re-applied) or the model as the editor left it. The statistics must be
+        the ones it was made with (checked per layer). ``keep_saving``: go on saving every batch
+        to ``folder``.
+
+        Raises CacheError for a folder of another model, layer set or statistics, a model whose
+        edited weights are neither of those two, or damaged files; nothing is changed then."""
+        return open_state(cls, Path(folder), model, tokenizer, stats, templates=templates, keep_saving=keep_saving)
 
 
 def edit(
@@ -204,12 +604,18 @@ def edit(
     preserve_edits: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     document_start: str | None = "auto",
+    retention: str = "soft",
+    null_space: NullSpaceSettings | Mapping[str, Any] | None = None,
 ) -> EditResult:
     """Edit ``requests`` into ``model`` in place and return what was done.
 
     Args:
         requests: dicts / :class:`EditRequest` objects, or a JSON / JSONL file.
-        method: "emmet", "memit" or "rome" (the solver); any combines with any distribution.
+        method: "emmet", "memit", "rome" or "alphaedit" (the solver); any combines with any
+            distribution. "alphaedit" (AlphaEdit's null-space projected update, pmsolve.lifelong)
+            takes the preset's MEMIT layers, keys and spread unless the preset has its own; its
+            μ weighs preservation against memorisation (default 1, the paper's closed form) and
+            ``preserve_edits`` is the weight of earlier batches' keys (default 1, the paper's).
         layers: layers to edit (default: the model's preset for ``method``).
         distribution: "single", "memit", "balanced" or a :class:`Distribution`.
         batch_size: requests per solve; batches are edited one after another (later
@@ -275,73 +681,30 @@ def edit(
             model answers best when it is prompted the same way: prepend the token yourself
             or call ``pmsolve.models.set_document_start(tokenizer)``.
 
+        retention: how later batches treat the keys earlier batches edited: "soft" (the
+            default: ``preserve_edits``) or "hard" (their outputs kept exactly; a layer holds at
+            most d_in independent keys and sits out batches it has no room for; see
+            :class:`Editor`). Not with alphaedit, which has its own preservation of earlier keys.
+        null_space: AlphaEdit's settings (NullSpaceSettings or a mapping: threshold,
+            relative_to, alpha); the eigendecomposition of C is cached per layer.
+
+    To edit a model again and again across calls or processes, with undo, use
+    :class:`Editor` (this function is one Editor's single call, undone as a whole on error).
+
     Raises:
         InputError, CacheError: bad requests, layers, statistics (before any weight changes).
+        CapacityError: hard retention past the layers' capacity (before any weight changes).
     """
-    clock = StageClock()
-    adapter = adapter_for(model, templates)
     reqs = load_requests(requests)
-    tokenizer, start = with_document_start(tokenizer, document_start)  # a copy when it must change
-    model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
-    layers, dist, mu, vcfg, key_opts = resolve_settings(model, method, layers, distribution, mu, preset,
-                                                        value_config, adapter, model_id, start_key, key_source,
-                                                        preserve_prompts, preserve_edits)
     batches = _batches(reqs, batch_size)
     if method == "rome" and any(len(b) != 1 for b in batches):
         raise InputError("ROME edits one fact per solve: use batch_size=1 or method='emmet'")
-    with clock("stats"):
-        if isinstance(stats, str) and stats == "auto":
-            stats = auto_stats(model, tokenizer, layers, model_id)
-        factors = factor_stats(stats, layers, adapter, model_id)
-    prior, key = None, None
-    if checkpoint is not None:
-        key = resume.config_key(model, reqs, resume.settings_of(method, layers, dist.name, mu, batch_size, seed,
-                                                                vcfg, key_opts), factors)
-        prior = resume.load(checkpoint, key, adapter.weight(layers[0]).device)
-    with clock("keys"):
-        ctx = prior.context_templates if prior else context_templates(model, tokenizer, seed=seed)
-    originals = WeightSnapshot(model)
-    edits: list[LayerEdit] = []
-    values: list[dict[str, Any]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        preserved = dict(factors)  # per layer: C extended by the keys edited so far (preserve_edits)
-        if prior:
-            resume.reapply(model, prior.edits, originals)
-            edits, values = list(prior.edits), list(prior.values)
-            for b in range(prior.batches_done):  # batch by batch, as the run that saved them did
-                preserve_edited_keys(preserved, [e for e in edits if e.batch == b], key_opts.preserve_edits)
-            if progress:
-                progress("resumed", prior.batches_done, len(batches))
-        for b, batch in enumerate(batches):
-            if prior and b < prior.batches_done:
-                continue
-            if progress:
-                progress("batch", b, len(batches))
-            n_values = len(values)
-            done = _edit_batch(model, tokenizer, adapter, batch, b, layers, dist, preserved, method, mu, vcfg,
-                               ctx, seed, originals, clock, values, progress, value_cache, key_opts)
-            edits += done
-            if b + 1 < len(batches):
-                with clock("solve"):
-                    preserve_edited_keys(preserved, done, key_opts.preserve_edits)
-            if checkpoint is not None:
-                resume.save_batch(checkpoint, key, b, done, values[n_values:], ctx)
-    except BaseException:
-        originals.restore()
-        raise
-    finally:
-        model.train(was_training)
-    fingerprints = {name: {"before": weight_fingerprint(w0),
-                           "after": weight_fingerprint(model.get_submodule(name).weight)}
-                    for name, w0 in originals.items()}
-    return EditResult(model, reqs, method, layers, dist.name, mu, edits, values, clock.t, ctx, originals,
-                      {"key_source": key_opts.source, "start_key": key_opts.start_key,
-                       "preserve_prompts": key_opts.preserve_prompts, "preserve_edits": key_opts.preserve_edits},
-                      asdict(vcfg), fingerprints,
-                      sum(len(batch) for batch in batches[: prior.batches_done]) if prior else 0,
-                      document_start=start)
+    ed = Editor(model, tokenizer, method, layers, distribution, stats, mu, seed, retention=retention,
+                null_space=null_space, preset=preset, value_config=value_config, templates=templates,
+                model_id=model_id, start_key=start_key, key_source=key_source, preserve_prompts=preserve_prompts,
+                preserve_edits=preserve_edits, document_start=document_start)
+    ed._check_capacity(batches)
+    return ed._run(reqs, batches, 0, progress, value_cache, checkpoint, batch_size, keep_finished=False)
 
 
 # ---------------------------------------------------------------------------

@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from ..errors import CacheError, InputError
+from ..errors import CacheError, CapacityError, InputError
 from ..models.adapters import Adapter
-from ..solver import Factor, Update, factorize, solve
+from ..solver import Factor, Update, factorize
 from .distribution import Distribution, remaining_share
 from .keys import KeyPrompts, average_by_owner, capture, key_prompts, pad_id
 from .presets import DEFAULT_PRESERVE_EDITS
+from .preservation import SoftRetention
 from .requests import EditRequest
 from .values import ValueConfig, ValueResult, optimize_values
 
@@ -74,14 +75,15 @@ def _check_stats_meta(obj: Any, layer: int, adapter: Adapter, model_id: str | No
                          f"this is {model_id!r}")
 
 
-def factor_stats(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str | None = None
-                 ) -> dict[int, Factor]:
+def factor_stats(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: str | None = None, *,
+                 on_matrix: Callable[[int, torch.Tensor | Factor], None] | None = None) -> dict[int, Factor]:
     """The Cholesky factor of each layer's statistics: ``stats`` is ``{layer: C}`` (a tensor,
     an accumulator or a Factor), a callable ``layer -> C``, or a collect_stats result.
 
     Checks dimensions and any metadata the statistics carry against the model (CacheError);
     a C the caller passes is left intact, an accumulator's fresh mean() is factored in place
-    (no second d × d matrix)."""
+    (no second d × d matrix). ``on_matrix(layer, C)`` sees each layer's C (or the Factor
+    given) before it is factored: what needs C itself (AlphaEdit's null space) reads it there."""
     if stats is None:
         raise InputError("no statistics given: pass stats={layer: C} (or accumulators / factors), "
                          "stats='auto', or a pmsolve.stats.collect_stats result")
@@ -108,6 +110,8 @@ def factor_stats(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: 
             raise CacheError(f"statistics for layer {layer} are {d}-dimensional but the rewrite module "
                              f"{adapter.rewrite_name(layer)} takes {adapter.d_in}-dimensional keys: "
                              "they belong to another model")
+        if on_matrix is not None:
+            on_matrix(layer, m)
         if isinstance(m, Factor):
             out[layer] = m
         else:  # an accumulator's mean() is a fresh tensor of ours: factor it in place
@@ -116,26 +120,10 @@ def factor_stats(stats: Any, layers: Sequence[int], adapter: Adapter, model_id: 
     return out
 
 
-def with_prompt_preservation(factor: Factor, P: torch.Tensor, alpha: float) -> Factor:
-    """The factor of C + α·PᵀP/m (P: m × d keys of the batch's own prompt tokens), from the
-    factor of C by a low-rank extension: O(d²m) per batch and layer instead of an O(d³)
-    refactorisation (Factor.extend refactors only when m is a large fraction of d, where
-    that is cheaper)."""
-    if P.shape[0] == 0:
-        return factor
-    return factor.extend(P.to(factor.device, torch.float64).T, alpha / P.shape[0])
-
-
-def preserve_edited_keys(factors: dict[int, Factor], edits: Sequence[LayerEdit], beta: float) -> None:
-    """factors[layer] := its factor extended by β·KKᵀ for each edit's keys K (preserve_edits)."""
-    if beta > 0:
-        for e in edits:
-            factors[e.layer] = factors[e.layer].extend(e.keys, beta)
-
-
-def sensitivity(factor: Factor, K: torch.Tensor) -> float:
+def sensitivity(factor: Factor | Any, K: torch.Tensor) -> float:
     """mean_j k_jᵀ C⁻¹ k_j over the columns of K (d_in × n): how cheaply this layer can move
-    the edit keys (see distribution.py)."""
+    the edit keys (see distribution.py). ``factor``: a Factor, or a preservation state (its C)."""
+    factor = factor if isinstance(factor, Factor) else factor.factor
     K = K.to(factor.device, torch.float64)
     return float((K * factor.solve(K)).sum(0).mean())
 
@@ -205,6 +193,10 @@ class KeyColumns:
         idx = torch.tensor(self.extra, dtype=torch.long, device=second.device)
         return torch.cat(([per_fact] if self.average else []) + [second[idx]])
 
+    def count(self, n: int) -> int:
+        """Key columns for a batch of n facts."""
+        return (n if self.average else 0) + len(self.extra)
+
     def keys(self, average: torch.Tensor, bare: torch.Tensor) -> torch.Tensor:
         """K (d_in × columns, fp64) from the per-fact average and bare keys (n × d_in)."""
         return self._columns(average, bare).T.to(torch.float64)
@@ -248,17 +240,16 @@ def compute_values(model, adapter: Adapter, tokenizer, requests: Sequence[EditRe
 # ---------------------------------------------------------------------------
 
 
-def solve_layer(factor: Factor, K: torch.Tensor, R: torch.Tensor, method: str, mu: float | None, *,
+def solve_layer(state: Factor | Any, K: torch.Tensor, R: torch.Tensor, method: str, mu: float | None, *,
                 prompt_keys: torch.Tensor | None = None, preserve_prompts: float = 0.0) -> Update:
     """The update of one layer: keys K (d_in × n), residuals R (d_out × n), solved on the
-    factor's device; with ``preserve_prompts`` α > 0 the batch's prompt-token keys (m × d_in)
-    join the preservation term first (:func:`with_prompt_preservation`)."""
-    if preserve_prompts > 0 and prompt_keys is not None:
-        factor = with_prompt_preservation(factor, prompt_keys, preserve_prompts)
-    K = K.to(factor.device, torch.float64)
-    R = R.to(factor.device, torch.float64)
-    # ROME is EMMET with one column; a fact with a start key has two.
-    return solve(factor, K, R, method="emmet" if method == "rome" and K.shape[1] > 1 else method, mu=mu)
+    device of ``state``: a Factor of C, or a layer's preservation state
+    (:mod:`.preservation`: soft or hard retention of earlier edits, AlphaEdit's null space).
+    With ``preserve_prompts`` α > 0 the batch's prompt-token keys (m × d_in) join the
+    preservation term first (:func:`.preservation.with_prompt_preservation`)."""
+    if isinstance(state, Factor):
+        state = SoftRetention(state)
+    return state.solve(K, R, method, mu, prompt_keys=prompt_keys, preserve_prompts=preserve_prompts)
 
 
 class WeightSnapshot(dict):
@@ -340,7 +331,7 @@ class LayerEdit:
     share: float
     update: Update
     residual_rounded: float  # ‖(W_after − W_before) K − R‖ / ‖R‖ with the weights as stored
-    keys: torch.Tensor | None = None  # the solve's K (d_in × n), kept only for preserve_edits
+    keys: torch.Tensor | None = None  # the solve's K (d_in × n), kept when later batches need it
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -379,37 +370,57 @@ class KeyOptions:
     preserve_edits: float = DEFAULT_PRESERVE_EDITS
 
 
+def layers_with_room(states: Mapping[int, Any], layers: Sequence[int], columns: int, batch: int = 0) -> list[int]:
+    """The layers whose preservation state can take ``columns`` more equality constraints
+    (hard retention fills a layer's d_in directions; the other kinds have no limit).
+    CapacityError, naming every layer's room, when none can."""
+    room = {layer: (states[layer].capacity() if not isinstance(states[layer], Factor) else None) for layer in layers}
+    fit = [layer for layer in layers if room[layer] is None or room[layer] >= columns]
+    if not fit:
+        raise CapacityError(f"batch {batch} needs {columns} key columns but no edited layer has room for them: "
+                            f"capacity left per layer {room} (hard retention keeps at most d_in independent keys "
+                            "per layer); edit more layers, smaller batches, or use soft retention / alphaedit",
+                            required=columns, available=max(v or 0 for v in room.values()))
+    return fit
+
+
 def edit_batch(model, tokenizer, adapter: Adapter, batch: Sequence[EditRequest], b: int, layers: Sequence[int],
-               dist: Distribution, factors: Mapping[int, Factor], method: str, mu: float | None,
+               dist: Distribution, factors: Mapping[int, Any], method: str, mu: float | None,
                vcfg: ValueConfig, ctx: Sequence[str], seed: int, snapshot: WeightSnapshot,
                clock: Callable[[str], Any], values: list[dict[str, Any]],
                progress: Callable[[str, int, int], None] | None = None,
                value_cache: MutableMapping[Any, Any] | None = None,
-               key_opts: KeyOptions = KeyOptions()) -> list[LayerEdit]:
+               key_opts: KeyOptions = KeyOptions(), keep_keys: bool | None = None) -> list[LayerEdit]:
     """Edit one batch (index ``b``) into the model over ``layers``, in place.
 
+    ``factors``: per layer a Factor of C or a preservation state (:mod:`.preservation`).
     v* is optimised once, at the last layer. Then, layer by layer (MEMIT's edit
     distribution; one layer is single-layer editing), the keys at this layer and the current
     output of the last layer are measured in the partially edited model, this layer takes
-    its share of what is still missing, and its update is solved and applied. Appends a v*
-    record per fact to ``values``; ``clock(stage)`` times the stages."""
+    its share of what is still missing, and its update is solved and applied. Layers whose
+    hard retention has no room left for the batch sit it out (the others share the edit);
+    none with room is a CapacityError before anything changes. Appends a v* record per fact
+    to ``values``; ``clock(stage)`` times the stages. ``keep_keys``: keep each solve's K in
+    its LayerEdit (default: when preserve_edits is on)."""
     last = layers[-1]
-    kp = key_prompts(tokenizer, batch, ctx)
     cols = KeyColumns.choose(key_opts.source, key_opts.start_key, batch)
+    active = layers_with_room(factors, layers, cols.count(len(batch)), b)
+    kp = key_prompts(tokenizer, batch, ctx)
     with clock("values"):
         vr = compute_values(model, adapter, tokenizer, batch, ctx, last, vcfg, seed, value_cache)
     values += [{"batch": b, "subject": r.subject, "steps": s, "converged": c, "nll": nll}
                for r, s, c, nll in zip(batch, vr.steps, vr.converged, vr.nll)]
     if dist.needs_sensitivity:
         with clock("keys"):
-            m0 = measure_keys(model, adapter, tokenizer, batch, ctx, layers, prompts=kp)
+            m0 = measure_keys(model, adapter, tokenizer, batch, ctx, active, prompts=kp)
         with clock("solve"):
-            weights = dist.weights(layers, lambda layer: sensitivity(
+            weights = dist.weights(active, lambda layer: sensitivity(
                 factors[layer], cols.keys(m0.average[layer], m0.bare[layer])))
     else:
-        weights = dist.weights(layers)
+        weights = dist.weights(active)
+    keep = key_opts.preserve_edits > 0 if keep_keys is None else keep_keys
     out = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(active):
         with clock("keys"):
             m = measure_keys(model, adapter, tokenizer, batch, ctx, [layer], output_layer=last,
                              prompt_tokens=key_opts.preserve_prompts > 0, prompts=kp)
@@ -423,7 +434,7 @@ def edit_batch(model, tokenizer, adapter: Adapter, batch: Sequence[EditRequest],
         with clock("apply"):
             res = apply_update(adapter, layer, upd, K, R, snapshot)
         out.append(LayerEdit(b, layer, adapter.rewrite_name(layer), adapter.layout, share, upd, res,
-                             K if key_opts.preserve_edits > 0 else None))
+                             K if keep else None))
         if progress:
-            progress("layer", i + 1, len(layers))
+            progress("layer", i + 1, len(active))
     return out
