@@ -227,3 +227,46 @@ def test_edit_command_key_options(tiny_folder, tmp_path, monkeypatch):
     assert report["value_config"] == {**asdict(load_preset("llama").values), "clamp": 0.3}
     (e,) = report["edits"]
     assert e["solve_n"] == 4  # two columns per fact
+
+
+def test_edit_state_appends_across_runs_and_undo_takes_batches_back(tiny_folder, tmp_path, monkeypatch, capsys):
+    """`pmsolve edit --state DIR`: each run reloads the unedited model from disk, reopens the editor
+    (its batches re-applied), appends; --undo K gives back exactly the earlier run's model."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("PMSOLVE_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "r1.jsonl", tmp_path / "r2.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in REQUESTS[:2]))
+    second.write_text(json.dumps(REQUESTS[2]))
+    state = tmp_path / "state"
+    common = ["--model", str(tiny_folder), "--layers", "1-2", "--stats-tokens", "3000", "--preset", "llama",
+              "--state", str(state)]
+    assert cli.main(["edit", *common, "--method", "alphaedit", "--requests", str(first), "--batch-size", "1",
+                     "--out", str(tmp_path / "o1")]) == 0
+    r1 = json.loads((tmp_path / "o1" / "report.json").read_text())
+    assert r1["method"] == "alphaedit" and r1["state"]["batches"] == 2
+    assert r1["state"]["layer_states"]["1"]["earlier_keys"] == 2  # one key per request
+    assert cli.main(["edit", *common, "--requests", str(second), "--out", str(tmp_path / "o2")]) == 0
+    out = capsys.readouterr()
+    assert "reopened the editor" in out.err and "alphaedit (retention soft)" in out.out
+    r2 = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert r2["method"] == "alphaedit" and r2["state"]["batches"] == 3 and r2["state"]["requests"] == 3
+    assert len(r2["edits"]) == 2  # this run's batch at two layers; the report is of this run
+
+    assert cli.main(["edit", *common, "--undo", "1", "--out", str(tmp_path / "o3")]) == 0
+    o1 = AutoModelForCausalLM.from_pretrained(tmp_path / "o1" / "model").state_dict()
+    o2 = AutoModelForCausalLM.from_pretrained(tmp_path / "o2" / "model").state_dict()
+    o3 = AutoModelForCausalLM.from_pretrained(tmp_path / "o3" / "model").state_dict()
+    assert any(not torch.equal(o2[n], o1[n]) for n in o1)
+    assert all(torch.equal(o3[n], o1[n]) for n in o1)
+    capsys.readouterr()
+
+    assert cli.main(["edit", *common, "--method", "memit", "--requests", str(second), "--out", str(tmp_path / "x")]) == 2
+    assert "settings are fixed: drop --method memit" in capsys.readouterr().err
+    assert cli.main(["edit", *common, "--mu", "3", "--requests", str(second), "--out", str(tmp_path / "x")]) == 2
+    assert "drop --mu" in capsys.readouterr().err
+    assert cli.main(["edit", "--model", str(tiny_folder), "--undo", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--undo takes batches back from a persistent editor" in capsys.readouterr().err
+    assert cli.main(["edit", "--model", str(tiny_folder), "--out", str(tmp_path / "x")]) == 2
+    assert "--requests is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

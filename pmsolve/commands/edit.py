@@ -27,7 +27,8 @@ def document_start(args: argparse.Namespace) -> str | None:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or Hugging Face id (default: built-in SmolLM2)")
     add_document_start(p)
-    p.add_argument("--method", default="emmet", choices=["emmet", "memit", "rome"])
+    p.add_argument("--method", default="emmet", choices=["emmet", "memit", "rome", "alphaedit"],
+                   help="default emmet (pmsolve edit --state: the saved editor's)")
     p.add_argument("--layers", type=parse_layers, default=None, help="e.g. 5 or 3-8 (default: the preset's)")
     p.add_argument("--distribution", default=None, choices=["single", "memit", "balanced"])
     p.add_argument("--mu", type=float, default=None, help="ridge / MEMIT lambda (default: the preset's)")
@@ -77,9 +78,19 @@ CHECKPOINT = "edit-checkpoint"  # folder in --out while an edit runs (see pmsolv
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET)")
-    p.add_argument("--requests", required=True, help="JSON or JSONL file of edit requests")
+    p = sub.add_parser("edit", help="edit facts into a model (ROME/MEMIT/EMMET/AlphaEdit)")
+    p.add_argument("--requests", default=None, help="JSON or JSONL file of edit requests")
     add_common(p)
+    p.add_argument("--retention", default=None, choices=["soft", "hard"],
+                   help="how later batches treat earlier edits: soft (--preserve-edits, default) or hard "
+                        "(their outputs kept exactly, up to each layer's capacity)")
+    p.add_argument("--null-space", type=_json_object, default=None, metavar="JSON",
+                   help="alphaedit's projector and ridge, e.g. '{\"threshold\": 0.5, \"alpha\": 1}'")
+    p.add_argument("--state", default=None, metavar="DIR",
+                   help="a persistent editor: created in DIR, or reopened (on the unedited model, its batches "
+                        "re-applied) and the requests appended; saved after every batch")
+    p.add_argument("--undo", type=positive_int, default=None, metavar="K",
+                   help="with --state: take the editor's last K batches back (before editing --requests, if given)")
     p.add_argument("--preserve-edits", type=nonneg_float, default=None, metavar="BETA",
                    help="weight of keys edited by earlier batches (--batch-size) in later batches' preservation term "
                         "(default: the preset's, else 0.1; 0 turns it off)")
@@ -90,7 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-save-model", action="store_true", help="write only the updates and the report")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --out holds the checkpoint of this same edit, interrupted")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, method=None)  # None: emmet, or the --state editor's
 
 
 def load(args: argparse.Namespace):
@@ -135,66 +146,167 @@ def margins(model, tokenizer, requests) -> list[float | None]:
 
 def run(args: argparse.Namespace) -> int:
     from ..editing import checkpoint as resume
-    from ..editing import edit, load_requests
-    from ..editing.editor import auto_stats
+    from ..editing import load_requests
     from ..editing.presets import mark_edited
 
+    if args.undo and not args.state:
+        print("pmsolve edit: error: --undo takes batches back from a persistent editor: give its --state DIR",
+              file=sys.stderr)
+        return 2
+    if args.requests is None and not (args.state and args.undo):
+        print("pmsolve edit: error: --requests is required (or --state DIR --undo K alone)", file=sys.stderr)
+        return 2
+    checkpoint = Path(args.out) / CHECKPOINT
     try:
-        requests = load_requests(args.requests)
+        requests = load_requests(args.requests) if args.requests is not None else []
         templates = json.loads(args.templates) if args.templates else None
         t0 = time.perf_counter()
         lm = load(args)
         print(f"loaded {lm.model_id} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         before = margins(lm.model, lm.tokenizer, requests)
-        n_batches = 1 if not args.batch_size else -(-len(requests) // args.batch_size)
-        stats = _stats(args, lm, templates, auto_stats)
-        checkpoint = Path(args.out) / CHECKPOINT
-        if args.no_resume:
-            resume.clear(checkpoint)
-        bar, cb = progress_bar(n_batches)
-        try:
-            result = edit(lm.model, lm.tokenizer, requests, method=args.method, layers=args.layers,
-                          distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
-                          seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id,
-                          progress=cb, checkpoint=checkpoint, **key_options(args))
-        except BaseException:
-            if checkpoint.is_dir():
-                print(f"\npmsolve edit: the batches done so far are saved in {checkpoint}; "
-                      "run the same command again to go on from there", file=sys.stderr)
-            raise
-        finally:
-            bar.close()
+        if args.state:
+            result, state = _edit_with_state(args, lm, templates, requests)
+        else:
+            result, state = _edit_once(args, lm, templates, requests, checkpoint), None
         after = margins(lm.model, lm.tokenizer, requests)
     except (PMSolveError, OSError, json.JSONDecodeError) as exc:
         print(f"pmsolve edit: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = result.report()
+    report = result.report() if result is not None else {}
     report["model"] = lm.model_id
     report["document_start"] = lm.document_start
+    if state is not None:
+        report["state"] = {"folder": str(args.state), "undone": args.undo or 0, **state.summary()}
     report["margins"] = [{"subject": r.subject, "before": b, "after": a}
                          for r, b, a in zip(requests, before, after)]
-    result.save_updates(out / "updates.safetensors")
+    if result is not None:
+        result.save_updates(out / "updates.safetensors")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if not args.no_save_model:
         mark_edited(lm.model, lm.model_id)
         lm.model.save_pretrained(out / "model")
         lm.tokenizer.save_pretrained(out / "model")
     resume.clear(checkpoint)  # everything it held is in the files above
-    print(summary(result, report))
-    print(f"\nwrote {out}/report.json, {out}/updates.safetensors" + ("" if args.no_save_model else f", {out}/model/"))
+    if result is not None:
+        print(summary(result, report))
+    if state is not None:
+        print(state_summary(report["state"]))
+    wrote = [f"{out}/report.json"] + ([f"{out}/updates.safetensors"] if result is not None else [])
+    print("\nwrote " + ", ".join(wrote + ([] if args.no_save_model else [f"{out}/model/"])))
     return 0
 
 
-def _stats(args, lm, templates, auto_stats):
-    """Collect (or load cached) statistics for the layers the edit will use, before editing."""
+def _edit_once(args, lm, templates, requests, checkpoint):
+    """One edit() call, resumable through the checkpoint folder in --out."""
+    from ..editing import checkpoint as resume
+    from ..editing import edit
+
+    method = args.method or "emmet"
+    stats = _stats(args, lm, templates, _layers(args, lm, templates, method))
+    if args.no_resume:
+        resume.clear(checkpoint)
+    bar, cb = progress_bar(1 if not args.batch_size else -(-len(requests) // args.batch_size))
+    try:
+        return edit(lm.model, lm.tokenizer, requests, method=method, layers=args.layers,
+                    distribution=args.distribution, batch_size=args.batch_size, stats=stats, mu=args.mu,
+                    seed=args.seed, preset=args.preset, templates=templates, model_id=lm.model_id,
+                    progress=cb, checkpoint=checkpoint, retention=args.retention or "soft",
+                    null_space=args.null_space, **key_options(args))
+    except BaseException:
+        if checkpoint.is_dir():
+            print(f"\npmsolve edit: the batches done so far are saved in {checkpoint}; "
+                  "run the same command again to go on from there", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+
+
+def _changed_settings(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
+    """The flags given that differ from a saved editor's settings (fixed when it was created)."""
+    ko = saved["key_options"]
+    start_key = {"preset": None, "on": True, "off": False}[args.start_key]
+    pairs = [("--method", args.method, saved["method"]), ("--retention", args.retention, saved["retention"]),
+             ("--layers", args.layers and list(args.layers), saved["layers"]),
+             ("--distribution", args.distribution, saved["distribution"]), ("--mu", args.mu, saved["mu"]),
+             ("--key-source", args.key_source, ko["source"]), ("--start-key", start_key, ko["start_key"]),
+             ("--preserve-prompts", args.preserve_prompts, ko["preserve_prompts"]),
+             ("--preserve-edits", args.preserve_edits, ko["preserve_edits"])]
+    changed = [f"{flag} {given}" for flag, given, have in pairs if given is not None and given != have]
+    for flag, given, have in (("--values", args.values, saved["value_config"]),
+                              ("--null-space", args.null_space, saved["null_space"])):
+        if given and any(have.get(k) != v for k, v in given.items()):
+            changed.append(flag)
+    return changed
+
+
+def _edit_with_state(args, lm, templates, requests):
+    """Create the editor in --state or reopen it (its batches re-applied to the unedited model),
+    undo --undo batches, then append the requests; every finished batch is saved there."""
+    from ..editing import Editor
+    from ..editing.state import STATE_FILE, saved_settings
+    from ..errors import InputError
+
+    folder = Path(args.state)
+    if (folder / STATE_FILE).exists():
+        saved = saved_settings(folder)
+        changed = _changed_settings(args, saved)
+        if changed:
+            raise InputError(f"{folder} holds an editor ({saved['method']}, retention {saved['retention']}, layers "
+                             f"{saved['layers']}) whose settings are fixed: drop {', '.join(changed)}, or use another "
+                             "--state folder")
+        stats = _stats(args, lm, templates, saved["layers"])
+        t0 = time.perf_counter()
+        ed = Editor.open(folder, lm.model, lm.tokenizer, stats, templates=templates)
+        print(f"reopened the editor in {folder}: {ed.batches_done} batches, {len(ed.requests)} requests "
+              f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    else:
+        if args.undo:
+            raise InputError(f"--undo: {folder} holds no editor yet")
+        method = args.method or "emmet"
+        stats = _stats(args, lm, templates, _layers(args, lm, templates, method))
+        ed = Editor(lm.model, lm.tokenizer, method, args.layers, args.distribution, stats, args.mu, args.seed,
+                    retention=args.retention or "soft", null_space=args.null_space, preset=args.preset,
+                    templates=templates, model_id=lm.model_id, state=folder, **key_options(args))
+    if args.undo:
+        ed.undo(args.undo)
+    if not requests:
+        return None, ed
+    bar, cb = progress_bar(1 if not args.batch_size else -(-len(requests) // args.batch_size))
+    try:
+        return ed.edit(requests, args.batch_size, progress=cb), ed
+    except BaseException:
+        print(f"\npmsolve edit: the finished batches are saved in {folder}; run the same command again to go on "
+              "from there", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+
+
+def _layers(args, lm, templates, method: str) -> list[int]:
     from ..editing.editor import resolve_settings
     from ..models.adapters import adapter_for
 
-    adapter = adapter_for(lm.model, templates)
-    layers, *_ = resolve_settings(lm.model, args.method, args.layers, args.distribution, args.mu, args.preset, None,
-                          adapter, lm.model_id)
+    layers, *_ = resolve_settings(lm.model, method, args.layers, args.distribution, args.mu, args.preset, None,
+                                  adapter_for(lm.model, templates), lm.model_id)
+    return layers
+
+
+def state_summary(state: dict[str, Any]) -> str:
+    lines = [f"editor in {state['folder']}: {state['method']} (retention {state['retention']}) on layers "
+             f"{state['layers']}, {state['batches']} batches, {state['requests']} requests"
+             + (f"; {state['undone']} batches undone" if state["undone"] else "")]
+    for layer, st in state["layer_states"].items():
+        detail = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in st.items())
+        lines.append(f"  layer {layer}: {detail}")
+    return "\n".join(lines)
+
+
+def _stats(args, lm, templates, layers: list[int]):
+    """Collect (or load cached) statistics for the layers the edit will use, before editing."""
+    from ..editing.editor import auto_stats
+
     t0 = time.perf_counter()
     if args.stats:
         from ..stats import load_stats

@@ -149,16 +149,13 @@ def resolve_key_options(settings, key_source: str | None, start_key: bool | None
 
 
 def _method_settings(preset: Any, method: str) -> MethodSettings | None:
-    """The preset's settings for ``method``. AlphaEdit is MEMIT's edit (layers, keys, spread) with
-    another solve: without settings of its own it takes MEMIT's, with the solver's μ (1, the
-    paper's) and earlier edits' keys at the paper's weight 1 in its preservation term."""
+    """The preset's settings for ``method`` (None: no preset, or none for this method)."""
     if not isinstance(preset, Preset):
         return None
-    if method in preset.methods:
+    try:
         return preset.for_method(method)
-    if method == "alphaedit" and "memit" in preset.methods:
-        return replace(preset.for_method("memit"), mu=None, preserve_edits=1.0)
-    return None
+    except InputError:
+        return None
 
 
 def resolve_settings(model, method: str, layers: Sequence[int] | None, distribution, mu, preset, value_config,

@@ -4,7 +4,7 @@ v* settings, and notes on where the numbers come from."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ class Preset:
     notes: str
 
     def for_method(self, method: str) -> MethodSettings:
+        """The settings for ``method``. AlphaEdit is MEMIT's edit (layers, keys, spread) with
+        another solve: without settings of its own it takes MEMIT's, with the solver's μ (1, the
+        paper's) and earlier edits' keys at the paper's weight 1 in its preservation term."""
+        if method == "alphaedit" and method not in self.methods and "memit" in self.methods:
+            return replace(self.methods["memit"], mu=None, preserve_edits=1.0)
         if method not in self.methods:
             raise InputError(f"preset {self.name!r} has no settings for method {method!r}; pass layers explicitly")
         return self.methods[method]

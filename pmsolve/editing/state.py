@@ -170,3 +170,9 @@ def open_state(cls, folder: Path, model, tokenizer, stats: Any, *, templates=Non
     ed.state_dir = folder if keep_saving else None
     return ed
 
+
+
+def saved_settings(folder: Path) -> dict[str, Any]:
+    """The settings of the editor saved in ``folder`` (method, retention, layers, ...), read
+    without opening it."""
+    return dict(_read_json(Path(folder))["settings"])
