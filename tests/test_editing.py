@@ -463,12 +463,33 @@ def test_presets_load_and_match(tok):
     for name in names:
         p = load_preset(name)
         assert p.notes and all(s.layers for s in p.methods.values())
-    m = model("llama", len(tok))
+    m = _deep("llama", len(tok))
     assert preset_for(m, "SmolLM2-135M-Instruct-Q4_1").name == "smollm2-135m-instruct"
     assert preset_for(m).name == "llama"  # by model_type
-    assert preset_for(model("gptj", len(tok))).name == "gpt-j"
+    assert preset_for(_deep("gptj", len(tok))).name == "gpt-j"
+    # a preset whose layers the model lacks is another size of the family: no preset, not wrong layers
+    assert preset_for(model("llama", len(tok)), "SmolLM2-135M-Instruct-Q4_1") is None  # 4 layers, preset uses 4
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config
+
+    assert preset_for(SimpleNamespace(config=GPT2Config(n_embd=1600, n_layer=48)), "x").name == "gpt2-xl"
+    for name, width, depth in (("gpt2", 768, 12), ("gpt2-medium", 1024, 24), ("gpt2-large", 1280, 36)):
+        assert preset_for(SimpleNamespace(config=GPT2Config(n_embd=width, n_layer=depth)), name) is None
     with pytest.raises(InputError, match="no preset"):
         load_preset("nonexistent")
+
+
+def _deep(arch: str, vocab: int):
+    """A tiny model of 10 layers: deep enough for the built-in presets' layers."""
+    from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if arch == "gptj":
+        return GPTJForCausalLM(GPTJConfig(n_embd=32, n_layer=10, n_head=4, rotary_dim=4, vocab_size=vocab,
+                                          n_positions=64))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                        max_position_embeddings=64))
 
 
 def test_a_saved_edited_model_keeps_its_preset(tok, tmp_path):
@@ -478,7 +499,7 @@ def test_a_saved_edited_model_keeps_its_preset(tok, tmp_path):
 
     from pmsolve.editing.presets import mark_edited, preset_for
 
-    m = model("llama", len(tok))
+    m = _deep("llama", len(tok))
     mark_edited(m, "SmolLM2-135M-Instruct-Q4_1")
     mark_edited(m, "edited-again")  # the first base is kept
     m.save_pretrained(tmp_path / "model")

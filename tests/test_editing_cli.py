@@ -117,6 +117,15 @@ def test_edit_command_uses_precomputed_statistics(tiny_folder, tmp_path, monkeyp
     assert cli.main(common + ["--stats", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
     assert "expected one file named model.layers.2.mlp.down_proj" in capsys.readouterr().err
 
+    # the library takes the same folder as a path: the same update as the command's
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    res = pmsolve.edit(m, AutoTokenizer.from_pretrained(tiny_folder), str(reqs), method="emmet", layers=[2],
+                       stats=str(stats_dir), preset="llama")
+    assert torch.equal(res.edits[0].update.U.to(a["U"].dtype), a["U"])
+    assert torch.equal(res.edits[0].update.B.to(a["B"].dtype), a["B"])
+
 
 def test_interrupted_edit_command_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
     """Killed during its second batch, `pmsolve edit` leaves a checkpoint in --out; the same

@@ -293,6 +293,10 @@ class Editor:
         with self.clock("stats"):
             if isinstance(stats, str) and stats == "auto":
                 stats = auto_stats(model, self.tokenizer, self.layers, self.model_id)
+            elif isinstance(stats, (str, os.PathLike)):  # files of `pmsolve stats` or the reference's .npz
+                from ..stats import load_stats
+
+                stats = load_stats(stats, model, self.layers)
             self.null_spaces = dict(_null_spaces or {})
             want_ns = method == "alphaedit" and not self.null_spaces
 
@@ -619,7 +623,9 @@ def edit(
             batches see the earlier edits). None: all at once.
         stats: per layer, the preservation statistics: ``{layer: C}`` with C a tensor,
             a CovarianceAccumulator or a pmsolve.Factor, a callable ``layer -> C``, a
-            ``pmsolve.stats.collect_stats`` result, or "auto" (the default: :func:`auto_stats`,
+            ``pmsolve.stats.collect_stats`` result, a path (a folder or file of `pmsolve stats`
+            output or the reference's ``layer_stats`` .npz files, read by
+            :func:`pmsolve.stats.load_stats`), or "auto" (the default: :func:`auto_stats`,
             computed on the offline corpus once per model and layer and cached under the
             pmsolve cache folder; the first edit of a model pays for it).
             The solve runs on the device of these statistics.

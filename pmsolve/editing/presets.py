@@ -93,6 +93,10 @@ def _config_matches(config, wanted: dict[str, Any]) -> bool:
     return bool(wanted) and config is not None and all(getattr(config, k, None) == v for k, v in wanted.items())
 
 
+def _fits(preset: Preset, depth: int | None) -> bool:
+    return depth is None or all(max(m.layers) < depth for m in preset.methods.values())
+
+
 def preset_for(model, model_id: str | None = None) -> Preset | None:
     """The built-in preset for ``model``, decided in this order:
 
@@ -106,7 +110,9 @@ def preset_for(model, model_id: str | None = None) -> Preset | None:
     name = " ".join(str(x or "") for x in (model_id, getattr(config, "_name_or_path", ""),
                                            getattr(config, "pmsolve_base", ""))).lower()
     model_type = str(getattr(config, "model_type", "") or "")
-    presets = [load_preset(p) for p in list_presets()]
+    depth = getattr(config, "num_hidden_layers", None)
+    # a preset whose layers this model does not have is never right for it (another size of a family)
+    presets = [p for p in (load_preset(q) for q in list_presets()) if _fits(p, depth)]
     by_config = [p for p in presets if _config_matches(config, p.match.get("config") or {})]
     if by_config:
         return max(by_config, key=lambda p: len(p.match["config"]))
