@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoints (default data: shared/data/counterfact-flat.jsonl beside the checkout)")
     g.add_argument("--methods", type=_methods, default=("memit", "emmet"),
                    help="comma-separated: memit, emmet (baselines: preserve_edits=0), alphaedit, memit+beta, "
-                        "emmet+beta, hard (need pmsolve.Editor); default memit,emmet")
+                        "emmet+beta, hard (on pmsolve.Editor); default memit,emmet")
     g.add_argument("--edits", type=positive_int, default=2000, help="facts edited in all (default 2000)")
     g.add_argument("--checkpoints", type=_ints, default=(500, 1000, 2000),
                    help="edit counts after which all edits so far are scored (default 500,1000,2000)")

@@ -385,13 +385,9 @@ class PersistentEditor:
     persistent = True
 
     def __init__(self, model, tokenizer, editor_kwargs: Mapping[str, Any]) -> None:
-        import pmsolve
+        from ..editing import Editor
 
-        try:
-            self._cls = pmsolve.Editor
-        except AttributeError:
-            raise InputError("this method needs pmsolve.Editor (persistent editing state), which this "
-                             "pmsolve does not have") from None
+        self._cls = Editor
         self.model, self.tokenizer, self.kwargs = model, tokenizer, dict(editor_kwargs)
         self.ed = None
 
