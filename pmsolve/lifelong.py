@@ -27,6 +27,13 @@ B = U B_r. A general μ ≥ 0 weighs the preservation against the memorization:
 min ‖ΔK − R‖² + μ(α‖Δ‖² + ‖ΔK_p‖²) over Δ = ΔP, i.e. Δ = R Kᵀ P (KKᵀP + μC_pP + μαI)⁻¹; μ = 1
 is the paper, μ = 0 makes the memorization an equality (EMMET inside the null space, n ≤ r).
 
+C inside the kept directions. When C has no true null space (a small model's full-rank C), the
+kept directions still carry preserved variance, and (1) puts no weight on it: an update there is
+free however much it moves the preserved outputs. γ ≥ 0 (``c_weight``) adds γ·tr(ΔCΔᵀ) to the
+preservation term, i.e. C_p → C_p + γC in (1); with Δ = YUᵀ this is γ·UᵀCU = γ·diag(λ_kept) on
+A_r's diagonal, so nothing else changes. γ = 0 is the paper; γ = MEMIT's λ is MEMIT restricted to
+the kept directions, with AlphaEdit's earlier-keys term and ridge.
+
 The threshold. The paper's code cuts eigenvalues of the *mean* second moment below an absolute
 1e-2 (2e-2 in its Llama3-8B configuration). An absolute cut is not scale free: the scale of MLP
 hidden activations differs by orders of magnitude between models and layers (GELU outputs vs
@@ -199,15 +206,22 @@ class NullSpace:
         return self.U.mT @ K.to(F64)
 
     def factorize(self, alpha: float = DEFAULT_ALPHA, *, keys: torch.Tensor | None = None, weight: float = 1.0,
-                  backend: str = "auto") -> NullSpaceFactor:
-        """The per-layer AlphaEdit factor: Cholesky of A_r = αI + weight·Uᵀ keys keysᵀ U (r × r).
+                  c_weight: float = 0.0, backend: str = "auto") -> NullSpaceFactor:
+        """The per-layer AlphaEdit factor: Cholesky of
+        A_r = αI + c_weight·UᵀCU + weight·Uᵀ keys keysᵀ U (r × r), UᵀCU = diag(kept eigenvalues).
 
         ``keys`` (d × m) are earlier edits' keys, if any; more are added later with
-        :meth:`NullSpaceFactor.extend`.
+        :meth:`NullSpaceFactor.extend`. ``c_weight`` γ ≥ 0 weighs C itself inside the kept
+        directions (module docstring); 0 is the paper's AlphaEdit.
         """
         alpha = _check_number("alpha", alpha, positive=True)
-        eye = torch.eye(self.r, dtype=F64, device=self.device).mul_(alpha)
-        f = NullSpaceFactor(self, factorize(eye, jitter=None, backend=backend), alpha, 0, eye, backend)
+        c_weight = _check_number("c_weight", c_weight)
+        if c_weight < 0:
+            raise InputError(f"c_weight must be >= 0, got {c_weight:g}")
+        A = torch.eye(self.r, dtype=F64, device=self.device).mul_(alpha)
+        if c_weight > 0:
+            A.diagonal().add_(self.eigenvalues[: self.r].clamp_min(0), alpha=c_weight)
+        f = NullSpaceFactor(self, factorize(A, jitter=None, backend=backend), alpha, 0, A, backend, c_weight)
         return f.extend(keys, weight) if keys is not None else f
 
     def summary(self) -> dict[str, Any]:
@@ -393,6 +407,7 @@ class NullSpaceFactor:
     earlier_keys: int = 0
     A: torch.Tensor | None = None  # A_r itself (r × r fp64), for refactoring without forming LLᵀ
     backend: str = "auto"
+    c_weight: float = 0.0  # γ: the weight of C inside the kept directions (0: the paper)
 
     @property
     def d(self) -> int:
@@ -432,21 +447,24 @@ class NullSpaceFactor:
             inner = self.factor.extend(Kr, weight)
         else:
             inner = factorize(A, jitter=None, backend=self.backend)
-        return NullSpaceFactor(self.null_space, inner, self.alpha, self.earlier_keys + keys.shape[1], A, self.backend)
+        return NullSpaceFactor(self.null_space, inner, self.alpha, self.earlier_keys + keys.shape[1], A, self.backend,
+                               self.c_weight)
 
     def to(self, device: torch.device | str) -> NullSpaceFactor:
         return NullSpaceFactor(self.null_space.to(device), self.factor.to(device), self.alpha, self.earlier_keys,
-                               self.A.to(device) if self.A is not None else None, self.backend)
+                               self.A.to(device) if self.A is not None else None, self.backend, self.c_weight)
 
     def summary(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "earlier_keys": self.earlier_keys, "null_space": self.null_space.summary(),
+        return {"alpha": self.alpha, "c_weight": self.c_weight, "earlier_keys": self.earlier_keys,
+                "null_space": self.null_space.summary(),
                 "factor": self.factor.summary()}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Atomic safetensors file: the null space, A_r, α and the count of earlier keys (the null
         space's ``meta`` is the file's); :meth:`load` refactors A_r (r³/3)."""
         A = self.A if self.A is not None else _dense(self.factor)
-        info = {**self.null_space._info(), "alpha": self.alpha, "earlier_keys": self.earlier_keys}
+        info = {**self.null_space._info(), "alpha": self.alpha, "c_weight": self.c_weight,
+                "earlier_keys": self.earlier_keys}
         _write_file(path, _ALPHAEDIT_FORMAT, {**self.null_space._tensors(), "A": A}, info, self.null_space.meta)
 
     @classmethod
@@ -459,11 +477,12 @@ class NullSpaceFactor:
         A = tensors["A"]
         try:
             alpha, earlier = float(info["alpha"]), int(info["earlier_keys"])
+            c_weight = float(info.get("c_weight", 0.0))  # files from before γ existed: the paper's 0
         except (KeyError, ValueError, TypeError) as exc:
             raise CacheError(f"AlphaEdit state file {path} has malformed metadata: {exc}") from exc
         if A.shape != (ns.r, ns.r):
             raise CacheError(f"AlphaEdit state file {path} is inconsistent: A_r is {tuple(A.shape)}, r = {ns.r}")
-        return cls(ns, factorize(A, jitter=None, backend=backend), alpha, earlier, A, backend)
+        return cls(ns, factorize(A, jitter=None, backend=backend), alpha, earlier, A, backend, c_weight)
 
 
 # NullSpaceFactor.extend: low-rank extension up to this share of r accumulated columns, then a
@@ -489,12 +508,12 @@ def solve_alphaedit(
     backend: str = "auto",
     method: str = "alphaedit",
 ) -> Update:
-    """Δ = R Kᵀ P (K Kᵀ P + μ C_p P + μ α I)⁻¹ by the PM solve in null-space coordinates
+    """Δ = R Kᵀ P (K Kᵀ P + μ (C_p + γC) P + μ α I)⁻¹ by the PM solve in null-space coordinates
     (module docstring); μ defaults to 1 (the paper). What ``pmsolve.solve(..., method="alphaedit")``
     calls.
 
     Diagnostics: ``residual`` ‖ΔK − R‖/‖R‖; ``preservation_cost`` that of the projected problem,
-    tr(Y A_r Yᵀ) = α‖Δ‖² + ‖ΔK_p‖²; ``cond_C`` the condition estimate of A_r; ``extra`` the
+    tr(Y A_r Yᵀ) = α‖Δ‖² + γ tr(ΔCΔᵀ) + ‖ΔK_p‖²; ``cond_C`` the condition estimate of A_r; ``extra`` the
     null-space dimension r and cut, the share of tr(C) kept, the preservation cost on C itself
     tr(ΔCΔᵀ) (what the projection leaves), the share ‖UᵀK‖/‖K‖ of the keys inside the null space,
     α and the number of earlier keys.
@@ -539,6 +558,7 @@ def solve_alphaedit(
         "key_share_in_null_space": float(torch.linalg.matrix_norm(Kr)) / knorm if knorm > 0 else 0.0,
         "preservation_cost_C": cost_c,
         "alpha": factor.alpha,
+        "c_weight": factor.c_weight,
         "earlier_keys": factor.earlier_keys,
     }
     diag = replace(inner.diagnostics, method="alphaedit", d_in=ns.d, seconds=time.perf_counter() - t0, extra=extra)

@@ -111,6 +111,39 @@ def test_mu_and_alpha(mu, alpha):
     assert upd.diagnostics.mu == mu
 
 
+@pytest.mark.parametrize("c_weight", [3.0, 300.0])
+def test_c_weight_adds_C_inside_the_kept_directions(c_weight, tmp_path):
+    """γ = c_weight: Δ = R Kᵀ P (K Kᵀ P + (C_p + γC) P + α I)⁻¹, dense fp64 with the full C; the
+    kept eigenvalues spread over [1e-4, 1e-2] so that γC weighs directions differently (with
+    one repeated eigenvalue it would be a multiple of P). The update differs from γ = 0's, and
+    γ survives a save and load."""
+    d, r, n = 56, 30, 7
+    g = torch.Generator().manual_seed(91)
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    lam = torch.cat([1e-4 + 1e-2 * torch.rand(r, generator=g, dtype=F64),
+                     1.0 + 4.0 * torch.rand(d - r, generator=g, dtype=F64)])
+    C = (V * lam) @ V.mT
+    C = 0.5 * (C + C.mT)
+    U_ref = V[:, :r]
+    K, R, Kp = keys(d, n, 92), keys(6, n, 93), keys(d, 12, 94)
+    ns = pmsolve.null_space(C, threshold=0.05)  # cut 0.05·tr(C)/d > 0.03 > every kept eigenvalue
+    assert ns.r == r
+    f = ns.factorize(1.0, keys=Kp, c_weight=c_weight)
+    got = pmsolve.solve(f, K, R, method="alphaedit").dense()
+    P = U_ref @ U_ref.mT
+    Cp = Kp @ Kp.mT
+    M = K @ K.mT @ P + (Cp + c_weight * C) @ P + torch.eye(d, dtype=F64)
+    assert rel(got, torch.linalg.solve(M, R @ K.mT @ P, left=False)) <= 1e-10
+    assert rel(got, paper_delta(R, K, P, Kp, 1.0)) >= 1e-3
+    assert f.summary()["c_weight"] == c_weight
+    f.save(tmp_path / "ae.safetensors")
+    back = pmsolve.NullSpaceFactor.load(tmp_path / "ae.safetensors")
+    assert back.c_weight == c_weight
+    assert rel(pmsolve.solve(back, K, R, method="alphaedit").dense(), got) <= 1e-12
+    with pytest.raises(InputError, match="c_weight"):
+        ns.factorize(1.0, c_weight=-1.0)
+
+
 def test_mu_zero_is_equality_in_the_null_space():
     """μ = 0: min α‖Δ‖² + ‖ΔK_p‖² s.t. ΔK = R, Δ = ΔP. Reference: the saddle-point (KKT) system of
     that problem in the reference basis U (Δ = Y Uᵀ): [Y Λ] [[A, UᵀK], [KᵀU, 0]] = [0, R]."""

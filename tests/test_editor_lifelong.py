@@ -60,12 +60,14 @@ def _weights(m, ed):
 # ---------------------------------------------------------------------------
 
 
-def test_alphaedit_batches_match_the_papers_closed_form(tok, monkeypatch):
-    """Each batch's update equals the dense fp64 Δ = R Kᵀ P (K Kᵀ P + C_p P + α I)⁻¹ with P from
-    an eigendecomposition of the user's C (eigenvalues below threshold × tr(C)/d) and C_p the sum
-    of K Kᵀ over the earlier batches, for three batches with a save/open between the second and
-    the third. Tolerance: test_alphaedit.py bounds both routes' error by ~1e3·ε for systems of
-    this condition; the keys here are O(1) and α = 1, so 1e-10 relative leaves a wide margin."""
+@pytest.mark.parametrize("c_weight", [0.0, 30.0])
+def test_alphaedit_batches_match_the_papers_closed_form(tok, monkeypatch, c_weight):
+    """Each batch's update equals the dense fp64 Δ = R Kᵀ P (K Kᵀ P + (C_p + γC) P + α I)⁻¹ with P
+    from an eigendecomposition of the user's C (eigenvalues below threshold × tr(C)/d), C_p the
+    sum of K Kᵀ over the earlier batches and γ = c_weight (0: the paper), for three batches with a
+    save/open between the second and the third. Tolerance: test_alphaedit.py bounds both routes'
+    error by ~1e3·ε for systems of this condition; the keys here are O(1) and α = 1, so 1e-10
+    relative leaves a wide margin."""
     m = model("gpt2", len(tok))
     C = stats(m, tok, [2])
     seen = []
@@ -77,7 +79,7 @@ def test_alphaedit_batches_match_the_papers_closed_form(tok, monkeypatch):
         return update
 
     monkeypatch.setattr(NullSpaceUpdate, "solve", spy)
-    ed = _editor(m, tok, C, method="alphaedit", state=None)
+    ed = _editor(m, tok, C, method="alphaedit", state=None, null_space={"c_weight": c_weight})
     ed.edit(FIVE[:2], batch_size=2)
     ed.edit(FIVE[2:3])
     ed.save(tmp := _tmp_dir())
@@ -92,9 +94,12 @@ def test_alphaedit_batches_match_the_papers_closed_form(tok, monkeypatch):
     Cp = torch.zeros_like(P)
     assert len(seen) == 3
     for K, R, got in seen:
-        A = K @ K.T @ P + Cp @ P + alpha * torch.eye(P.shape[0], dtype=F64)
+        A = K @ K.T @ P + (Cp + c_weight * C[2].to(F64)) @ P + alpha * torch.eye(P.shape[0], dtype=F64)
         want = torch.linalg.solve(A, R @ K.T @ P, left=False)  # X A = B, A not symmetric
         assert (got - want).norm() <= 1e-10 * want.norm()
+        if c_weight:  # γ changes the update: the check above could not pass with γ ignored
+            A0 = K @ K.T @ P + Cp @ P + alpha * torch.eye(P.shape[0], dtype=F64)
+            assert (got - torch.linalg.solve(A0, R @ K.T @ P, left=False)).norm() >= 1e-3 * want.norm()
         assert (got @ (torch.eye(P.shape[0], dtype=F64) - P)).norm() <= 1e-10 * got.norm()  # in the null space
         Cp = Cp + K @ K.T
     summary = again.summary()["layer_states"]["2"]

@@ -258,7 +258,7 @@ class Editor:
     Arguments are those of :func:`pmsolve.edit` (settings fixed for the editor's life), plus:
         retention: "soft" (default) or "hard".
         null_space: AlphaEdit's projector and ridge, a NullSpaceSettings or a mapping of its
-            fields (threshold, relative_to, alpha); the eigendecomposition of each layer's C is
+            fields (threshold, relative_to, alpha, c_weight); the eigendecomposition of each layer's C is
             cached under the pmsolve cache folder (and in the state folder).
         state: a folder the editor is saved to after every batch (created; must not already
             hold an editor: reopen one with :meth:`open`).
@@ -307,7 +307,8 @@ class Editor:
 
             self.factors = factor_stats(stats, self.layers, self.adapter, self.model_id, on_matrix=null_space_of)
             self._initial = initial_states(method, retention, self.factors, beta=self.key_options.preserve_edits,
-                                           null_spaces=self.null_spaces, alpha=self.null_space_settings.alpha)
+                                           null_spaces=self.null_spaces, alpha=self.null_space_settings.alpha,
+                                           c_weight=self.null_space_settings.c_weight)
         self.states = dict(self._initial)
         self._folded = 0  # batches whose keys are in self.states
         # later batches depend on earlier keys unless retention is soft with β = 0 (the plain PM family)
@@ -689,7 +690,7 @@ def edit(
             most d_in independent keys and sits out batches it has no room for; see
             :class:`Editor`). Not with alphaedit, which has its own preservation of earlier keys.
         null_space: AlphaEdit's settings (NullSpaceSettings or a mapping: threshold,
-            relative_to, alpha); the eigendecomposition of C is cached per layer.
+            relative_to, alpha, c_weight); the eigendecomposition of C is cached per layer.
 
     To edit a model again and again across calls or processes, with undo, use
     :class:`Editor` (this function is one Editor's single call, undone as a whole on error).

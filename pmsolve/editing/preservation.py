@@ -146,11 +146,13 @@ class HardRetention(_OnFactor):
 
 @dataclass(frozen=True)
 class NullSpaceSettings:
-    """AlphaEdit's projector and ridge (pmsolve.lifelong.null_space / NullSpace.factorize)."""
+    """AlphaEdit's projector, ridge α and weight γ of C inside the kept directions
+    (pmsolve.lifelong.null_space / NullSpace.factorize; γ = 0 is the paper)."""
 
     threshold: float = DEFAULT_NULLSPACE_THRESHOLD
     relative_to: str = "mean"
     alpha: float = DEFAULT_ALPHA
+    c_weight: float = 0.0
 
 
 def dense_C(stats_matrix: Any) -> torch.Tensor:
@@ -190,14 +192,16 @@ def cached_null_space(C: torch.Tensor, settings: NullSpaceSettings, layer: int, 
 
 def initial_states(method: str, retention: str, factors: dict[int, Factor], *, beta: float,
                    null_spaces: dict[int, NullSpace] | None = None, alpha: float = DEFAULT_ALPHA,
-                   ) -> dict[int, LayerPreservation]:
+                   c_weight: float = 0.0) -> dict[int, LayerPreservation]:
     """Each layer's state before the first batch: for "alphaedit" the null space of every layer
-    (``null_spaces``) with ridge ``alpha``; else hard or soft retention (β = ``beta``)."""
+    (``null_spaces``) with ridge ``alpha`` and weight ``c_weight`` of C inside it; else hard or
+    soft retention (β = ``beta``)."""
     if method == "alphaedit":
         missing = sorted(set(factors) - set(null_spaces or {}))
         if missing:
             raise InputError(f"alphaedit needs the null space of C at layers {missing}")
-        return {layer: NullSpaceUpdate(f, null_spaces[layer].to(f.device).factorize(alpha), beta)
+        return {layer: NullSpaceUpdate(f, null_spaces[layer].to(f.device).factorize(alpha, c_weight=c_weight),
+                                   beta)
                 for layer, f in factors.items()}
     if retention == "hard":
         return {layer: HardRetention(f, RetainedKeys(f)) for layer, f in factors.items()}
