@@ -680,7 +680,7 @@ def edit(
             Tokenizers of GPT-2, Qwen2 and SmolLM2 prepend nothing, so a subject that starts the
             prompt sits at the attention-sink position and its key there is unlike its key
             anywhere else; on SmolLM2 this took EMMET's efficacy from 87.5 % to 100 %
-            (bench/RESULTS.md). The caller's tokenizer is not changed (the edit uses a copy
+            (docs/design.md §7). The caller's tokenizer is not changed (the edit uses a copy
             that carries the start). The token used is ``EditResult.document_start``. The edited
             model answers best when it is prompted the same way: prepend the token yourself
             or call ``pmsolve.models.set_document_start(tokenizer)``.

@@ -14,7 +14,7 @@ from .values import ValueConfig
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # preserve_edits when neither the caller nor the preset sets it. Measured on SmolLM2, 256 facts
-# in 16 sequential batches (bench/RESULTS.md, sessions 11-12): EMMET ES 85.9 -> 96.5 %, PS 73.8
+# in 16 sequential batches (docs/benchmarks.md, "preserve_edits"): EMMET ES 85.9 -> 96.5 %, PS 73.8
 # -> 80.3 % (a second run 86.3 -> 93.4 %, 74.8 -> 78.9 %); MEMIT ES 91.4 -> 98.4 %, PS 79.3 -> 85.5 %;
 # NS within about a point; fluency change +0.5, +1.9, -1.9 points in the three runs (+-~1 each):
 # no consistent cost. A single batch is unaffected.
