@@ -300,3 +300,15 @@ def test_report_tables():
     text = seq.report(rows, seq.solver_times({"memit": [batch, {**batch, "batch": 1, "edits_after": 200}]}))
     assert "| memit | 100 (100) | 89 | 68 (67) | 100 | 4.9 (5) | -2.3 ± 1.1 | 35.07 (34.4) |" in text
     assert "| memit | 100 | none up to 100 |" in text and "| memit | 2 (200) | 93.1 | 83.4 |" in text
+
+
+def test_curve_plots_every_method_with_the_unedited_reference(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"method": m, "edits": c, "es": es, "ps": 50.0, "ns": 60.0, "ppl": ppl}
+            for m, pts in (("unedited", [(100, 30.0, 34.4), (200, 31.0, 34.4)]),
+                           ("memit", [(100, 100.0, 35.1), (200, 98.5, 35.8)]),
+                           ("alphaedit", [(100, 100.0, 35.3), (200, None, 36.4)]))  # a missing score is skipped
+            for c, es, ppl in pts]
+    path = seq.plot_curve(rows, tmp_path / "curve.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
                      model_id=lm.model_id, method_options={m: opts for m in args.methods}, stop_at=stop_at,
                      corpus=args.corpus)
     print(seq.report(result["rows"], result["solver_times"]))
+    try:
+        print(f"curve: {seq.plot_curve(result['rows'], out / 'curve.png')}", file=sys.stderr)
+    except ImportError:
+        print("no curve.png: matplotlib is not installed (pip install 'pmsolve[experiments]')", file=sys.stderr)
     if result["skipped"]:
         print(json.dumps({"not run": result["skipped"]}, indent=1))
     print(f"wrote {out}/results.jsonl, {out}/timings.json, per method {out}/<method>/", file=sys.stderr)
