@@ -244,6 +244,10 @@ def test_command_skips_without_the_data_file_and_refuses_bad_options(files, tmp_
     assert "multiple" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--sequential", "--methods", "memit,rome"])
+    assert main(["eval", "--sequential", "--null-space", '{"c_weight": 300}']) == 2  # no alphaedit in the run
+    assert "add alphaedit to --methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--sequential", "--methods", "alphaedit", "--null-space", "[300]"])  # not an object
     assert main(["eval"]) == 2  # plain eval still needs --out
 
 

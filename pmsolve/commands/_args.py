@@ -4,6 +4,7 @@ option's name, before any model loads."""
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def _int(text: str, lowest: int, what: str) -> int:
@@ -46,3 +47,13 @@ def parse_layers(text: str) -> list[int]:
     if not out:
         raise argparse.ArgumentTypeError(f"no layers in {text!r}")
     return out
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PMSolveError
-from ._args import nonneg_float, nonneg_int, parse_layers, positive_int
+from ._args import json_object, nonneg_float, nonneg_int, parse_layers, positive_int
 
 
 def add_document_start(p: argparse.ArgumentParser) -> None:
@@ -46,19 +46,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="keys per fact: template average, the rewrite prompt's own, or both (default: the preset's)")
     p.add_argument("--preserve-prompts", type=float, default=None, metavar="ALPHA",
                    help="weight of the batch's own prompt tokens in the preservation term (default: the preset's)")
-    p.add_argument("--values", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--values", type=json_object, default=None, metavar="JSON",
                    help="v* settings over the preset's, e.g. '{\"clamp\": 0.2}' (pmsolve.editing.ValueConfig)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
 
 
 def note_ignored_corpus(args: argparse.Namespace, command: str) -> None:
@@ -84,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retention", default=None, choices=["soft", "hard"],
                    help="how later batches treat earlier edits: soft (--preserve-edits, default) or hard "
                         "(their outputs kept exactly, up to each layer's capacity)")
-    p.add_argument("--null-space", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--null-space", type=json_object, default=None, metavar="JSON",
                    help="alphaedit's projector and ridge, e.g. '{\"threshold\": 0.5, \"alpha\": 1}'")
     p.add_argument("--state", default=None, metavar="DIR",
                    help="a persistent editor: created in DIR, or reopened (on the unedited model, its batches "

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._args import nonneg_int, positive_int
+from ._args import json_object, nonneg_int, positive_int
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generations per checkpoint for fluency (default 100; 0: none)")
     g.add_argument("--ppl-tokens", type=positive_int, default=16_384,
                    help="held-out tokens for perplexity (default 16384)")
+    g.add_argument("--null-space", type=json_object, default=None, metavar="JSON",
+                   help="alphaedit's settings, e.g. '{\"c_weight\": 300}' (threshold, relative_to, alpha, c_weight; "
+                        "default the paper's); part of the run's identity")
     g.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="start no new batch after this many minutes (the run folder resumes later)")
 
@@ -66,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments import sequential as seq
     from .edit import key_options, load
 
+    if args.null_space and "alphaedit" not in args.methods:
+        print("pmsolve eval --sequential: --null-space sets alphaedit's projector: add alphaedit to --methods",
+              file=sys.stderr)
+        return 2
     if args.stats:
         print("pmsolve eval --sequential: --stats is not supported here: the statistics are the cached offline "
               "ones (--corpus, --stats-tokens)", file=sys.stderr)
@@ -102,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {out} (rerun the same command to resume)", file=sys.stderr)
     stop_at = time.time() + 60 * args.time_limit if args.time_limit else None
     result = seq.run(lm.model, lm.tokenizer, records, cfg, out, methods=args.methods, stats=stats,
-                     model_id=lm.model_id, method_options={m: opts for m in args.methods}, stop_at=stop_at,
+                     model_id=lm.model_id, method_options={m: {**opts, **({"null_space": args.null_space}
+                                                      if m == "alphaedit" and args.null_space else {})}
+                                     for m in args.methods}, stop_at=stop_at,
                      corpus=args.corpus)
     print(seq.report(result["rows"], result["solver_times"]))
     try:
