@@ -703,18 +703,16 @@ def collapse_point(rows: Sequence[Mapping[str, Any]], threshold: float = 80.0) -
 
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """ES, PS, NS and held-out perplexity against the number of edits, one line per method (the
-    unedited model dashed), into ``path`` (PNG). Needs matplotlib (the ``experiments`` extra)."""
+    """ES, PS, NS and held-out perplexity against the number of edits, one line per ``method``
+    label of ``rows`` (the unedited model dashed), into ``path`` (PNG). Needs matplotlib (the ``experiments`` extra)."""
     from .report import _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = (("es", "efficacy (ES, all edits so far)"), ("ps", "paraphrase (PS)"),
               ("ns", "neighbourhood (NS)"), ("ppl", "held-out perplexity"))
-    for m in ["unedited", *METHODS]:
+    for m in dict.fromkeys(r["method"] for r in rows):  # in order of appearance (any label)
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["edits"])
-        if not mine:
-            continue
         for ax, (key, title) in zip(axes, panels):
             pts = [(r["edits"], r[key]) for r in mine if r.get(key) is not None]
             if pts:
