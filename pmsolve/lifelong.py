@@ -460,7 +460,7 @@ class NullSpaceFactor:
                 "factor": self.factor.summary()}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomic safetensors file: the null space, A_r, α and the count of earlier keys (the null
+        """Atomic safetensors file: the null space, A_r, α, γ and the count of earlier keys (the null
         space's ``meta`` is the file's); :meth:`load` refactors A_r (r³/3)."""
         A = self.A if self.A is not None else _dense(self.factor)
         info = {**self.null_space._info(), "alpha": self.alpha, "c_weight": self.c_weight,
@@ -516,7 +516,7 @@ def solve_alphaedit(
     tr(Y A_r Yᵀ) = α‖Δ‖² + γ tr(ΔCΔᵀ) + ‖ΔK_p‖²; ``cond_C`` the condition estimate of A_r; ``extra`` the
     null-space dimension r and cut, the share of tr(C) kept, the preservation cost on C itself
     tr(ΔCΔᵀ) (what the projection leaves), the share ‖UᵀK‖/‖K‖ of the keys inside the null space,
-    α and the number of earlier keys.
+    α, γ and the number of earlier keys.
 
     Raises:
         InputError: not a NullSpaceFactor, another method, keys of the wrong width, bad R or μ.
