@@ -108,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
     stats = "auto"
     print(f"run folder: {out} (rerun the same command to resume)", file=sys.stderr)
     stop_at = time.time() + 60 * args.time_limit if args.time_limit else None
+    method_options = {m: dict(opts) for m in args.methods}
+    if args.null_space:  # alphaedit is among the methods (checked above)
+        method_options["alphaedit"]["null_space"] = args.null_space
     result = seq.run(lm.model, lm.tokenizer, records, cfg, out, methods=args.methods, stats=stats,
-                     model_id=lm.model_id, method_options={m: {**opts, **({"null_space": args.null_space}
-                                                      if m == "alphaedit" and args.null_space else {})}
-                                     for m in args.methods}, stop_at=stop_at,
+                     model_id=lm.model_id, method_options=method_options, stop_at=stop_at,
                      corpus=args.corpus)
     print(seq.report(result["rows"], result["solver_times"]))
     try:

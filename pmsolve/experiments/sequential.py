@@ -705,27 +705,26 @@ def collapse_point(rows: Sequence[Mapping[str, Any]], threshold: float = 80.0) -
 def plot_curve(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """ES, PS, NS and held-out perplexity against the number of edits, one line per ``method``
     label of ``rows`` (the unedited model dashed), into ``path`` (PNG). Needs matplotlib (the ``experiments`` extra)."""
-    from .report import _plt
+    from .report import _plt, _save
 
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = (("es", "efficacy (ES, all edits so far)"), ("ps", "paraphrase (PS)"),
               ("ns", "neighbourhood (NS)"), ("ppl", "held-out perplexity"))
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("edits")
     for m in dict.fromkeys(r["method"] for r in rows):  # in order of appearance (any label)
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["edits"])
-        for ax, (key, title) in zip(axes, panels):
+        for ax, (key, _) in zip(axes, panels):
             pts = [(r["edits"], r[key]) for r in mine if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), "k--" if m == "unedited" else "o-", label=m)
-            ax.set_title(title)
-            ax.set_xlabel("edits")
     axes[3].set_yscale("log")
     axes[0].axhline(80, color="grey", lw=0.6)  # the collapse line
     axes[0].legend(fontsize=8)
     path = Path(path)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path.parent, path.name)
     return path
 
 
