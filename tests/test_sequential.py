@@ -5,6 +5,7 @@ selection, checkpoint rows, resume after a kill without redoing finished work, b
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 
 import pytest
@@ -234,6 +235,41 @@ def test_persistent_methods_run_on_the_editor_and_resume_after_a_kill(files, tmp
     assert strip(out["rows"]) == strip([r for r in reference["rows"] if r["method"] in ("unedited", "alphaedit")])
 
 
+def test_alphaedit_gamma_is_alphaedit_with_its_default_c_weight(files, tmp_path):
+    """The named method is the same Editor run as alphaedit given c_weight = 3000 by hand: same
+    weights after every batch, same scores; and γ changes the edit (it is not ignored)."""
+    from pmsolve._io import read_safetensors
+
+    root, tok = files
+    records = seq.select_records(root / "cf.jsonl", CFG)
+
+    def run(folder, method, options):
+        model = _model(tok)
+        seq.run(model, tok, records, CFG, tmp_path / folder, methods=(method,), stats=_stats(model, tok, root),
+                method_options={method: options}, corpus=str(root / "corpus.txt"), log=lambda m: None)
+        state = tmp_path / folder / method.replace("+", "_") / "state.safetensors"
+        rows = [{k: v for k, v in r.items() if k not in ("method", "eval_seconds")}
+                for r in seq._read_lines(state.parent / "checkpoints.jsonl")]
+        return read_safetensors(state, "state")[0], rows
+
+    named, named_rows = run("named", "alphaedit+gamma", OPTS)
+    by_hand, by_hand_rows = run("by_hand", "alphaedit", {**OPTS, "null_space": {"c_weight": 3000.0}})
+    paper, _ = run("paper", "alphaedit", OPTS)
+    assert named.keys() == by_hand.keys() and all(torch.equal(named[k], by_hand[k]) for k in named)
+    assert named_rows == by_hand_rows
+    assert any(not torch.allclose(named[k], paper[k]) for k in named)
+
+
+def test_method_settings_merge_over_the_defaults():
+    assert seq.method_settings("alphaedit+gamma", {}) == {"null_space": {"c_weight": 3000.0}}
+    assert seq.method_settings("alphaedit+gamma", {"null_space": {"threshold": 0.01}, "layers": [2]}) == {
+        "null_space": {"c_weight": 3000.0, "threshold": 0.01}, "layers": [2]}
+    assert seq.method_settings("alphaedit+gamma", {"null_space": {"c_weight": 10.0}})["null_space"] == {"c_weight": 10.0}
+    assert seq.method_settings("memit", {"layers": [1]}) == {"layers": [1]}
+    seq.method_settings("alphaedit+gamma", {"null_space": {"c_weight": 1.0}})
+    assert seq.METHOD_DEFAULTS["alphaedit+gamma"]["null_space"] == {"c_weight": 3000.0}  # not mutated
+
+
 def test_command_skips_without_the_data_file_and_refuses_bad_options(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(seq, "default_data_path", lambda: tmp_path / "nowhere" / seq.DATA_FILE)
     assert main(["eval", "--sequential"]) == 0
@@ -245,7 +281,7 @@ def test_command_skips_without_the_data_file_and_refuses_bad_options(files, tmp_
     with pytest.raises(SystemExit):
         main(["eval", "--sequential", "--methods", "memit,rome"])
     assert main(["eval", "--sequential", "--null-space", '{"c_weight": 300}']) == 2  # no alphaedit in the run
-    assert "add alphaedit to --methods" in capsys.readouterr().err
+    assert "add alphaedit or alphaedit+gamma to --methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--sequential", "--methods", "alphaedit", "--null-space", "[300]"])  # not an object
     assert main(["eval"]) == 2  # plain eval still needs --out
@@ -298,12 +334,24 @@ def test_report_tables():
              "fluency": 5.0, "ppl": 34.4},
             {"method": "memit", "edits": 100, "es": 100.0, "n_es": 100, "ps": 89.0, "ns": 68.0, "unedited_ns": 67.0,
              "n_ps_ns": 100, "fluency": 4.9, "unedited_fluency": 5.0, "fluency_change_pct": -2.3,
-             "fluency_change_se_pct": 1.1, "ppl": 35.07, "unedited_ppl": 34.4}]
+             "fluency_change_se_pct": 1.1, "ppl": 35.07, "unedited_ppl": 34.4,
+             "es_by_quarter": [100.0, 100.0, 100.0, 100.0], "es_newest_batch": 100.0}]
     batch = {"batch": 0, "edits_after": 100, "seconds": 93.1, "without_values": 9.7,
              "timings": {"keys": 9.1, "values": 83.4, "solve": 0.1, "apply": 0.5}}
     text = seq.report(rows, seq.solver_times({"memit": [batch, {**batch, "batch": 1, "edits_after": 200}]}))
-    assert "| memit | 100 (100) | 89 | 68 (67) | 100 | 4.9 (5) | -2.3 ± 1.1 | 35.07 (34.4) |" in text
+    assert "| memit | 100 (100) | 100 / 100 / 100 / 100; 100 | 89 | 68 (67) | 100 | 4.9 (5) | -2.3 ± 1.1 | 35.07 (34.4) |" in text
+    assert "| unedited | 1 (100) | – | 2 | 67 |" in text  # rows without the split (and the reference)
     assert "| memit | 100 | none up to 100 |" in text and "| memit | 2 (200) | 93.1 | 83.4 |" in text
+
+
+def test_es_by_age_splits_the_edits_in_edit_order():
+    # 10 edits, batches of 3: quarters 0-1, 2-4, 5-6, 7-9 (i·n // 4 bounds); newest batch 7-9
+    es = [1, 1, 1, 0, 1, 0, 0, 1, 1, 0]
+    got = seq.es_by_age(es, batch_size=3)
+    assert got["es_by_quarter"] == [100.0, pytest.approx(66.67), 0.0, pytest.approx(66.67)]
+    assert got["es_newest_batch"] == pytest.approx(66.67)
+    sizes = (2, 3, 2, 3)
+    assert sum(q * n for q, n in zip(got["es_by_quarter"], sizes)) / 10 == pytest.approx(100 * statistics.fmean(es), abs=0.01)
 
 
 def test_curve_plots_every_method_with_the_unedited_reference(tmp_path):

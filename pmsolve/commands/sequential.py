@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="edit the records batch after batch into one model and score all edits so far at "
                         "checkpoints (default data: shared/data/counterfact-flat.jsonl beside the checkout)")
     g.add_argument("--methods", type=_methods, default=("memit", "emmet"),
-                   help="comma-separated: memit, emmet (baselines: preserve_edits=0), alphaedit, memit+beta, "
+                   help="comma-separated: memit, emmet (baselines: preserve_edits=0), alphaedit, "
+                        "alphaedit+gamma (γ·C inside the kept directions, c_weight 3000), memit+beta, "
                         "emmet+beta, hard (on pmsolve.Editor); default memit,emmet")
     g.add_argument("--edits", type=positive_int, default=2000, help="facts edited in all (default 2000)")
     g.add_argument("--checkpoints", type=_ints, default=(500, 1000, 2000),
@@ -58,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out tokens for perplexity (default 16384)")
     g.add_argument("--null-space", type=json_object, default=None, metavar="JSON",
                    help="alphaedit's settings, e.g. '{\"c_weight\": 300}' (threshold, relative_to, alpha, c_weight; "
-                        "default the paper's); part of the run's identity")
+                        "default the paper's); for alphaedit and alphaedit+gamma; part of the run's identity")
     g.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="start no new batch after this many minutes (the run folder resumes later)")
 
@@ -69,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments import sequential as seq
     from .edit import key_options, load
 
-    if args.null_space and "alphaedit" not in args.methods:
-        print("pmsolve eval --sequential: --null-space sets alphaedit's projector: add alphaedit to --methods",
-              file=sys.stderr)
+    null_space_methods = [m for m in args.methods if m.startswith("alphaedit")]
+    if args.null_space and not null_space_methods:
+        print("pmsolve eval --sequential: --null-space sets alphaedit's projector: add alphaedit or "
+              "alphaedit+gamma to --methods", file=sys.stderr)
         return 2
     if args.stats:
         print("pmsolve eval --sequential: --stats is not supported here: the statistics are the cached offline "
@@ -109,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {out} (rerun the same command to resume)", file=sys.stderr)
     stop_at = time.time() + 60 * args.time_limit if args.time_limit else None
     method_options = {m: dict(opts) for m in args.methods}
-    if args.null_space:  # alphaedit is among the methods (checked above)
-        method_options["alphaedit"]["null_space"] = args.null_space
+    for m in null_space_methods if args.null_space else ():  # over alphaedit+gamma's default γ
+        method_options[m]["null_space"] = dict(args.null_space)
     result = seq.run(lm.model, lm.tokenizer, records, cfg, out, methods=args.methods, stats=stats,
                      model_id=lm.model_id, method_options=method_options, stop_at=stop_at,
                      corpus=args.corpus)

@@ -22,7 +22,8 @@ What one run does, per method, on the same records in the same order:
 
 Methods (:data:`METHODS`): "memit" and "emmet" are the baselines as AlphaEdit's paper ran
 them: each batch a fresh ``pmsolve.edit(..., preserve_edits=0)`` on the current model, with
-only the preservation statistics C. "memit+beta", "emmet+beta", "alphaedit" and "hard" keep
+only the preservation statistics C. "memit+beta", "emmet+beta", "alphaedit", "alphaedit+gamma"
+(AlphaEdit with C weighted inside the kept directions, :data:`METHOD_DEFAULTS`) and "hard" keep
 state across batches and need ``pmsolve.Editor``; they are refused with a clear reason where
 it is missing.
 
@@ -55,8 +56,13 @@ from ..errors import CacheError, InputError
 FORMAT = "pmsolve.sequential/1"
 DATA_FILE = "counterfact-flat.jsonl"
 STATELESS = ("memit", "emmet")
-WITH_EDITOR = ("alphaedit", "memit+beta", "emmet+beta", "hard")
+WITH_EDITOR = ("alphaedit", "alphaedit+gamma", "memit+beta", "emmet+beta", "hard")
 METHODS = STATELESS + WITH_EDITOR
+# Per-method Editor settings a run starts from (the caller's options override them field by
+# field). alphaedit+gamma is AlphaEdit with γ·C weighted inside the kept directions
+# (NullSpaceSettings.c_weight): γ = 3000 retained the most after 2000 sequential CounterFact
+# edits on SmolLM2 of the values tried (docs/RESULTS.md, "Sequential editing at scale").
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"alphaedit+gamma": {"null_space": {"c_weight": 3000.0}}}
 
 
 class DataUnavailable(InputError):
@@ -319,9 +325,20 @@ def _mean(values) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def es_by_age(es: Sequence[float], batch_size: int, blocks: int = 4) -> dict[str, Any]:
+    """Efficacy split by when the facts were edited (percent): over consecutive quarters of the
+    edits so far, oldest first, and over the newest batch alone. Tells forgetting (old quarters
+    low, newest batch high) from failing to write (the newest batch low too)."""
+    n = len(es)
+    bounds = [i * n // blocks for i in range(blocks + 1)]
+    mean = lambda part: round(100 * statistics.fmean(part), 2) if part else None  # noqa: E731
+    return {"es_by_quarter": [mean(es[a:b]) for a, b in zip(bounds, bounds[1:])],
+            "es_newest_batch": mean(es[max(0, n - batch_size):])}
+
+
 def summarise(raw: Mapping[str, Any], base: Baseline, c: int, config: SequentialConfig) -> dict[str, Any]:
-    """The checkpoint row: means (percent for ES/PS/NS) with sample sizes, and the unedited
-    model's numbers on the same records and prompts."""
+    """The checkpoint row: means (percent for ES/PS/NS) with sample sizes, ES by age of the edit,
+    and the unedited model's numbers on the same records and prompts."""
     idx = sorted(raw["ps"])
     pre_all = base.rows(idx)  # the unedited model on the same subsample (its ES there too)
     flu_idx = sorted(raw["fluency"])
@@ -337,7 +354,7 @@ def summarise(raw: Mapping[str, Any], base: Baseline, c: int, config: Sequential
     ppl0 = base.ppl()
     return {
         "edits": c,
-        "es": pct(_mean(raw["es"])), "n_es": len(raw["es"]),
+        "es": pct(_mean(raw["es"])), "n_es": len(raw["es"]), **es_by_age(raw["es"], config.batch_size),
         "ps": pct(_mean(raw["ps"].values())), "ns": pct(_mean(raw["ns"].values())), "n_ps_ns": len(idx),
         "unedited_es": pct(_mean(pre_all[i]["efficacy"] for i in idx)),
         "unedited_ps": pct(_mean(pre_all[i]["paraphrase_success"] for i in idx)),
@@ -403,6 +420,16 @@ class PersistentEditor:
         return self.ed.edit(list(requests), batch_size=len(requests))
 
 
+def method_settings(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over the method's :data:`METHOD_DEFAULTS`, merged one level down (a given
+    ``null_space`` without c_weight keeps alphaedit+gamma's γ). Part of the run's identity, so a
+    folder resumes only under the settings it was made with."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in METHOD_DEFAULTS.get(name, {}).items()}
+    for k, v in options.items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), Mapping) and isinstance(v, Mapping) else v
+    return out
+
+
 def method_editor(name: str, model, tokenizer, factors: Mapping[int, Any], seed: int,
                   options: Mapping[str, Any] | None = None, raw_stats: Any = None):
     """The per-method "edit this batch" object (see :data:`METHODS`). ``raw_stats``: the
@@ -410,7 +437,7 @@ def method_editor(name: str, model, tokenizer, factors: Mapping[int, Any], seed:
     options = dict(options or {})
     if name in STATELESS:
         return StatelessEditor(model, tokenizer, name, factors, options.pop("layers", None), seed, options)
-    editor_kwargs = {"alphaedit": {"method": "alphaedit"},
+    editor_kwargs = {"alphaedit": {"method": "alphaedit"}, "alphaedit+gamma": {"method": "alphaedit"},
                      "memit+beta": {"method": "memit"},
                      "emmet+beta": {"method": "emmet"},
                      "hard": {"method": "emmet", "retention": "hard"}}.get(name)
@@ -595,7 +622,7 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
     layers_of = {}
     for m in methods:
         given = method_options.get(m, {}).get("layers")
-        base_method = {"alphaedit": "emmet", "memit+beta": "memit", "emmet+beta": "emmet", "hard": "emmet"}.get(m, m)
+        base_method = {"alphaedit": "emmet", "alphaedit+gamma": "emmet", "memit+beta": "memit", "emmet+beta": "emmet", "hard": "emmet"}.get(m, m)
         if given is None and (preset is None or base_method not in preset.methods):
             raise InputError(f"no preset gives {m}'s layers for this model: pass layers in method_options")
         layers_of[m] = list(given) if given is not None else list(preset.for_method(base_method).layers)
@@ -625,7 +652,7 @@ def run(model, tokenizer, records: Sequence[Any], config: SequentialConfig, run_
     out: dict[str, Any] = {"rows": [], "batches": {}, "run_dir": str(run_dir), "skipped": {}}
     try:
         for m in methods:
-            opts = {k: v for k, v in method_options.get(m, {}).items()}
+            opts = method_settings(m, method_options.get(m, {}))
             opts["layers"] = layers_of[m]
             # Not keyed by the number of edits: a longer run continues a shorter one (the
             # records of a longer run start with a shorter run's; ident holds their head).
@@ -728,6 +755,13 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
+def _age(row: Mapping[str, Any]) -> str:
+    """A row's ES by age as "q1 / q2 / q3 / q4; newest", or "–" for rows written before it was kept."""
+    if row.get("es_by_quarter") is None:
+        return "–"
+    return f"{' / '.join(f'{q:g}' for q in row['es_by_quarter'])}; {row['es_newest_batch']:g}"
+
+
 def report(rows: Sequence[Mapping[str, Any]], times: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown tables of a run: per checkpoint, every method with the unedited reference; each
     method's collapse point; the first and last batch's stage timings."""
@@ -735,12 +769,13 @@ def report(rows: Sequence[Mapping[str, Any]], times: Mapping[str, Mapping[str, A
     lines = []
     for c in sorted({r["edits"] for r in rows}):
         lines += [f"**After {c} edits**", "",
-                  "| method | ES (n) | PS | NS (unedited) | n PS/NS | fluency (unedited) | Δ fluency % (± se) "
-                  "| perplexity (unedited) |", "|---|---|---|---|---|---|---|---|"]
+                  "| method | ES (n) | ES by age: quarters, oldest first; newest batch | PS | NS (unedited) | n PS/NS "
+                  "| fluency (unedited) | Δ fluency % (± se) | perplexity (unedited) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["edits"] == c):
             unedited = r["method"] == "unedited"
             lines.append(
-                f"| {r['method']} | {fmt(r['es'])} ({r['n_es']}) | {fmt(r['ps'])} | {fmt(r['ns'])}"
+                f"| {r['method']} | {fmt(r['es'])} ({r['n_es']}) | {_age(r)} | {fmt(r['ps'])} | {fmt(r['ns'])}"
                 f"{'' if unedited else ' (' + fmt(r.get('unedited_ns')) + ')'} | {r['n_ps_ns']} "
                 f"| {fmt(r['fluency'])}{'' if unedited else ' (' + fmt(r.get('unedited_fluency')) + ')'} "
                 f"| {'' if unedited else fmt(r.get('fluency_change_pct')) + ' ± ' + fmt(r.get('fluency_change_se_pct'))} "
